@@ -1,0 +1,46 @@
+# Two commands: `make demo` (set up + run the main job offline) and `make test` (set up + lint,
+# type check, tests). Both create .venv and install everything they need on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test lint typecheck test-slow test-gpu system-data clean
+
+setup: $(STAMP) system-data
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# Fashion-MNIST ships as a Debian package; elsewhere torchvision downloads it on first use.
+system-data:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 \
+	    && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	    || echo "note: could not install dataset-fashion-mnist; Fashion-MNIST will be downloaded when used"; \
+	fi
+
+demo: setup
+	$(BIN)/oodprobe demo
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+typecheck: setup
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/pytest -q -m "not slow and not gpu"
+
+test-slow: setup
+	$(BIN)/pytest -q -m slow
+
+test-gpu: setup
+	$(BIN)/pytest -q -m gpu
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,91 @@
+"""Array aliases and the validation every detector and metric shares."""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+from oodprobe.errors import InvalidParameterError
+
+Features: TypeAlias = npt.NDArray[np.floating[Any]]
+"""(n_samples, n_dims) float array of image or text features."""
+Labels: TypeAlias = npt.NDArray[np.integer[Any]]
+"""(n_samples,) integer class indices."""
+Scores: TypeAlias = npt.NDArray[np.float64]
+"""(n_samples,) scores; higher = more in-distribution."""
+
+
+def l2_normalize(features: npt.ArrayLike, eps: float = 1e-12) -> Features:
+    """Return rows scaled to unit L2 norm (rows of zeros stay zero). Input is not modified."""
+    array = np.asarray(features)
+    if not np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+    norms = np.linalg.norm(array, axis=-1, keepdims=True)
+    return np.asarray(array / np.maximum(norms, eps), dtype=array.dtype)
+
+
+def check_features(
+    features: npt.ArrayLike,
+    *,
+    name: str = "features",
+    n_dims: int | None = None,
+    min_samples: int = 1,
+    dtype: npt.DTypeLike | None = None,
+) -> Features:
+    """Validate a (n_samples, n_dims) finite float array and return it (never a modified input).
+
+    Raises InvalidParameterError naming the problem and the value received.
+    """
+    array = np.asarray(features)
+    if array.dtype == object or not (
+        np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+    ):
+        raise InvalidParameterError(f"{name} must be a numeric array, got dtype {array.dtype}")
+    if array.ndim != 2:
+        raise InvalidParameterError(
+            f"{name} must be 2-D (n_samples, n_dims), got shape {array.shape}"
+        )
+    if array.shape[0] < min_samples:
+        raise InvalidParameterError(
+            f"{name} needs at least {min_samples} sample(s), got {array.shape[0]}"
+        )
+    if array.shape[1] == 0:
+        raise InvalidParameterError(f"{name} has 0 dimensions, got shape {array.shape}")
+    if n_dims is not None and array.shape[1] != n_dims:
+        raise InvalidParameterError(
+            f"{name} has {array.shape[1]} dimensions but the detector was fitted on {n_dims}"
+        )
+    if dtype is not None:
+        array = array.astype(dtype, copy=False)
+    elif not np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+    if not np.all(np.isfinite(array)):
+        bad = int(np.count_nonzero(~np.isfinite(array).all(axis=1)))
+        raise InvalidParameterError(f"{name} contains NaN or inf in {bad} row(s)")
+    return array
+
+
+def check_labels(labels: npt.ArrayLike, n_samples: int, *, min_classes: int = 2) -> Labels:
+    """Validate integer class labels of length n_samples with at least min_classes classes."""
+    array = np.asarray(labels)
+    if array.ndim != 1:
+        raise InvalidParameterError(f"labels must be 1-D, got shape {array.shape}")
+    if array.shape[0] != n_samples:
+        raise InvalidParameterError(
+            f"labels has {array.shape[0]} entries but features has {n_samples} rows"
+        )
+    if not np.issubdtype(array.dtype, np.integer):
+        if np.issubdtype(array.dtype, np.floating) and np.all(np.mod(array, 1) == 0):
+            array = array.astype(np.int64)
+        else:
+            raise InvalidParameterError(f"labels must be integers, got dtype {array.dtype}")
+    if array.size and array.min() < 0:
+        raise InvalidParameterError(f"labels must be >= 0, got {int(array.min())}")
+    n_classes = len(np.unique(array))
+    if n_classes < min_classes:
+        raise InvalidParameterError(
+            f"labels must contain at least {min_classes} classes, got {n_classes}"
+        )
+    return array.astype(np.int64, copy=False)

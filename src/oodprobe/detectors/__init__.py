@@ -1,0 +1,24 @@
+"""Detectors: arrays in, scores out (higher = more in-distribution).
+
+Importing this package registers every detector in ``DETECTORS``.
+"""
+
+from oodprobe.detectors.base import (
+    DETECTORS,
+    Detector,
+    create_detector,
+    detector_names,
+    load_detector,
+    register_detector,
+    save_detector,
+)
+
+__all__ = [
+    "DETECTORS",
+    "Detector",
+    "create_detector",
+    "detector_names",
+    "load_detector",
+    "register_detector",
+    "save_detector",
+]
