@@ -1,0 +1,178 @@
+"""Hugging Face transformers models: ``hf:ID_OR_DIR`` for CLIP, SigLIP, DINOv2 and other
+vision backbones.
+
+CLIP gives the pooled image features **before** ``visual_projection`` (Adaloglou et al., TMLR
+2024) and keeps the projection; SigLIP's vision tower ends in an attention-pooling head with no
+separate projection, so its output embedding is used (``image_projection = None``); image-only
+models (DINOv2 and the rest) give their pooled output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oodprobe.encoders.base import (
+    ImageEncoder,
+    TextImageEncoder,
+    build_pixel_transform,
+    file_identity,
+)
+from oodprobe.errors import MissingWeightsError
+
+_PIL_TO_TORCHVISION = {
+    0: "nearest",
+    1: "lanczos",
+    2: "bilinear",
+    3: "bicubic",
+    4: "box",
+    5: "hamming",
+}
+_TEXT_MODEL_TYPES = {"clip", "siglip", "siglip2"}
+
+
+def _load(source: str) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Model, image processor, tokenizer (or None) and identity for a hub id or a local folder."""
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+
+    local = Path(source).expanduser()
+    is_local = local.is_dir()
+    location = str(local) if is_local else source
+    try:
+        config = AutoConfig.from_pretrained(location, local_files_only=is_local)
+        model = AutoModel.from_pretrained(location, local_files_only=is_local)
+        processor = AutoImageProcessor.from_pretrained(location, local_files_only=is_local)
+        tokenizer = (
+            AutoTokenizer.from_pretrained(location, local_files_only=is_local)
+            if config.model_type in _TEXT_MODEL_TYPES
+            else None
+        )
+    except (OSError, ValueError) as error:
+        where = f"folder {local}" if is_local else f"hub id {source!r}"
+        raise MissingWeightsError(
+            f"could not load the transformers model from {where}: {error}. A hub model downloads "
+            f"to the Hugging Face cache on first use (needs internet); offline, use a folder "
+            f"written by save_pretrained (model, image processor and, for CLIP/SigLIP, tokenizer)"
+        ) from None
+    identity: dict[str, Any] = {
+        "transformers_version": transformers.__version__,
+        "model_type": config.model_type,
+    }
+    if is_local:
+        identity.update(file_identity(local))
+    else:
+        identity.update({"hub_id": source, "revision": getattr(config, "_commit_hash", None)})
+    return model, processor, tokenizer, identity
+
+
+def _pixel_transform_from(processor: Any) -> Any:
+    size = dict(getattr(processor, "size", None) or {"shortest_edge": 224})
+    resize: int | tuple[int, int] = (
+        int(size["shortest_edge"])
+        if "shortest_edge" in size
+        else (int(size["height"]), int(size["width"]))
+    )
+    crop: int | tuple[int, int] | None = None
+    if getattr(processor, "do_center_crop", False):
+        crop_size = dict(getattr(processor, "crop_size", None) or {})
+        if crop_size:
+            crop = (int(crop_size["height"]), int(crop_size["width"]))
+    resample = getattr(processor, "resample", 3)
+    interpolation = _PIL_TO_TORCHVISION.get(int(resample), "bicubic")
+    return build_pixel_transform(resize, crop, interpolation)
+
+
+def _mean_std(processor: Any) -> tuple[list[float], list[float]]:
+    if not getattr(processor, "do_normalize", True):
+        return [0.0] * 3, [1.0] * 3
+    return list(map(float, processor.image_mean)), list(map(float, processor.image_std))
+
+
+def _pooled(outputs: Any) -> torch.Tensor:
+    pooled = getattr(outputs, "pooler_output", None)
+    if pooled is None:  # backbones without a pooler: mean of the tokens
+        pooled = outputs.last_hidden_state.mean(dim=1)
+    return pooled.flatten(1) if pooled.ndim > 2 else pooled
+
+
+class HFImageEncoder(ImageEncoder):
+    """An image-only transformers backbone (DINOv2, ViT, ConvNeXt, …): its pooled output."""
+
+    def __init__(self, source: str, model: Any, processor: Any, identity: dict[str, Any]) -> None:
+        super().__init__(*_mean_std(processor))
+        self.name = f"hf:{source}"
+        self.model = model
+        self.pixel_transform = _pixel_transform_from(processor)
+        self.identity = identity
+        self.feature_dim = _probe_dim(self)
+        self.freeze()
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"features": _pooled(self.model(pixel_values=self.normalize(pixels)))}
+
+
+class HFTextImageEncoder(TextImageEncoder):
+    """A transformers CLIP or SigLIP model: image features, projection, text embeddings."""
+
+    def __init__(
+        self, source: str, model: Any, processor: Any, tokenizer: Any, identity: dict[str, Any]
+    ) -> None:
+        super().__init__(*_mean_std(processor))
+        self.name = f"hf:{source}"
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_type = identity["model_type"]
+        self.pixel_transform = _pixel_transform_from(processor)
+        self.identity = identity
+        projection = getattr(model, "visual_projection", None)
+        self.image_projection = (
+            projection.weight.detach().T.contiguous().clone() if projection is not None else None
+        )
+        self.feature_dim = _probe_dim(self)
+        self.embed_dim = int(
+            self.image_projection.shape[1]
+            if self.image_projection is not None
+            else self.feature_dim
+        )
+        self.freeze()
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = self.model.vision_model(pixel_values=self.normalize(pixels))
+        return {"features": outputs.pooler_output}
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        # SigLIP was trained on max-length padded text; CLIP pools at the EOS token.
+        padding = "max_length" if self.model_type.startswith("siglip") else True
+        tokens = self.tokenizer(list(texts), padding=padding, truncation=True, return_tensors="pt")
+        tokens = {key: value.to(self.pixel_mean.device) for key, value in tokens.items()}
+        if self.model_type.startswith("siglip"):
+            tokens.pop("attention_mask", None)  # SigLIP's text tower attends to the padding too
+        pooled = self.model.text_model(**tokens).pooler_output
+        projection = getattr(self.model, "text_projection", None)
+        return (projection(pooled) if projection is not None else pooled).float()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> HFTextImageEncoder:
+        super()._apply(fn, recurse)
+        if self.image_projection is not None:
+            self.image_projection = fn(self.image_projection)
+        return self
+
+
+def _probe_dim(encoder: ImageEncoder) -> int:
+    from PIL import Image
+
+    pixels = encoder.pixel_transform(Image.new("RGB", (64, 64))).unsqueeze(0)
+    with torch.inference_mode():
+        return int(encoder(pixels)["features"].shape[-1])
+
+
+def create_hf_encoder(source: str) -> ImageEncoder:
+    """``hf:ID_OR_DIR`` → a text-image encoder for CLIP/SigLIP, an image encoder otherwise."""
+    model, processor, tokenizer, identity = _load(source)
+    if identity["model_type"] in _TEXT_MODEL_TYPES:
+        return HFTextImageEncoder(source, model, processor, tokenizer, identity)
+    return HFImageEncoder(source, model, processor, identity)

@@ -1,0 +1,132 @@
+"""open_clip models: ``openclip:ARCH/TAG``, ``openclip:ARCH/PATH`` (local checkpoint),
+``openclip:hf-hub:ORG/REPO`` and ``openclip:ARCH/random`` (random weights, for tests).
+
+Image features are taken **before** the final projection, as in Adaloglou et al. (TMLR 2024);
+the projection is kept as ``image_projection`` for zero-shot scoring. Towers without a linear
+projection parameter (ResNet attention pooling, timm/ConvNeXt towers) give their output embedding
+and ``image_projection = None``, as the paper does for ConvNeXt CLIP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oodprobe.encoders.base import (
+    TextImageEncoder,
+    file_identity,
+    split_normalize,
+    state_dict_digest,
+)
+from oodprobe.errors import InvalidParameterError, MissingWeightsError, UnknownNameError
+
+RANDOM_TAG = "random"
+
+
+def parse_openclip_name(spec: str) -> tuple[str, str | None]:
+    """``ARCH/TAG`` → (arch, tag); ``hf-hub:ORG/REPO`` → (that, None). Tag may be a file path."""
+    if spec.startswith("hf-hub:"):
+        return spec, None
+    arch, sep, tag = spec.partition("/")
+    if not arch or not sep or not tag:
+        raise InvalidParameterError(
+            f"open_clip encoder names look like 'openclip:ARCH/TAG' (e.g. "
+            f"'openclip:ViT-B-16/openai') or 'openclip:ARCH/PATH_TO_CHECKPOINT', got "
+            f"'openclip:{spec}'"
+        )
+    return arch, tag
+
+
+class OpenClipEncoder(TextImageEncoder):
+    """An open_clip CLIP model: pre-projection image features, projection, text embeddings."""
+
+    def __init__(self, spec: str, *, allow_download: bool = True) -> None:
+        import open_clip
+
+        arch, tag = parse_openclip_name(spec)
+        self.name = f"openclip:{spec}"
+        identity: dict[str, Any] = {"open_clip_version": open_clip.__version__, "arch": arch}
+        pretrained: str | None = None
+        if tag is None:  # hf-hub model: the weights come with the architecture name
+            identity["hub"] = arch
+        elif tag == RANDOM_TAG:
+            if arch not in open_clip.list_models():
+                raise UnknownNameError("open_clip architecture", arch, open_clip.list_models())
+        elif Path(tag).expanduser().exists() or tag.startswith((".", "/", "~")):
+            checkpoint = Path(tag).expanduser()
+            if not checkpoint.is_file():
+                raise MissingWeightsError(f"open_clip checkpoint not found: {checkpoint}")
+            pretrained = str(checkpoint)
+            identity.update(file_identity(checkpoint))
+        else:
+            if arch not in open_clip.list_models():
+                raise UnknownNameError("open_clip architecture", arch, open_clip.list_models())
+            tags = open_clip.list_pretrained_tags_by_model(arch)
+            if tag not in tags:
+                raise UnknownNameError(f"pretrained tag for open_clip {arch}", tag, tags)
+            pretrained = tag
+            identity["pretrained"] = tag
+            if not allow_download:
+                raise MissingWeightsError(f"{self.name} needs a download and downloads are off")
+
+        try:
+            with torch.random.fork_rng():
+                torch.manual_seed(0)  # "random" weights are reproducible, so they can be cached
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    arch, pretrained=pretrained
+                )
+        except (OSError, RuntimeError, ValueError) as error:
+            raise MissingWeightsError(
+                f"could not load weights for {self.name}: {error}. On a machine with internet "
+                f"they download to the Hugging Face cache on first use; offline, copy that cache "
+                f"(~/.cache/huggingface) or pass a local checkpoint as "
+                f"'openclip:{arch}/PATH_TO_CHECKPOINT'"
+            ) from None
+        if tag == RANDOM_TAG:
+            identity["weights_sha256"] = state_dict_digest(model)
+        pixel_transform, mean, std = split_normalize(preprocess)
+        super().__init__(mean, std)
+        self.model = model
+        self.pixel_transform = pixel_transform
+        self.tokenizer = open_clip.get_tokenizer(arch)
+
+        visual = model.visual
+        projection = getattr(visual, "proj", None)
+        if isinstance(projection, torch.nn.Parameter):
+            self.image_projection = projection.detach().clone()
+            visual.proj = None  # forward now returns pre-projection pooled features
+        else:
+            self.image_projection = None
+        self.identity = identity
+        with torch.inference_mode():
+            probe = self(torch.zeros(1, 3, *_input_size(visual)))["features"]
+        self.feature_dim = int(probe.shape[-1])
+        self.embed_dim = int(
+            self.image_projection.shape[1]
+            if self.image_projection is not None
+            else self.feature_dim
+        )
+        self.freeze()
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"features": self.model.visual(self.normalize(pixels))}
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        device = self.pixel_mean.device
+        tokens = self.tokenizer(list(texts)).to(device)
+        return self.model.encode_text(tokens).float()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> OpenClipEncoder:
+        # image_projection is a plain tensor attribute: move it with the module.
+        super()._apply(fn, recurse)
+        if self.image_projection is not None:
+            self.image_projection = fn(self.image_projection)
+        return self
+
+
+def _input_size(visual: torch.nn.Module) -> tuple[int, int]:
+    size = getattr(visual, "image_size", 224)
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))

@@ -1,0 +1,76 @@
+"""timm image models: ``timm:NAME`` (pretrained from the hub), ``timm:NAME/PATH`` (local
+checkpoint) and ``timm:NAME/random`` (random weights, for tests).
+
+Features are the pre-logits pooled features (``forward_head(pre_logits=True)``); models with a
+classifier also give their ``logits``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oodprobe.encoders.base import ImageEncoder, file_identity, split_normalize, state_dict_digest
+from oodprobe.errors import MissingWeightsError, UnknownNameError
+
+RANDOM_TAG = "random"
+
+
+class TimmEncoder(ImageEncoder):
+    """A timm model: pooled pre-logits features, plus logits when it has a classifier."""
+
+    def __init__(self, spec: str) -> None:
+        import timm
+        from timm.data import create_transform, resolve_model_data_config
+
+        model_name, _, tag = spec.partition("/")
+        if not timm.is_model(model_name):
+            raise UnknownNameError("timm model", model_name, timm.list_models())
+        identity: dict[str, Any] = {"timm_version": timm.__version__, "model": model_name}
+        kwargs: dict[str, Any] = {}
+        if tag == RANDOM_TAG:
+            kwargs["pretrained"] = False
+        elif tag:
+            checkpoint = Path(tag).expanduser()
+            if not checkpoint.is_file():
+                raise MissingWeightsError(f"timm checkpoint not found: {checkpoint}")
+            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(checkpoint)})
+            identity.update(file_identity(checkpoint))
+        else:
+            kwargs["pretrained"] = True
+        try:
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model: Any = timm.create_model(model_name, **kwargs)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise MissingWeightsError(
+                f"could not load weights for timm:{spec}: {error}. Pretrained weights download "
+                f"from the Hugging Face hub on first use (needs internet); offline, pass a local "
+                f"checkpoint as 'timm:{model_name}/PATH_TO_CHECKPOINT'"
+            ) from None
+        if not tag:
+            identity["pretrained_cfg"] = {
+                key: model.pretrained_cfg.get(key) for key in ("hf_hub_id", "url", "tag")
+            }
+        elif tag == RANDOM_TAG:
+            identity["weights_sha256"] = state_dict_digest(model)
+        data_config = resolve_model_data_config(model)
+        pixel_transform, mean, std = split_normalize(create_transform(**data_config))
+        super().__init__(mean, std)
+        self.name = f"timm:{spec}"
+        self.model = model
+        self.pixel_transform = pixel_transform
+        self.identity = identity
+        self.has_classifier = int(getattr(model, "num_classes", 0) or 0) > 0
+        self.outputs = ("features", "logits") if self.has_classifier else ("features",)
+        self.feature_dim = int(model.num_features)
+        self.freeze()
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens = self.model.forward_features(self.normalize(pixels))
+        outputs = {"features": self.model.forward_head(tokens, pre_logits=True)}
+        if self.has_classifier:
+            outputs["logits"] = self.model.forward_head(tokens)
+        return outputs
