@@ -385,7 +385,11 @@ def evaluate(
         raise InvalidParameterError(
             f"bootstrap must be an integer >= 0 (number of resamples), got {bootstrap!r}"
         )
-    if isinstance(confidence, bool) or not 0.0 < float(confidence) < 1.0:
+    if (
+        isinstance(confidence, bool)
+        or not isinstance(confidence, int | float | np.floating | np.integer)
+        or not 0.0 < float(confidence) < 1.0
+    ):
         raise InvalidParameterError(f"confidence must be in (0, 1), got {confidence!r}")
     intervals: dict[str, tuple[float, float]] = {}
     if bootstrap:
