@@ -10,7 +10,7 @@ convention next to the numbers.
 The curves come from ``sklearn.metrics`` (``roc_curve(..., drop_intermediate=False)``: the
 default drops collinear points and, on tied scores, skips the first point that reaches the target
 TPR). Bootstrap replicates are computed from resampling *counts* over the distinct score values,
-so 1000 resamples of 10k + 10k scores take about a second instead of a minute of repeated sorts;
+so 1000 resamples of 10k + 10k scores take about 1.5 s on one CPU core, not a minute of sorts;
 tests check that each replicate equals the scikit-learn value on the resampled arrays.
 """
 
@@ -285,13 +285,14 @@ detector *accepts*, the number a deployment that keeps 95 % of ID cares about �
 rule, because it reports a threshold that exists: the FPR a deployed detector calibrated at that
 ID acceptance rate would really show. It is the hand-checkable rule of reference/METRICS.md
 (0.45 on its exact vector) and equals the paper's interpolation whenever scores have no ties
-(``plp`` reproduces the paper exactly). Average precision does not interpolate linearly between
+(``plp`` applies the paper's interpolation). Average precision does not interpolate linearly between
 PR points, so it does not overstate AUPR on small sets.
 
 Known tie effects in the peers' own code, which the presets follow only on tie-free scores:
 OpenOOD v1.5 calls ``roc_curve`` with its default ``drop_intermediate=True`` (0.50 instead of
-0.45 on the exact vector); OpenOOD v1.0 thresholds at the ⌊0.95 n⌋-th ID score and counts OOD
-strictly above it (0.44)."""
+0.45 on the exact vector); OpenOOD v1.0 thresholds at the ⌊0.95 n⌋-th largest ID score and
+counts OOD strictly above it (0.44; its TPR is ⌊0.95 n⌋/n, not ⌈0.95 n⌉/n, if 0.95 n is
+fractional)."""
 
 
 def get_convention(name: str | MetricConvention) -> MetricConvention:
