@@ -9,6 +9,7 @@ from oodprobe.detectors.base import (
     create_detector,
     detector_names,
     load_detector,
+    load_detector_with_metadata,
     register_detector,
     save_detector,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "create_detector",
     "detector_names",
     "load_detector",
+    "load_detector_with_metadata",
     "register_detector",
     "save_detector",
 ]

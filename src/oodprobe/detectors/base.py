@@ -125,8 +125,14 @@ def _digest(arrays: dict[str, np.ndarray], header: str) -> str:
     return digest.hexdigest()
 
 
-def save_detector(detector: Detector, path: str | os.PathLike[str]) -> Path:
-    """Save a fitted detector atomically to one ``.safetensors`` file (no pickle)."""
+def save_detector(
+    detector: Detector, path: str | os.PathLike[str], metadata: dict[str, Any] | None = None
+) -> Path:
+    """Save a fitted detector atomically to one ``.safetensors`` file (no pickle).
+
+    ``metadata`` (JSON-able, e.g. the encoder and a calibrated threshold) is stored in the
+    checksummed header and returned by :func:`load_detector_with_metadata`.
+    """
     from safetensors.numpy import save_file
     from sklearn.utils.validation import check_is_fitted
 
@@ -136,7 +142,8 @@ def save_detector(detector: Detector, path: str | os.PathLike[str]) -> Path:
     state_arrays, state = _split_arrays("state.", detector._get_state())
     arrays = {**param_arrays, **state_arrays}
     header = json.dumps(
-        {"detector": detector.name, "params": params, "state": state}, sort_keys=True
+        {"detector": detector.name, "params": params, "state": state, "metadata": metadata or {}},
+        sort_keys=True,
     )
     metadata = {
         "format": FORMAT_NAME,
@@ -159,6 +166,11 @@ def save_detector(detector: Detector, path: str | os.PathLike[str]) -> Path:
 
 def load_detector(path: str | os.PathLike[str]) -> Detector:
     """Load a detector saved by :func:`save_detector`, verifying format, version and checksum."""
+    return load_detector_with_metadata(path)[0]
+
+
+def load_detector_with_metadata(path: str | os.PathLike[str]) -> tuple[Detector, dict[str, Any]]:
+    """Like :func:`load_detector`, also returning the metadata saved with the detector."""
     from safetensors import safe_open
 
     from oodprobe import detectors as _  # noqa: F401
@@ -192,6 +204,7 @@ def load_detector(path: str | os.PathLike[str]) -> Detector:
         cls = DETECTORS[content["detector"]]
         params = dict(content["params"])
         state = dict(content["state"])
+        saved_metadata = dict(content.get("metadata", {}))
     except (ValueError, KeyError, TypeError) as error:
         raise DetectorFileError(f"{path} has an invalid header: {error}") from None
     for key, value in arrays.items():
@@ -202,7 +215,7 @@ def load_detector(path: str | os.PathLike[str]) -> Detector:
     except TypeError as error:
         raise DetectorFileError(f"{path} has parameters {cls.name!r} does not accept: {error}")
     detector._set_state(state)
-    return detector
+    return detector, saved_metadata
 
 
 def detector_names(predicate: Callable[[type[Detector]], bool] | None = None) -> list[str]:
