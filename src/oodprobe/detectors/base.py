@@ -27,7 +27,7 @@ FORMAT_VERSION = 1
 _JsonScalar = (str, int, float, bool, type(None))
 
 
-class Detector(BaseEstimator):  # type: ignore[misc]
+class Detector(BaseEstimator):
     """Base class: subclasses set ``name``, implement ``fit`` and ``score_samples``.
 
     ``requires_labels`` says whether ``fit`` needs class labels; ``requires_text`` whether the
