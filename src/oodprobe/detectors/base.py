@@ -66,6 +66,12 @@ class Detector(BaseEstimator):
 
 DETECTORS: dict[str, type[Detector]] = {}
 
+
+def _ensure_registered() -> None:
+    """Import the detectors package, whose modules register themselves in DETECTORS."""
+    import oodprobe.detectors  # noqa: F401
+
+
 _D = TypeVar("_D", bound=type[Detector])
 
 
@@ -79,7 +85,7 @@ def register_detector(cls: _D) -> _D:
 
 def create_detector(name: str, **params: Any) -> Detector:
     """Instantiate a registered detector by name with keyword hyperparameters."""
-    from oodprobe import detectors as _  # noqa: F401  (importing the package registers all)
+    _ensure_registered()
 
     try:
         cls = DETECTORS[name]
@@ -107,7 +113,7 @@ def _split_arrays(prefix: str, values: dict[str, Any]) -> tuple[dict[str, np.nda
             arrays[f"{prefix}{key}"] = np.ascontiguousarray(value)
         elif isinstance(value, np.generic):
             plain[key] = value.item()
-        elif isinstance(value, (list, tuple, dict)) or isinstance(value, _JsonScalar):
+        elif isinstance(value, (list, tuple, dict, *_JsonScalar)):
             plain[key] = value
         else:
             raise DetectorFileError(
@@ -173,7 +179,7 @@ def load_detector_with_metadata(path: str | os.PathLike[str]) -> tuple[Detector,
     """Like :func:`load_detector`, also returning the metadata saved with the detector."""
     from safetensors import safe_open
 
-    from oodprobe import detectors as _  # noqa: F401
+    _ensure_registered()
 
     path = Path(path)
     if not path.is_file():
@@ -213,13 +219,15 @@ def load_detector_with_metadata(path: str | os.PathLike[str]) -> tuple[Detector,
     try:
         detector = cls(**params)
     except TypeError as error:
-        raise DetectorFileError(f"{path} has parameters {cls.name!r} does not accept: {error}")
+        raise DetectorFileError(
+            f"{path} has parameters {cls.name!r} does not accept: {error}"
+        ) from None
     detector._set_state(state)
     return detector, saved_metadata
 
 
 def detector_names(predicate: Callable[[type[Detector]], bool] | None = None) -> list[str]:
     """Registered detector names, optionally filtered by a predicate on the class."""
-    from oodprobe import detectors as _  # noqa: F401
+    _ensure_registered()
 
     return sorted(name for name, cls in DETECTORS.items() if predicate is None or predicate(cls))
