@@ -1,0 +1,165 @@
+"""Built-in benchmark presets: the offline default and the paper's benchmarks.
+
+The paper's benchmarks (Adaloglou et al., TMLR 2024) need data this package cannot ship; their
+folders come from environment variables (defaults under ``$OODPROBE_DATA``, itself defaulting to
+``~/data``), so ``oodprobe bench --preset imagenet`` works once the folders exist.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from oodprobe.benchmark_spec import (
+    BENCHMARKS,
+    BenchmarkSpec,
+    DataSpec,
+    DetectorSpec,
+    validate,
+)
+
+FIRST_FIVE = (0, 1, 2, 3, 4)
+LAST_FIVE = (5, 6, 7, 8, 9)
+
+# The detectors that need only images or labels: everything an image-only encoder can run.
+IMAGE_DETECTORS = (
+    DetectorSpec("knn"),
+    DetectorSpec("deep-knn", {"k": 50}),
+    DetectorSpec("gaussian"),
+    DetectorSpec("mahalanobis"),
+    DetectorSpec("relative-mahalanobis"),
+    DetectorSpec("linear-probe", {"epochs": 30, "batch_size": 256}, "linear-probe"),
+)
+TEXT_DETECTORS = (DetectorSpec("mcm"), DetectorSpec("plp", {"epochs": 100}, "plp"))
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("OODPROBE_DATA", "~/data")).expanduser()
+
+
+def _folder(variable: str, default: str) -> str:
+    return os.environ.get(variable, str(data_root() / default))
+
+
+def offline_default() -> BenchmarkSpec:
+    """EfficientNet-Lite0 on built-in data; Fashion-MNIST 0-4 as ID, one near and far sets."""
+    return validate(
+        BenchmarkSpec(
+            name="offline-default",
+            description=(
+                "ImageNet EfficientNet-Lite0 features of built-in offline data. ID: Fashion-MNIST "
+                "classes 0-4 (T-shirt, trouser, pullover, dress, coat). Near-OOD: Fashion-MNIST "
+                "classes 5-9 (sandal, shirt, sneaker, bag, ankle boot). Far-OOD: MNIST digits, "
+                "scikit-image textures, scikit-learn digits."
+            ),
+            id_train=DataSpec("fashion-mnist:train", classes=FIRST_FIVE, per_class=600),
+            id_test=DataSpec("fashion-mnist:test", classes=FIRST_FIVE, per_class=200),
+            ood=(
+                DataSpec(
+                    "fashion-mnist:test",
+                    classes=LAST_FIVE,
+                    per_class=200,
+                    name="fashion-mnist 5-9",
+                    group="near",
+                ),
+                DataSpec("mnist-5k:test", name="mnist", group="far"),
+                DataSpec("skimage-textures", name="textures", group="far"),
+                DataSpec("digits:test", name="sklearn digits", group="far"),
+            ),
+            encoders=("efficientnet-lite0",),
+            detectors=(
+                *IMAGE_DETECTORS,
+                DetectorSpec("logits", {"score": "msp"}, "imagenet-head msp"),
+                DetectorSpec("logits", {"score": "energy"}, "imagenet-head energy"),
+            ),
+            bootstrap=200,
+        )
+    )
+
+
+def cifar10() -> BenchmarkSpec:
+    """CIFAR-10 → CIFAR-100 (near-OOD), with CLIP ViT-B/16 by default."""
+    return validate(
+        BenchmarkSpec(
+            name="cifar10",
+            description="ID CIFAR-10 (train/test), OOD CIFAR-100 test (paper, Table 1).",
+            id_train=DataSpec(f"{_folder('OODPROBE_CIFAR10', 'cifar10')}:train"),
+            id_test=DataSpec(f"{_folder('OODPROBE_CIFAR10', 'cifar10')}:test"),
+            ood=(
+                DataSpec(
+                    f"{_folder('OODPROBE_CIFAR100', 'cifar100')}:test",
+                    name="cifar100",
+                    group="near",
+                ),
+            ),
+            encoders=("openclip:ViT-B-16/openai",),
+            detectors=(*IMAGE_DETECTORS, *TEXT_DETECTORS),
+        )
+    )
+
+
+def cifar100() -> BenchmarkSpec:
+    """CIFAR-100 → CIFAR-10 (near-OOD)."""
+    return validate(
+        BenchmarkSpec(
+            name="cifar100",
+            description="ID CIFAR-100 (train/test), OOD CIFAR-10 test (paper, Table 1).",
+            id_train=DataSpec(f"{_folder('OODPROBE_CIFAR100', 'cifar100')}:train"),
+            id_test=DataSpec(f"{_folder('OODPROBE_CIFAR100', 'cifar100')}:test"),
+            ood=(
+                DataSpec(
+                    f"{_folder('OODPROBE_CIFAR10', 'cifar10')}:test", name="cifar10", group="near"
+                ),
+            ),
+            encoders=("openclip:ViT-B-16/openai",),
+            detectors=(*IMAGE_DETECTORS, *TEXT_DETECTORS),
+        )
+    )
+
+
+def imagenet() -> BenchmarkSpec:
+    """ImageNet-1K → iNaturalist, SUN, Places, Textures (far); ImageNet-O, NINCO (near).
+
+    Folders: ImageNet train and val as class-subfolder trees (``OODPROBE_IMAGENET_TRAIN``,
+    ``OODPROBE_IMAGENET_VAL``), the OOD sets as image folders (``OODPROBE_INATURALIST`` …).
+    The training set is subsampled to 100 images per class to keep fitting affordable.
+    """
+    far = [
+        ("OODPROBE_INATURALIST", "iNaturalist"),
+        ("OODPROBE_SUN", "SUN"),
+        ("OODPROBE_PLACES", "Places"),
+        ("OODPROBE_TEXTURES", "dtd/images"),
+    ]
+    near = [("OODPROBE_IMAGENET_O", "imagenet-o"), ("OODPROBE_NINCO", "NINCO/NINCO_OOD_classes")]
+    return validate(
+        BenchmarkSpec(
+            name="imagenet",
+            description="ID ImageNet-1K (val as test); OOD iNaturalist, SUN, Places, Textures, "
+            "ImageNet-O, NINCO (paper, Tables 2-3).",
+            id_train=DataSpec(_folder("OODPROBE_IMAGENET_TRAIN", "imagenet/train"), per_class=100),
+            id_test=DataSpec(_folder("OODPROBE_IMAGENET_VAL", "imagenet/val")),
+            ood=tuple(
+                [
+                    DataSpec(_folder(v, d), name=Path(d).parts[0].lower(), group="far")
+                    for v, d in far
+                ]
+                + [
+                    DataSpec(_folder(v, d), name=Path(d).parts[0].lower(), group="near")
+                    for v, d in near
+                ]
+            ),
+            encoders=("openclip:ViT-B-16/openai",),
+            detectors=(*IMAGE_DETECTORS, *TEXT_DETECTORS),
+        )
+    )
+
+
+BENCHMARKS.update(
+    {
+        "offline-default": offline_default,
+        "cifar10": cifar10,
+        "cifar100": cifar100,
+        "imagenet": imagenet,
+    }
+)
+DEFAULT_BENCHMARK = "offline-default"
