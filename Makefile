@@ -16,11 +16,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Fashion-MNIST ships as a Debian package; elsewhere torchvision downloads it on first use.
+# Chromium (Debian package) is what the HTML report's browser test drives.
 system-data:
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 \
 	    && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
 	    || echo "note: could not install dataset-fashion-mnist; Fashion-MNIST will be downloaded when used"; \
+	fi
+	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+	    && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	    || echo "note: could not install chromium; the browser test of the HTML report will be skipped"; \
 	fi
 
 demo: setup
