@@ -3,6 +3,8 @@
 Importing this package registers every detector in ``DETECTORS``.
 """
 
+from oodprobe.detectors import probe as _probe  # noqa: F401  (registers linear-probe, logits)
+from oodprobe.detectors import text as _text  # noqa: F401  (registers mcm, plp)
 from oodprobe.detectors.base import (
     DETECTORS,
     Detector,

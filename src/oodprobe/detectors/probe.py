@@ -1,0 +1,417 @@
+"""Logit-based scores (MSP, energy, max-logit) and the linear probe on frozen features.
+
+Every score here is higher = more in-distribution. The probe's training loop is shared by
+supervised linear probing (``linear-probe``) and pseudo-label probing (``plp`` in ``text.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+import numpy.typing as npt
+from scipy.special import logsumexp, softmax
+from sklearn.utils.validation import check_is_fitted
+
+from oodprobe.arrays import Features, Labels, Scores, check_features, check_labels
+from oodprobe.detectors.base import Detector, register_detector
+from oodprobe.errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    import torch
+
+LogitScore = Literal["msp", "energy", "max-logit"]
+LOGIT_SCORES: tuple[str, ...] = ("msp", "energy", "max-logit")
+_CHUNK = 65536  # rows per block when scoring, so float64 temporaries stay bounded
+
+
+# -- logit scores ---------------------------------------------------------------------------
+
+
+def _as_logits(logits: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    array = np.asarray(logits, dtype=np.float64)
+    if array.ndim != 2 or array.shape[1] == 0:
+        raise InvalidParameterError(
+            f"logits must be 2-D (n_samples, n_classes), got shape {array.shape}"
+        )
+    return array
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)) or not (
+        temperature > 0
+    ):
+        raise InvalidParameterError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def msp(logits: npt.ArrayLike, temperature: float = 1.0) -> Scores:
+    """Maximum softmax probability ``max_c softmax(z / T)_c`` per row; (n,) float64, higher = ID."""
+    _check_temperature(temperature)
+    return np.asarray(softmax(_as_logits(logits) / temperature, axis=1).max(axis=1))
+
+
+def negative_energy(logits: npt.ArrayLike, temperature: float = 1.0) -> Scores:
+    """Negative free energy ``T · logsumexp(z / T)`` per row; (n,) float64, higher = ID."""
+    _check_temperature(temperature)
+    return np.asarray(temperature * logsumexp(_as_logits(logits) / temperature, axis=1))
+
+
+def max_logit(logits: npt.ArrayLike) -> Scores:
+    """Largest logit ``max_c z_c`` per row; (n,) float64, higher = ID."""
+    return _as_logits(logits).max(axis=1)
+
+
+def score_logits(logits: npt.ArrayLike, score: str, temperature: float = 1.0) -> Scores:
+    """Apply the named logit score (``msp``, ``energy`` or ``max-logit``); higher = ID."""
+    if score == "msp":
+        return msp(logits, temperature)
+    if score == "energy":
+        return negative_energy(logits, temperature)
+    if score == "max-logit":
+        return max_logit(logits)
+    raise InvalidParameterError(f"score must be one of {', '.join(LOGIT_SCORES)}; got {score!r}")
+
+
+def score_logits_torch(logits: torch.Tensor, score: str, temperature: float = 1.0) -> torch.Tensor:
+    """Differentiable torch version of :func:`score_logits`; (n,) in the logits' dtype."""
+    import torch
+
+    if score == "msp":
+        return torch.softmax(logits / temperature, dim=1).amax(dim=1)
+    if score == "energy":
+        return temperature * torch.logsumexp(logits / temperature, dim=1)
+    if score == "max-logit":
+        return logits.amax(dim=1)
+    raise InvalidParameterError(f"score must be one of {', '.join(LOGIT_SCORES)}; got {score!r}")
+
+
+def _check_score_params(score: str, temperature: float) -> None:
+    if score not in LOGIT_SCORES:
+        raise InvalidParameterError(
+            f"score must be one of {', '.join(LOGIT_SCORES)}; got {score!r}"
+        )
+    _check_temperature(temperature)
+
+
+@register_detector
+class LogitsDetector(Detector):
+    """Scores precomputed classifier logits (e.g. EfficientNet-Lite0's ImageNet head).
+
+    MSP: Hendrycks & Gimpel, ICLR 2017; negative energy: Liu et al., NeurIPS 2020; max-logit:
+    Hendrycks et al., ICML 2022. Score: ``max softmax(z/T)``, ``T·logsumexp(z/T)`` or
+    ``max z`` on the logits ``z`` given as features. Difference from the papers: none in the
+    formulas; no ODIN-style input perturbation (the detector sees arrays, not images).
+    ``fit`` learns nothing; it records the number of classes so later inputs are checked.
+    """
+
+    name: ClassVar[str] = "logits"
+
+    def __init__(self, *, score: LogitScore = "msp", temperature: float = 1.0) -> None:
+        self.score = score
+        self.temperature = temperature
+
+    def fit(self, features: Features, labels: Labels | None = None) -> LogitsDetector:
+        """Record ``n_dims_`` (the number of logits) of (n, C) ``features``; returns self."""
+        _check_score_params(self.score, self.temperature)
+        self.n_dims_ = int(check_features(features).shape[1])
+        return self
+
+    def score_samples(self, features: Features) -> Scores:
+        """(n,) float64 scores of (n, C) logits, higher = more in-distribution."""
+        check_is_fitted(self)
+        logits = check_features(features, n_dims=self.n_dims_)
+        return score_logits(logits, self.score, self.temperature)
+
+    def score_samples_torch(self, features: torch.Tensor) -> torch.Tensor:
+        """Differentiable (n,) scores of an (n, C) logits tensor; matches ``score_samples``."""
+        check_is_fitted(self)
+        _check_tensor(features, self.n_dims_)
+        return score_logits_torch(features, self.score, self.temperature)
+
+
+def _check_tensor(features: torch.Tensor, n_dims: int) -> None:
+    if features.ndim != 2 or features.shape[1] != n_dims:
+        raise InvalidParameterError(
+            f"features must have shape (n_samples, {n_dims}), got {tuple(features.shape)}"
+        )
+
+
+# -- the linear probe -----------------------------------------------------------------------
+
+
+def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier of the optimiser update number ``step`` (0-based).
+
+    Linear warm-up ``(step + 1) / warmup_steps`` reaching 1 at the last warm-up step, then a
+    cosine from 1 down to 0, which it reaches at ``step == total_steps``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(
+    parameters: list[torch.Tensor],
+    *,
+    total_steps: int,
+    lr: float,
+    weight_decay: float,
+    warmup_fraction: float,
+) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
+    """Adam with coupled L2 weight decay and the warm-up + cosine schedule (step it per batch)."""
+    import torch
+
+    optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    warmup_steps = int(warmup_fraction * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine_factor(step, total_steps, warmup_steps)
+    )
+    return optimizer, scheduler
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def cross_entropy_gradient(
+    batch: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (d weight, d bias) of the mean cross-entropy of ``batch @ weight.T + bias``.
+
+    Closed form ``(softmax(z) − onehot(y))ᵀ x / n``: the same values as autograd, ~25% faster
+    per step at probe sizes because no graph is built (tested against autograd).
+    """
+    import torch
+
+    residual = torch.softmax(torch.addmm(bias, batch, weight.t()), dim=1)
+    residual[torch.arange(len(targets), device=residual.device), targets] -= 1.0
+    residual /= len(targets)
+    return residual.t() @ batch, residual.sum(dim=0)
+
+
+def _mean_std(features: Features) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Per-dimension mean and std in float64, two passes over row blocks (bounded memory)."""
+    mean = np.zeros(features.shape[1])
+    for start in range(0, len(features), _CHUNK):
+        mean += features[start : start + _CHUNK].sum(axis=0, dtype=np.float64)
+    mean /= len(features)
+    variance = np.zeros(features.shape[1])
+    for start in range(0, len(features), _CHUNK):
+        variance += np.square(features[start : start + _CHUNK] - mean).sum(axis=0)
+    std = np.sqrt(variance / len(features))
+    std[std < 1e-12] = 1.0  # a constant dimension carries no information; keep it finite
+    return mean, std
+
+
+def train_linear_probe(
+    features: Features,
+    labels: Labels,
+    n_classes: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    warmup_fraction: float,
+    seed: int,
+    device: str = "auto",
+) -> dict[str, npt.NDArray[np.float32]]:
+    """Train ``Linear(D, n_classes)`` on standardised features; return weight/bias/mean/std.
+
+    Features are standardised per dimension with their mean and std (no L2). Cross-entropy,
+    Adam (coupled weight decay), warm-up + cosine per batch, reshuffled every epoch by a
+    generator seeded with ``seed`` (the global torch RNG is left alone).
+    """
+    import torch
+
+    mean, std = _mean_std(features)
+    torch_device = torch.device(_resolve_device(device))
+    # One float32 tensor; batches are standardised on the fly so no (N, D) copy is made.
+    data = torch.as_tensor(np.asarray(features, dtype=np.float32), device=torch_device)
+    targets = torch.as_tensor(labels, dtype=torch.int64, device=torch_device)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=torch_device)
+    inv_std_t = torch.as_tensor(1.0 / std, dtype=torch.float32, device=torch_device)
+
+    n_samples, n_dims = features.shape
+    generator = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(n_dims)  # torch.nn.Linear's default initialisation
+    weight = ((torch.rand(n_classes, n_dims, generator=generator) * 2 - 1) * bound).to(torch_device)
+    bias = ((torch.rand(n_classes, generator=generator) * 2 - 1) * bound).to(torch_device)
+    steps_per_epoch = math.ceil(n_samples / batch_size)
+    optimizer, scheduler = make_optimizer(
+        [weight, bias],
+        total_steps=epochs * steps_per_epoch,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_fraction=warmup_fraction,
+    )
+    with torch.no_grad():
+        for _ in range(epochs):
+            order = torch.randperm(n_samples, generator=generator).to(torch_device)
+            for start in range(0, n_samples, batch_size):
+                index = order[start : start + batch_size]
+                batch = (data.index_select(0, index) - mean_t) * inv_std_t
+                weight.grad, bias.grad = cross_entropy_gradient(
+                    batch, targets.index_select(0, index), weight, bias
+                )
+                optimizer.step()
+                scheduler.step()
+    return {
+        "weight": weight.cpu().numpy(),
+        "bias": bias.cpu().numpy(),
+        "mean": mean.astype(np.float32),
+        "std": std.astype(np.float32),
+    }
+
+
+class LinearHead(Detector):
+    """Shared scoring of a trained linear probe (``weight_``, ``bias_``, ``mean_``, ``std_``)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_fraction: float
+    seed: int
+    device: str
+    score: str
+    temperature: float
+
+    def _check_probe_params(self) -> None:
+        for key in ("epochs", "batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise InvalidParameterError(f"{key} must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise InvalidParameterError(f"lr must be > 0, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise InvalidParameterError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (isinstance(self.warmup_fraction, (int, float)) and 0 <= self.warmup_fraction < 1):
+            raise InvalidParameterError(
+                f"warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}"
+            )
+        if not (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps")):
+            raise InvalidParameterError(
+                f"device must be 'auto', 'cpu', 'cuda[:i]' or 'mps', got {self.device!r}"
+            )
+        _check_score_params(self.score, self.temperature)
+
+    def _fit_probe(self, features: Features, labels: Labels, n_classes: int) -> None:
+        state = train_linear_probe(
+            features,
+            labels,
+            n_classes,
+            epochs=int(self.epochs),
+            batch_size=int(self.batch_size),
+            lr=float(self.lr),
+            weight_decay=float(self.weight_decay),
+            warmup_fraction=float(self.warmup_fraction),
+            seed=int(self.seed),
+            device=self.device,
+        )
+        self.weight_, self.bias_ = state["weight"], state["bias"]
+        self.mean_, self.std_ = state["mean"], state["std"]
+        self.n_dims_ = int(features.shape[1])
+
+    def logits(self, features: Features) -> npt.NDArray[np.float64]:
+        """(n, C) float64 probe logits of (n, D) features (the decision function)."""
+        check_is_fitted(self)
+        features = check_features(features, n_dims=self.n_dims_)
+        weight = self.weight_.astype(np.float64) / self.std_.astype(np.float64)
+        bias = self.bias_.astype(np.float64) - weight @ self.mean_.astype(np.float64)
+        out = np.empty((len(features), len(bias)))
+        for start in range(0, len(features), _CHUNK):
+            block = features[start : start + _CHUNK].astype(np.float64)
+            np.matmul(block, weight.T, out=out[start : start + _CHUNK])
+        out += bias
+        return out
+
+    def predict_proba(self, features: Features) -> npt.NDArray[np.float64]:
+        """(n, C) class probabilities ``softmax(logits)`` (temperature 1)."""
+        return np.asarray(softmax(self.logits(features), axis=1))
+
+    def predict(self, features: Features) -> Labels:
+        """(n,) predicted class of each row (for ID accuracy; not an OOD decision)."""
+        return np.asarray(self.classes_)[self.logits(features).argmax(axis=1)]
+
+    def score_samples(self, features: Features) -> Scores:
+        """(n,) float64 probe scores (``score`` at ``temperature``), higher = more ID."""
+        return score_logits(self.logits(features), self.score, self.temperature)
+
+    def score_samples_torch(self, features: torch.Tensor) -> torch.Tensor:
+        """Differentiable (n,) scores of an (n, D) tensor; matches ``score_samples``."""
+        import torch
+
+        check_is_fitted(self)
+        _check_tensor(features, self.n_dims_)
+        options: dict[str, Any] = {"dtype": features.dtype, "device": features.device}
+        standardised = (features - torch.as_tensor(self.mean_, **options)) / torch.as_tensor(
+            self.std_, **options
+        )
+        logits = torch.nn.functional.linear(
+            standardised,
+            torch.as_tensor(self.weight_, **options),
+            torch.as_tensor(self.bias_, **options),
+        )
+        return score_logits_torch(logits, self.score, self.temperature)
+
+
+@register_detector
+class LinearProbeDetector(LinearHead):
+    """Supervised linear probe on frozen features, scored by MSP, energy or max-logit.
+
+    Adaloglou et al., "Adapting Contrastive Language-Image Pretrained (CLIP) Models for
+    Out-of-Distribution Detection", TMLR 2024 (the "LP" upper bound). Score:
+    ``max softmax(W·(x−μ)/σ + b)/T`` (or energy / max-logit of the same logits). Recipe as the
+    paper: per-dimension standardisation, cross-entropy, Adam (lr 1e-3, coupled weight decay
+    1e-3), 10% linear warm-up then cosine to 0, seed 42. Differences: ``epochs`` defaults to
+    100 and ``batch_size`` to 256 (the paper's CIFAR setting; it used 8192 on ImageNet); the
+    exact cross-entropy gradient is computed in closed form instead of by autograd.
+    """
+
+    name: ClassVar[str] = "linear-probe"
+    requires_labels: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        epochs: int = 100,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-3,
+        warmup_fraction: float = 0.1,
+        seed: int = 42,
+        device: str = "auto",
+        score: LogitScore = "msp",
+        temperature: float = 1.0,
+    ) -> None:
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_fraction = warmup_fraction
+        self.seed = seed
+        self.device = device
+        self.score = score
+        self.temperature = temperature
+
+    def fit(self, features: Features, labels: Labels | None = None) -> LinearProbeDetector:
+        """Train the probe on (n, D) features and (n,) integer labels; returns self."""
+        self._check_probe_params()
+        features = check_features(features)
+        if labels is None:
+            raise InvalidParameterError(
+                "linear-probe needs class labels: call fit(features, labels); for a label-free "
+                "probe use 'plp' with class embeddings"
+            )
+        labels = check_labels(labels, len(features))
+        classes, encoded = np.unique(labels, return_inverse=True)
+        self.classes_ = classes
+        self._fit_probe(features, encoded, len(classes))
+        return self

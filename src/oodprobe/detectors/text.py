@@ -1,0 +1,227 @@
+"""Detectors that use class-name text embeddings: MCM (zero-shot) and PLP (pseudo-label probe).
+
+Both take the class embeddings ``t_c`` (C × E, from the encoder's text tower; see
+``oodprobe.encoders.text.compute_class_embeddings``) and, when the features are taken before the
+image projection, that projection ``W_proj`` (D × E) as constructor arrays. The joint-space image
+embedding is ``u(x) = normalize(normalize(f(x)) @ W_proj)``. No detector holds a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+from sklearn.utils.validation import check_is_fitted
+
+from oodprobe.arrays import Features, Labels, Scores, check_features, l2_normalize
+from oodprobe.detectors.base import Detector, register_detector
+from oodprobe.detectors.probe import (
+    _CHUNK,
+    LinearHead,
+    LogitScore,
+    _check_score_params,
+    _check_temperature,
+    _check_tensor,
+    msp,
+)
+from oodprobe.errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _checked_text_arrays(
+    class_embeddings: npt.ArrayLike, image_projection: npt.ArrayLike | None
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64] | None, int]:
+    """Validate; return unit-norm float64 class embeddings, the projection, feature dims."""
+    embeddings = check_features(
+        class_embeddings, name="class_embeddings", min_samples=2, dtype=np.float64
+    )
+    if np.any(np.linalg.norm(embeddings, axis=1) == 0):
+        raise InvalidParameterError("class_embeddings has an all-zero row; recompute it")
+    unit = np.asarray(l2_normalize(embeddings), dtype=np.float64)
+    if image_projection is None:
+        return unit, None, int(embeddings.shape[1])
+    projection = np.asarray(
+        check_features(image_projection, name="image_projection", dtype=np.float64), np.float64
+    )
+    if projection.shape[1] != embeddings.shape[1]:
+        raise InvalidParameterError(
+            f"image_projection has shape {projection.shape} but class_embeddings has "
+            f"{embeddings.shape[1]} columns; it must be (feature dims, {embeddings.shape[1]})"
+        )
+    return unit, projection, int(projection.shape[0])
+
+
+def _cosine_blocks(
+    features: Features,
+    embeddings: npt.NDArray[np.float64],
+    projection: npt.NDArray[np.float64] | None,
+) -> Iterator[npt.NDArray[np.float64]]:
+    """Yield ``cos(u(x), t_c)`` for consecutive row blocks: (block, C) float64."""
+    for start in range(0, len(features), _CHUNK):
+        joint = l2_normalize(features[start : start + _CHUNK].astype(np.float64))
+        if projection is not None:
+            joint = l2_normalize(joint @ projection)
+        yield joint @ embeddings.T
+
+
+class _TextMixin(Detector):
+    """Validation and zero-shot cosines shared by MCM and PLP."""
+
+    class_embeddings: npt.ArrayLike
+    image_projection: npt.ArrayLike | None
+
+    def _text_arrays(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64] | None, int]:
+        return _checked_text_arrays(self.class_embeddings, self.image_projection)
+
+    def similarities(self, features: Features) -> npt.NDArray[np.float64]:
+        """(n, C) cosines ``cos(u(x), t_c)`` of (n, D) features to the class embeddings."""
+        embeddings, projection, n_dims = self._text_arrays()
+        features = check_features(features, n_dims=n_dims)
+        return np.concatenate(list(_cosine_blocks(features, embeddings, projection)))
+
+    def zero_shot_predict(self, features: Features) -> Labels:
+        """(n,) zero-shot class ``argmax_c cos(u(x), t_c)`` (PLP's pseudo-labels)."""
+        embeddings, projection, n_dims = self._text_arrays()
+        features = check_features(features, n_dims=n_dims)
+        blocks = _cosine_blocks(features, embeddings, projection)
+        return np.concatenate([block.argmax(axis=1) for block in blocks]).astype(np.int64)
+
+    def _joint_torch(self, features: torch.Tensor) -> torch.Tensor:
+        """Differentiable (n, C) cosines of an (n, D) tensor."""
+        import torch
+
+        embeddings, projection, n_dims = self._text_arrays()
+        _check_tensor(features, n_dims)
+        options: dict[str, Any] = {"dtype": features.dtype, "device": features.device}
+        joint = torch.nn.functional.normalize(features, dim=1)
+        if projection is not None:
+            joint = torch.nn.functional.normalize(joint @ torch.as_tensor(projection, **options))
+        return joint @ torch.as_tensor(embeddings, **options).T
+
+
+@register_detector
+class MCMDetector(_TextMixin):
+    """Maximum concept matching: zero-shot softmax over image-text cosines.
+
+    Ming et al., "Delving into Out-of-Distribution Detection with Vision-Language
+    Representations", NeurIPS 2022. Score: ``max_c softmax_c(cos(u(x), t_c) / T)``.
+    ``temperature`` T = 1 on raw cosines as in the paper — *not* CLIP's logit scale 100. With
+    cosines in [−1, 1] the softmax at T = 1 is nearly flat (scores near 1/C) but the ranking, which
+    is all AUROC/FPR use, still separates. Differences: the class embeddings may come from the
+    5-prompt ensemble of Adaloglou et al. (TMLR 2024) rather than MCM's single prompt — that is
+    the caller's choice; features may be pre-projection (``image_projection`` given).
+    ``fit`` learns nothing from the data; it checks the arrays' shapes and records them.
+    """
+
+    name: ClassVar[str] = "mcm"
+    requires_text: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        class_embeddings: npt.ArrayLike,
+        image_projection: npt.ArrayLike | None = None,
+        temperature: float = 1.0,
+    ) -> None:
+        self.class_embeddings = class_embeddings
+        self.image_projection = image_projection
+        self.temperature = temperature
+
+    def fit(self, features: Features, labels: Labels | None = None) -> MCMDetector:
+        """Validate shapes of (n, D) features against the text arrays; labels are ignored."""
+        _check_temperature(self.temperature)
+        embeddings, _, n_dims = self._text_arrays()
+        check_features(features, n_dims=n_dims)
+        self.n_dims_, self.n_classes_ = n_dims, int(embeddings.shape[0])
+        return self
+
+    def predict(self, features: Features) -> Labels:
+        """(n,) zero-shot class of each row (for ID accuracy; not an OOD decision)."""
+        check_is_fitted(self)
+        return self.zero_shot_predict(features)
+
+    def score_samples(self, features: Features) -> Scores:
+        """(n,) float64 MCM scores of (n, D) features, higher = more in-distribution."""
+        check_is_fitted(self)
+        embeddings, projection, n_dims = self._text_arrays()
+        features = check_features(features, n_dims=n_dims)
+        blocks = _cosine_blocks(features, embeddings, projection)
+        scores = [msp(block, self.temperature) for block in blocks]
+        return np.concatenate(scores).astype(np.float64)
+
+    def score_samples_torch(self, features: torch.Tensor) -> torch.Tensor:
+        """Differentiable (n,) MCM scores of an (n, D) tensor; matches ``score_samples``."""
+        import torch
+
+        check_is_fitted(self)
+        cosines = self._joint_torch(features)
+        return torch.softmax(cosines / self.temperature, dim=1).amax(dim=1)
+
+
+@register_detector
+class PLPDetector(_TextMixin, LinearHead):
+    """Pseudo-label probing: a linear probe trained on zero-shot pseudo-labels, label-free.
+
+    Adaloglou, Michels, Kaiser, Kollmann, "Adapting Contrastive Language-Image Pretrained (CLIP)
+    Models for Out-of-Distribution Detection", TMLR 2024. Score: ``max softmax(z/T)`` of the
+    probe logits ``z = W·(f(x)−μ)/σ + b``, trained with cross-entropy on the pseudo-labels
+    ``ŷ = argmax_c cos(u(x), t_c)`` of the training features (hard, unfiltered). The probe and
+    its recipe are ``linear-probe``'s (Adam, lr 1e-3, weight decay 1e-3, warm-up + cosine, seed
+    42). Differences: ``epochs`` 100 and ``batch_size`` 256 are the paper's CIFAR setting (8192
+    on ImageNet); the probe always has C outputs, also for classes no sample was assigned to
+    (their counts are in ``pseudo_label_counts_``).
+    """
+
+    name: ClassVar[str] = "plp"
+    requires_text: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        class_embeddings: npt.ArrayLike,
+        image_projection: npt.ArrayLike | None = None,
+        epochs: int = 100,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-3,
+        warmup_fraction: float = 0.1,
+        seed: int = 42,
+        device: str = "auto",
+        score: LogitScore = "msp",
+        temperature: float = 1.0,
+    ) -> None:
+        self.class_embeddings = class_embeddings
+        self.image_projection = image_projection
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_fraction = warmup_fraction
+        self.seed = seed
+        self.device = device
+        self.score = score
+        self.temperature = temperature
+
+    def fit(self, features: Features, labels: Labels | None = None) -> PLPDetector:
+        """Pseudo-label (n, D) training features zero-shot, then train the probe; labels ignored."""
+        self._check_probe_params()
+        _check_score_params(self.score, self.temperature)
+        embeddings, _, n_dims = self._text_arrays()
+        features = check_features(features, n_dims=n_dims)
+        n_classes = int(embeddings.shape[0])
+        pseudo_labels = self.zero_shot_predict(features)
+        counts = np.bincount(pseudo_labels, minlength=n_classes)
+        if np.count_nonzero(counts) < 2:
+            raise InvalidParameterError(
+                f"zero-shot pseudo-labelling put all {len(features)} training samples in class "
+                f"{int(counts.argmax())}; a probe cannot learn from one class. Check that the "
+                "class embeddings and image_projection come from the encoder of the features"
+            )
+        self.pseudo_label_counts_ = counts.astype(np.int64)
+        self.classes_ = np.arange(n_classes, dtype=np.int64)
+        self._fit_probe(features, pseudo_labels, n_classes)
+        return self
