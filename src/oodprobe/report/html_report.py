@@ -303,8 +303,10 @@ def report_html(report: ReportData) -> str:
     positive = str(convention.get("positive") or "id")
     fpr_name = fpr_label(tpr)
     tables = build_tables(report.rows)
+    # Wide tables (over 5 column pairs: OOD sets + means) get the full width, convention above.
+    layout = " stacked" if max((len(t.columns) for t in tables), default=0) > 5 else ""
     sections = [
-        '<section id="results"><h2>Results</h2><div class="results-layout">'
+        f'<section id="results"><h2>Results</h2><div class="results-layout{layout}">'
         '<div class="results-tables">'
         + "".join(_encoder_table(table, fpr_name) for table in tables)
         + (_long_table(report.rows, fpr_name) if report.rows else "<p>No results.</p>")

@@ -217,7 +217,7 @@ def thumbnail(image: Image.Image, size: int = 96) -> tuple[str, int, int]:
         target = (max(1, round(width * scale)), max(1, round(height * scale)))
         picture = picture.resize(target, Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
-    picture.save(buffer, format="PNG", optimize=True)
+    picture.save(buffer, format="PNG")
     data, mime = buffer.getvalue(), "image/png"
     if picture.mode == "RGB" and len(data) > 8_000:
         jpeg = io.BytesIO()

@@ -15,7 +15,7 @@ body {
   margin: 0; color: var(--ink); background: #fff;
   font: 14px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
 }
-main { max-width: 1240px; margin: 0 auto; padding: 28px 32px 48px; }
+main { max-width: 1320px; margin: 0 auto; padding: 28px 32px 48px; }
 header { border-bottom: 1px solid var(--line); padding-bottom: 14px; margin-bottom: 22px; }
 h1 { font-size: 24px; margin: 0 0 6px; letter-spacing: -0.01em; }
 h2 {
@@ -31,6 +31,9 @@ nav { margin-top: 10px; font-size: 13px; }
 nav a { color: var(--accent); text-decoration: none; margin-right: 14px; }
 .results-layout { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }
 .results-tables { flex: 1 1 720px; min-width: 0; }
+.stacked .results-tables { flex-basis: 100%; }
+.stacked .convention { flex: 1 1 100%; order: -1; }
+.stacked .convention dl { grid-template-columns: auto 1fr auto 1fr auto 1fr; }
 .convention {
   flex: 0 1 300px; background: var(--panel); border: 1px solid var(--line);
   border-left: 4px solid var(--accent); border-radius: 8px; padding: 12px 14px; font-size: 13px;
@@ -42,9 +45,9 @@ nav a { color: var(--accent); text-decoration: none; margin-right: 14px; }
 .convention dd { margin: 0; }
 .table-wrap { overflow-x: auto; margin-bottom: 8px; }
 table { border-collapse: collapse; font-size: 13px; }
-th, td { padding: 5px 9px; border-bottom: 1px solid var(--line); }
+th, td { padding: 5px 7px; border-bottom: 1px solid var(--line); }
 thead th { background: var(--panel); font-weight: 600; text-align: center; white-space: nowrap; }
-thead tr.sub th { font-weight: 500; color: var(--muted); font-size: 12px; }
+thead tr.sub th { font-weight: 500; color: var(--muted); font-size: 11.5px; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.det, th.det { text-align: left; }
 td.det .params { display: block; color: var(--muted); font-size: 11px; max-width: 260px; }
