@@ -131,6 +131,15 @@ def _convention_box(convention: Mapping[str, Any], fpr_name: str, tpr: float) ->
     )
 
 
+def _details(extra: Mapping[str, Any]) -> str:
+    """Extra row keys, one ``key: value`` line each (values as compact JSON unless text)."""
+    lines = []
+    for key, value in jsonable(extra).items():
+        shown = value if isinstance(value, str) else compact_json(value)
+        lines.append(f'<div><span class="key">{esc(key)}:</span> {esc(shown)}</div>')
+    return "".join(lines)
+
+
 def _long_table(rows: list[dict[str, Any]], fpr_name: str) -> str:
     """Every row with all four metrics, sample sizes and its extra provenance keys."""
     head = [
@@ -161,7 +170,7 @@ def _long_table(rows: list[dict[str, Any]], fpr_name: str) -> str:
             + "".join(metrics)
             + f'<td class="num">{esc(row.get("n_id", "–"))}</td>'
             f'<td class="num">{esc(row.get("n_ood", "–"))}</td>'
-            f'<td class="extra mono">{esc(compact_json(extra)) if extra else ""}</td></tr>'
+            f'<td class="extra mono">{_details(extra)}</td></tr>'
         )
     header = "".join(f"<th>{esc(name)}</th>" for name in head)
     return (
@@ -309,8 +318,10 @@ def report_html(report: ReportData) -> str:
         f'<section id="results"><h2>Results</h2><div class="results-layout{layout}">'
         '<div class="results-tables">'
         + "".join(_encoder_table(table, fpr_name) for table in tables)
-        + (_long_table(report.rows, fpr_name) if report.rows else "<p>No results.</p>")
-        + f"</div>{_convention_box(convention, fpr_name, tpr)}</div></section>",
+        + ("" if report.rows else "<p>No results.</p>")
+        + f"</div>{_convention_box(convention, fpr_name, tpr)}</div>"
+        + (_long_table(report.rows, fpr_name) if report.rows else "")
+        + "</section>",
         _id_accuracy(report.id_accuracy),
     ]
     links = [("results", "Results")] + ([("id-accuracy", "ID accuracy")] * bool(report.id_accuracy))

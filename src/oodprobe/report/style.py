@@ -72,14 +72,14 @@ figure {
 figure img { display: block; max-width: 100%; height: auto; }
 figcaption { font-size: 12px; color: var(--muted); margin-top: 4px; }
 figcaption strong { color: var(--ink); }
-.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(112px, 1fr)); gap: 10px; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(124px, 1fr)); gap: 10px; }
 .thumb { border: 1px solid var(--line); border-radius: 6px; padding: 6px; text-align: center; }
 .thumb .frame {
   height: 96px; display: flex; align-items: center; justify-content: center; background: #f3f4f6;
   border-radius: 4px;
 }
 .thumb img { image-rendering: pixelated; max-width: 96px; max-height: 96px; }
-.thumb .cap { font-size: 11px; margin-top: 4px; word-break: break-all; line-height: 1.3; }
+.thumb .cap { font-size: 10.5px; margin-top: 4px; overflow-wrap: anywhere; line-height: 1.3; }
 .thumb .score { font-size: 11px; color: var(--muted); font-variant-numeric: tabular-nums; }
 .gallery-meta { color: var(--muted); font-size: 12px; margin: -4px 0 8px; }
 details { border: 1px solid var(--line); border-radius: 8px; padding: 8px 12px; margin: 10px 0; }
@@ -92,7 +92,8 @@ table.kv td { vertical-align: top; }
 table.kv td:first-child { color: var(--muted); white-space: nowrap; }
 table.long td { font-size: 12px; }
 table.long td.extra {
-  font-size: 11px; color: var(--muted); max-width: 420px; word-break: break-word;
+  font-size: 11px; color: var(--muted); max-width: 520px; overflow-wrap: anywhere; text-align: left;
 }
+table.long td.extra .key { color: var(--ink); }
 footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
 """
