@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.special import logsumexp, softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
@@ -70,10 +71,25 @@ def test_logit_scores_are_stable_at_huge_logits() -> None:
         np.testing.assert_allclose(torch_scores.numpy(), function(logits))
 
 
+def test_logit_scores_equal_scipy_on_random_logits_and_ties() -> None:
+    logits = np.random.default_rng(0).normal(size=(40_000, 9)) * 20  # > one row block
+    logits[:5] = 7.0  # exact ties
+    for temperature in (1.0, 0.3, 10.0):
+        scaled = logits / temperature
+        np.testing.assert_allclose(msp(logits, temperature), softmax(scaled, axis=1).max(axis=1))
+        np.testing.assert_allclose(
+            negative_energy(logits, temperature), temperature * logsumexp(scaled, axis=1)
+        )
+    np.testing.assert_allclose(msp(logits[:5]), 1 / 9)
+    assert msp(logits.astype(np.float32)).dtype == np.float64
+
+
 def test_logit_scores_reject_bad_input() -> None:
     with pytest.raises(InvalidParameterError, match="temperature must be a finite number > 0"):
         msp(np.zeros((2, 3)), temperature=0.0)
-    with pytest.raises(InvalidParameterError, match=r"logits must be 2-D .* got shape \(3,\)"):
+    with pytest.raises(
+        InvalidParameterError, match=r"logits must be a numeric 2-D .* got shape \(3,\)"
+    ):
         max_logit(np.zeros(3))
 
 

