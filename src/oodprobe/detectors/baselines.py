@@ -1,0 +1,153 @@
+"""Classic outlier detectors from scikit-learn as baselines: LOF, Isolation Forest, one-class SVM.
+
+Their ``score_samples`` already has our sign (higher = more normal = more in-distribution).
+Persistence: a scikit-learn model cannot be saved without pickle, so the saved state is the
+training features (plus the hyperparameters, including ``random_state``) and loading refits the
+model, deterministically. Loading therefore takes as long as fitting.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+
+from oodprobe.arrays import Features, Labels, Scores, check_features
+from oodprobe.detectors.base import Detector, register_detector
+from oodprobe.errors import InvalidParameterError
+
+
+class _SklearnBaseline(Detector):
+    """Fit stores the training features and fits ``estimator_``; score delegates to it."""
+
+    def _make_estimator(self) -> Any:
+        raise NotImplementedError
+
+    def _check_params(self, n_train: int) -> None:
+        """Hook: validate hyperparameters against the training-set size."""
+
+    def _refit(self) -> None:
+        estimator = self._make_estimator()
+        try:
+            estimator.fit(self.train_features_)
+        except ValueError as error:  # scikit-learn's own parameter validation
+            raise InvalidParameterError(f"{self.name}: {error}") from None
+        self.estimator_: BaseEstimator = estimator
+
+    def fit(self, features: Features, labels: Labels | None = None) -> _SklearnBaseline:
+        """Fit on (n, D) ID features; labels are ignored. Returns self."""
+        features = check_features(features, min_samples=2)
+        self._check_params(len(features))
+        self.train_features_ = np.array(features)  # a copy, kept for refitting on load
+        self.n_dims_ = int(features.shape[1])
+        self._refit()
+        return self
+
+    def score_samples(self, features: Features) -> Scores:
+        """(n,) float64 scores of (n, D) features; higher = more in-distribution."""
+        check_is_fitted(self)
+        features = check_features(features, n_dims=self.n_dims_)
+        return np.asarray(self.estimator_.score_samples(features), dtype=np.float64)
+
+    def _get_state(self) -> dict[str, Any]:
+        return {"train_features_": self.train_features_, "n_dims_": self.n_dims_}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        super()._set_state(state)
+        self._refit()
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InvalidParameterError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+@register_detector
+class LOFDetector(_SklearnBaseline):
+    """Local Outlier Factor (novelty mode) on the features.
+
+    Breunig, Kriegel, Ng, Sander, SIGMOD 2000 ("LOF: Identifying Density-Based Local
+    Outliers"). Score: ``−LOF(x)`` (``LocalOutlierFactor(novelty=True).score_samples``).
+    Differences: none; scikit-learn's implementation, Euclidean distance on the raw features.
+    """
+
+    name: ClassVar[str] = "lof"
+
+    def __init__(self, *, n_neighbors: int = 20, metric: str = "minkowski") -> None:
+        self.n_neighbors = n_neighbors
+        self.metric = metric
+
+    def _check_params(self, n_train: int) -> None:
+        _check_positive_int("n_neighbors", self.n_neighbors)
+        if self.n_neighbors >= n_train:
+            raise InvalidParameterError(
+                f"n_neighbors={self.n_neighbors} must be smaller than the {n_train} training "
+                f"samples; use n_neighbors <= {n_train - 1}"
+            )
+
+    def _make_estimator(self) -> Any:
+        from sklearn.neighbors import LocalOutlierFactor
+
+        return LocalOutlierFactor(n_neighbors=self.n_neighbors, metric=self.metric, novelty=True)
+
+
+@register_detector
+class IsolationForestDetector(_SklearnBaseline):
+    """Isolation Forest on the features.
+
+    Liu, Ting, Zhou, ICDM 2008 ("Isolation Forest"). Score: ``−2^(−E[h(x)]/c(ψ))``, minus the
+    anomaly score from the mean path length (``IsolationForest.score_samples``). Differences:
+    none; scikit-learn's implementation, seeded by ``random_state``.
+    """
+
+    name: ClassVar[str] = "isolation-forest"
+
+    def __init__(
+        self, *, n_estimators: int = 100, max_samples: int | str = "auto", random_state: int = 0
+    ) -> None:
+        self.n_estimators = n_estimators
+        self.max_samples = max_samples
+        self.random_state = random_state
+
+    def _check_params(self, n_train: int) -> None:
+        _check_positive_int("n_estimators", self.n_estimators)
+
+    def _make_estimator(self) -> Any:
+        from sklearn.ensemble import IsolationForest
+
+        return IsolationForest(
+            n_estimators=self.n_estimators,
+            max_samples=self.max_samples,
+            random_state=self.random_state,
+        )
+
+
+@register_detector
+class OneClassSVMDetector(_SklearnBaseline):
+    """One-class SVM with an RBF kernel on the features.
+
+    Schölkopf, Platt, Shawe-Taylor, Smola, Williamson, Neural Computation 2001 ("Estimating
+    the Support of a High-Dimensional Distribution"). Score: the decision function
+    ``Σ_i α_i K(x_i, x)`` (``OneClassSVM.score_samples``). Differences: none; training is
+    O(n²) in time and memory, so fit it on a subsample of a large training set.
+    """
+
+    name: ClassVar[str] = "one-class-svm"
+
+    def __init__(
+        self, *, nu: float = 0.1, gamma: float | str = "scale", kernel: str = "rbf"
+    ) -> None:
+        self.nu = nu
+        self.gamma = gamma
+        self.kernel = kernel
+
+    def _check_params(self, n_train: int) -> None:
+        if not isinstance(self.nu, (int, float)) or not 0 < self.nu <= 1:
+            raise InvalidParameterError(f"nu must be in (0, 1], got {self.nu!r}")
+
+    def _make_estimator(self) -> Any:
+        from sklearn.svm import OneClassSVM
+
+        return OneClassSVM(nu=self.nu, gamma=self.gamma, kernel=self.kernel)

@@ -1,0 +1,280 @@
+"""Gaussian detectors: one Gaussian, class-conditional Mahalanobis, and relative Mahalanobis.
+
+Everything is float64. Fitting reads the features in row blocks (two passes: means, then
+centred scatter matrices), so its memory beyond the input is O(block · D + D²). A covariance
+``Σ`` is inverted as a pseudo-inverse through its eigendecomposition (no shrinkage, no ridge):
+``Σ⁺ = L Lᵀ`` with ``L = V_r Λ_r^{-1/2}`` over the eigenvalues above ``D · eps · λ_max``, as
+``scipy.linalg.pinvh`` and Lee et al.'s reference code (``EmpiricalCovariance``) do. Scoring
+whitens each row block once, ``w = (x − c) L``, and takes squared distances to the whitened
+class means by one matrix product, ``‖w‖² − 2 w·m_c + ‖m_c‖²``: no n × C × D tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+import scipy.sparse
+from sklearn.utils.validation import check_is_fitted
+
+from oodprobe.arrays import Features, Labels, Scores, check_features, check_labels
+from oodprobe.detectors.base import Detector, register_detector
+from oodprobe.errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    import torch
+
+_ROWS = 16384  # rows per block: float64 temporaries of ~16384 × D
+F64 = npt.NDArray[np.float64]
+
+
+def _blocks(features: Features) -> Iterator[tuple[slice, F64]]:
+    for start in range(0, len(features), _ROWS):
+        block = slice(start, start + _ROWS)
+        yield block, np.array(features[block], dtype=np.float64)  # a copy: callers edit it
+
+
+def _mean(features: Features) -> F64:
+    total = np.zeros(features.shape[1])
+    for _, block in _blocks(features):
+        total += block.sum(axis=0)
+    return total / len(features)
+
+
+def _class_means(features: Features, codes: npt.NDArray[np.intp], n_classes: int) -> F64:
+    sums = np.zeros((n_classes, features.shape[1]))
+    for rows, block in _blocks(features):
+        row_codes = codes[rows]
+        one_hot = scipy.sparse.csr_matrix(
+            (np.ones(len(row_codes)), (row_codes, np.arange(len(row_codes)))),
+            shape=(n_classes, len(row_codes)),
+        )
+        sums += one_hot @ block
+    return sums / np.bincount(codes, minlength=n_classes)[:, None]
+
+
+def _scatter(features: Features, centers: F64, codes: npt.NDArray[np.intp], weights: F64) -> F64:
+    """``Σ_i weights[codes_i] · (x_i − centers[codes_i])(x_i − centers[codes_i])ᵀ`` (D × D)."""
+    dims = features.shape[1]
+    scatter = np.zeros((dims, dims))
+    root_weights = np.sqrt(weights)
+    for rows, block in _blocks(features):
+        row_codes = codes[rows]
+        block -= centers[row_codes]
+        block *= root_weights[row_codes, None]
+        scatter += block.T @ block  # numpy uses syrk for a.T @ a
+    return scatter
+
+
+def _whitening(covariance: F64, what: str) -> F64:
+    """``L`` (D × r) with ``L Lᵀ = pinv(covariance)`` over the non-negligible eigenvalues."""
+    eigenvalues, eigenvectors = np.linalg.eigh((covariance + covariance.T) / 2)
+    largest = eigenvalues[-1] if len(eigenvalues) else 0.0
+    if not largest > 0:
+        raise InvalidParameterError(
+            f"the {what} covariance is zero (all training features equal); use varied features"
+        )
+    keep = eigenvalues > len(eigenvalues) * np.finfo(np.float64).eps * largest
+    return np.ascontiguousarray(eigenvectors[:, keep] / np.sqrt(eigenvalues[keep]))
+
+
+def _min_squared_distances(
+    features: Features, center: F64, whitening: F64, whitened_means: F64
+) -> F64:
+    """(n,) ``min_c ‖(x − center) L − m_c‖²`` in row blocks (one (block, C) matrix at a time)."""
+    result = np.empty(len(features))
+    mean_norms = np.einsum("cr,cr->c", whitened_means, whitened_means)
+    for rows, block in _blocks(features):
+        block -= center
+        whitened = block @ whitening
+        distances = whitened @ (-2.0 * whitened_means.T)
+        distances += mean_norms
+        distances += np.einsum("nr,nr->n", whitened, whitened)[:, None]
+        result[rows] = np.maximum(distances.min(axis=1), 0.0)
+    return result
+
+
+def _squared_norms(features: Features, center: F64, whitening: F64) -> F64:
+    """(n,) ``‖(x − center) L‖²``: the squared Mahalanobis distance to one Gaussian."""
+    return _min_squared_distances(features, center, whitening, np.zeros((1, whitening.shape[1])))
+
+
+def _torch_min_squared_distances(
+    features: torch.Tensor, center: F64, whitening: F64, whitened_means: F64
+) -> torch.Tensor:
+    import torch
+
+    def tensor(array: F64) -> torch.Tensor:
+        return torch.from_numpy(array).to(features)
+
+    whitened = (features - tensor(center)) @ tensor(whitening)
+    means = tensor(whitened_means)
+    distances = (
+        (whitened * whitened).sum(dim=1, keepdim=True)
+        - 2.0 * whitened @ means.T
+        + (means * means).sum(dim=1)
+    )
+    return distances.amin(dim=1).clamp_min(0.0)
+
+
+def _check_tensor(features: torch.Tensor, n_dims: int) -> None:
+    if features.ndim != 2 or features.shape[1] != n_dims:
+        raise InvalidParameterError(
+            f"features must have shape (n_samples, {n_dims}), got {tuple(features.shape)}"
+        )
+
+
+@register_detector
+class GaussianDetector(Detector):
+    """Label-free single Gaussian: minus the squared Mahalanobis distance to the ID mean.
+
+    The background model of Ren et al., 2021 ("A Simple Fix to Mahalanobis Distance for
+    Improving Near-OOD Detection", arXiv 2106.09022) used as a detector on its own. Score:
+    ``−(x − μ)ᵀ Σ⁺ (x − μ)`` with the maximum-likelihood covariance (1/N) and its
+    pseudo-inverse ``Σ⁺`` (no shrinkage, no ridge); float64.
+    """
+
+    name: ClassVar[str] = "gaussian"
+
+    def __init__(self) -> None:
+        pass
+
+    def fit(self, features: Features, labels: Labels | None = None) -> GaussianDetector:
+        """Fit mean and covariance of (n, D) ID features (n >= 2); labels are ignored."""
+        features = check_features(features, min_samples=2)
+        self.mean_ = _mean(features)
+        codes = np.zeros(len(features), dtype=np.intp)
+        scatter = _scatter(features, self.mean_[None], codes, np.array([1.0 / len(features)]))
+        self.whitening_ = _whitening(scatter, "training feature")
+        self.n_dims_ = int(features.shape[1])
+        return self
+
+    def score_samples(self, features: Features) -> Scores:
+        """(n,) float64 ``−MD²`` of (n, D) features; higher = more in-distribution."""
+        check_is_fitted(self)
+        features = check_features(features, n_dims=self.n_dims_)
+        return -_squared_norms(features, self.mean_, self.whitening_)
+
+    def score_samples_torch(self, features: torch.Tensor) -> torch.Tensor:
+        """Differentiable (n,) scores of an (n, D) tensor, as ``score_samples``; higher = ID."""
+        check_is_fitted(self)
+        _check_tensor(features, self.n_dims_)
+        zero = np.zeros((1, self.whitening_.shape[1]))
+        return -_torch_min_squared_distances(features, self.mean_, self.whitening_, zero)
+
+
+class _ClassGaussians(Detector):
+    """Class means and the shared covariance (average of per-class covariances)."""
+
+    def _fit_classes(self, features: Features, labels: Labels | None) -> Features:
+        if labels is None:
+            raise InvalidParameterError(
+                f"{self.name} needs class labels: call fit(features, labels); for a label-free "
+                f"detector use knn, deep-knn or gaussian"
+            )
+        features = check_features(features, min_samples=2)
+        labels = check_labels(labels, len(features), min_classes=2)
+        classes, codes = np.unique(labels, return_inverse=True)
+        counts = np.bincount(codes)
+        self.classes_ = classes.astype(np.int64)
+        self.class_means_ = _class_means(features, codes, len(classes))
+        # Σ = (1/C) Σ_c Cov_c: every class weighs the same, whatever its size (PAPER.md)
+        weights = 1.0 / (len(classes) * counts)
+        covariance = _scatter(features, self.class_means_, codes, weights)
+        self.center_ = self.class_means_.mean(axis=0)  # shifts values near 0 for precision
+        self.whitening_ = _whitening(covariance, "shared class")
+        self.whitened_means_ = (self.class_means_ - self.center_) @ self.whitening_
+        self.n_dims_ = int(features.shape[1])
+        return features
+
+    def _class_distances(self, features: Features) -> F64:
+        """(n,) ``min_c MD_c(x)²`` after the fitted checks."""
+        return _min_squared_distances(features, self.center_, self.whitening_, self.whitened_means_)
+
+    def _validated(self, features: Features) -> Features:
+        check_is_fitted(self)
+        return check_features(features, n_dims=self.n_dims_)
+
+
+@register_detector
+class MahalanobisDetector(_ClassGaussians):
+    """Class-conditional Gaussians with a shared covariance: minus the smallest Mahalanobis².
+
+    Lee, Lee, Lee, Shin, NeurIPS 2018 ("A Simple Unified Framework for Detecting
+    Out-of-Distribution Samples and Adversarial Attacks"). Score:
+    ``−min_c (x − μ_c)ᵀ Σ⁺ (x − μ_c)``. Differences from the paper: the shared covariance is
+    the *average of the per-class* (maximum-likelihood) covariances, as in Adaloglou et al.
+    2024, not the pooled covariance of class-centred features (they differ when classes have
+    different sizes); final-layer features only, no input preprocessing or layer ensemble.
+    """
+
+    name: ClassVar[str] = "mahalanobis"
+    requires_labels: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        pass
+
+    def fit(self, features: Features, labels: Labels | None = None) -> MahalanobisDetector:
+        """Fit class means and the shared covariance of (n, D) features with (n,) labels."""
+        self._fit_classes(features, labels)
+        return self
+
+    def score_samples(self, features: Features) -> Scores:
+        """(n,) float64 ``−min_c MD_c²`` of (n, D) features; higher = more in-distribution."""
+        return -self._class_distances(self._validated(features))
+
+    def score_samples_torch(self, features: torch.Tensor) -> torch.Tensor:
+        """Differentiable (n,) scores of an (n, D) tensor, as ``score_samples``; higher = ID."""
+        check_is_fitted(self)
+        _check_tensor(features, self.n_dims_)
+        return -_torch_min_squared_distances(
+            features, self.center_, self.whitening_, self.whitened_means_
+        )
+
+
+@register_detector
+class RelativeMahalanobisDetector(_ClassGaussians):
+    """Relative Mahalanobis: class Mahalanobis² minus the distance under one background Gaussian.
+
+    Ren, Fort, Liu, Roy, Padhy, Lakshminarayanan, 2021 ("A Simple Fix to Mahalanobis Distance
+    for Improving Near-OOD Detection", arXiv 2106.09022). Score:
+    ``−min_c (MD_c(x)² − MD_0(x)²)`` with ``MD_0`` under a single Gaussian fitted to all
+    training features. Differences from the paper: the shared class covariance is the average
+    of per-class covariances (as in ``mahalanobis``); pseudo-inverses, no ridge.
+    """
+
+    name: ClassVar[str] = "relative-mahalanobis"
+    requires_labels: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        pass
+
+    def fit(self, features: Features, labels: Labels | None = None) -> RelativeMahalanobisDetector:
+        """Fit class Gaussians and the background Gaussian of (n, D) features, (n,) labels."""
+        features = self._fit_classes(features, labels)
+        self.background_mean_ = _mean(features)
+        codes = np.zeros(len(features), dtype=np.intp)
+        weight = np.array([1.0 / len(features)])
+        scatter = _scatter(features, self.background_mean_[None], codes, weight)
+        self.background_whitening_ = _whitening(scatter, "background")
+        return self
+
+    def score_samples(self, features: Features) -> Scores:
+        """(n,) float64 ``−min_c (MD_c² − MD_0²)``; higher = more in-distribution."""
+        features = self._validated(features)
+        background = _squared_norms(features, self.background_mean_, self.background_whitening_)
+        return background - self._class_distances(features)
+
+    def score_samples_torch(self, features: torch.Tensor) -> torch.Tensor:
+        """Differentiable (n,) scores of an (n, D) tensor, as ``score_samples``; higher = ID."""
+        check_is_fitted(self)
+        _check_tensor(features, self.n_dims_)
+        zero = np.zeros((1, self.background_whitening_.shape[1]))
+        background = _torch_min_squared_distances(
+            features, self.background_mean_, self.background_whitening_, zero
+        )
+        return background - _torch_min_squared_distances(
+            features, self.center_, self.whitening_, self.whitened_means_
+        )

@@ -1,0 +1,290 @@
+"""Nearest-neighbour detectors (label-free k-NN, deep k-NN) and the k-NN ID classifier.
+
+All of them search cosine similarities of L2-normalised features with the code in
+``oodprobe.detectors.search`` (exact blocked matrix products by default, faiss optionally).
+Similarities that enter a score are recomputed in float64 for the neighbours found, so scores
+match a brute-force float64 computation; only the *choice* of neighbours uses float32.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+from sklearn.utils.validation import check_is_fitted
+
+from oodprobe.arrays import Features, Labels, Scores, check_features, check_labels
+from oodprobe.detectors import search
+from oodprobe.detectors.base import Detector, register_detector
+from oodprobe.errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    import torch
+
+_GATHER_ELEMENTS = 1 << 23  # floats gathered at once when refining neighbour similarities
+
+
+def _check_temperature(temperature: float) -> None:
+    # exp(cos/T) with cos <= 1 must fit in float64 (exp(709) is the largest)
+    if not isinstance(temperature, (int, float)) or not 1 / 700 <= temperature < float("inf"):
+        raise InvalidParameterError(
+            f"temperature must be a finite number >= 1/700 (so exp(cos/T) fits in float64), "
+            f"got {temperature!r}"
+        )
+
+
+def _check_tensor(features: torch.Tensor, n_dims: int) -> None:
+    if features.ndim != 2 or features.shape[1] != n_dims:
+        raise InvalidParameterError(
+            f"features must have shape (n_samples, {n_dims}), got {tuple(features.shape)}"
+        )
+
+
+class _NeighborDetector(Detector):
+    """Shared fit, search and persistence of the k-NN detectors."""
+
+    k: int
+    backend: str
+    n_lists: int | None
+    n_probe: int
+    hnsw_m: int
+    ef_search: int
+
+    def _check_params(self) -> None:
+        """Hook for detector-specific hyperparameters (called at the start of ``fit``)."""
+
+    def fit(self, features: Features, labels: Labels | None = None) -> _NeighborDetector:
+        """Store the L2-normalised (n, D) ID training features (float32); labels are ignored."""
+        self._check_params()
+        features = check_features(features)
+        search.check_search_params(
+            self.k, len(features), self.backend, self.n_lists, self.n_probe, self.hnsw_m
+        )
+        self.train_features_ = search.unit_float32(features)
+        self.n_dims_ = int(features.shape[1])
+        self._faiss_index = None
+        if self.backend in search.APPROXIMATE_BACKENDS:
+            self.index_bytes_ = search.build_faiss_index(
+                self.train_features_, self.backend, n_lists=self.n_lists, hnsw_m=self.hnsw_m
+            )
+        return self
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        super()._set_state(state)
+        self._faiss_index = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the deserialised faiss index is a cache; index_bytes_ holds it (copy/deepcopy work)
+        state = dict(super().__getstate__())
+        state.pop("_faiss_index", None)
+        return state
+
+    def _neighbors(self, query_unit: npt.NDArray[np.float32]) -> search.IndexArray:
+        """(n, k) indices into ``train_features_`` of each query's neighbours, nearest first."""
+        if self.backend == "exact":
+            return search.exact_search(self.train_features_, query_unit, self.k)[1]
+        index = None
+        if self.backend in search.APPROXIMATE_BACKENDS:
+            if getattr(self, "_faiss_index", None) is None:
+                self._faiss_index = search.load_faiss_index(self.index_bytes_)
+            index = self._faiss_index
+        return search.faiss_search(
+            index,
+            self.train_features_,
+            query_unit,
+            self.k,
+            backend=self.backend,
+            n_probe=self.n_probe,
+            ef_search=self.ef_search,
+        )[1]
+
+    def _prepare(self, features: Features) -> tuple[npt.NDArray[np.float64], search.IndexArray]:
+        check_is_fitted(self)
+        features = check_features(features, n_dims=self.n_dims_)
+        unit = search.unit_float64(features)
+        return unit, self._neighbors(unit.astype(np.float32))
+
+    def _score_from_neighbors(
+        self, unit: npt.NDArray[np.float64], indices: search.IndexArray
+    ) -> Scores:
+        raise NotImplementedError
+
+    def score_samples(self, features: Features) -> Scores:
+        """(n,) float64 scores of (n, D) features; higher = more in-distribution."""
+        unit, indices = self._prepare(features)
+        scores = np.empty(len(unit), dtype=np.float64)
+        rows = max(1, _GATHER_ELEMENTS // (indices.shape[1] * self.n_dims_))
+        for start in range(0, len(unit), rows):
+            block = slice(start, start + rows)
+            scores[block] = self._score_from_neighbors(unit[block], indices[block])
+        return scores
+
+    def _torch_inputs(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Differentiable unit features and their (n, k, D) neighbours (found without grad)."""
+        import torch
+
+        check_is_fitted(self)
+        _check_tensor(features, self.n_dims_)
+        unit = torch.nn.functional.normalize(features, dim=1, eps=1e-12)
+        with torch.no_grad():
+            query = unit.detach().to(device="cpu", dtype=torch.float32).numpy()
+            indices = self._neighbors(np.ascontiguousarray(query))
+        neighbours = torch.from_numpy(self.train_features_[indices]).to(features)
+        return unit, neighbours
+
+
+@register_detector
+class KNNDetector(_NeighborDetector):
+    """Label-free k-NN: cosine similarity to the nearest ID training features.
+
+    Adaloglou, Michels, Kaiser, Kollmann, TMLR 2024 ("Adapting Contrastive Language-Image
+    Pretrained (CLIP) Models for Out-of-Distribution Detection"). Score: ``max_i cos(x, x_i)``
+    for k=1, else ``mean_{i ∈ top-k} exp(cos(x, x_i) / T)``. Differences from the paper: none
+    in the formula; the paper does not fix T for k > 1, the default 0.02 is its k-NN
+    classifier's. ``backend`` picks the search: ``exact`` (blocked float32 matrix products),
+    ``faiss`` (exact faiss brute force), ``faiss-ivf`` (``n_lists``, ``n_probe``) or
+    ``faiss-hnsw`` (``hnsw_m``, ``ef_search``), the last two approximate.
+    """
+
+    name: ClassVar[str] = "knn"
+
+    def __init__(
+        self,
+        *,
+        k: int = 1,
+        temperature: float = 0.02,
+        backend: str = "exact",
+        n_lists: int | None = None,
+        n_probe: int = 8,
+        hnsw_m: int = 32,
+        ef_search: int = 64,
+    ) -> None:
+        self.k = k
+        self.temperature = temperature
+        self.backend = backend
+        self.n_lists = n_lists
+        self.n_probe = n_probe
+        self.hnsw_m = hnsw_m
+        self.ef_search = ef_search
+
+    def _check_params(self) -> None:
+        _check_temperature(self.temperature)
+
+    def _score_from_neighbors(
+        self, unit: npt.NDArray[np.float64], indices: search.IndexArray
+    ) -> Scores:
+        neighbours = self.train_features_[indices].astype(np.float64)  # (n, k, D)
+        cosines = np.einsum("nkd,nd->nk", neighbours, unit)
+        if self.k == 1:
+            return np.asarray(cosines[:, 0], dtype=np.float64)
+        return np.asarray(np.exp(cosines / self.temperature).mean(axis=1), dtype=np.float64)
+
+    def score_samples_torch(self, features: torch.Tensor) -> torch.Tensor:
+        """Differentiable (n,) scores of an (n, D) tensor; matches ``score_samples``, higher = ID.
+
+        The neighbours are chosen without gradient; the score is differentiable in ``features``.
+        """
+        unit, neighbours = self._torch_inputs(features)
+        cosines = (neighbours * unit.unsqueeze(1)).sum(dim=2)
+        if self.k == 1:
+            return cosines[:, 0]
+        return (cosines / self.temperature).exp().mean(dim=1)
+
+
+@register_detector
+class DeepKNNDetector(_NeighborDetector):
+    """Deep nearest neighbours: minus the distance to the k-th nearest ID training feature.
+
+    Sun, Ming, Zhu, Li, ICML 2022 ("Out-of-Distribution Detection with Deep Nearest
+    Neighbors"). Score: ``−‖z − z_(k)‖₂`` with ``z = x/‖x‖`` and ``z_(k)`` the k-th nearest
+    normalised training feature. Differences from the paper: none (k=50 is its CIFAR-10
+    choice, 1000 its ImageNet one). Search backends as in ``knn``.
+    """
+
+    name: ClassVar[str] = "deep-knn"
+
+    def __init__(
+        self,
+        *,
+        k: int = 50,
+        backend: str = "exact",
+        n_lists: int | None = None,
+        n_probe: int = 8,
+        hnsw_m: int = 32,
+        ef_search: int = 64,
+    ) -> None:
+        self.k = k
+        self.backend = backend
+        self.n_lists = n_lists
+        self.n_probe = n_probe
+        self.hnsw_m = hnsw_m
+        self.ef_search = ef_search
+
+    def _score_from_neighbors(
+        self, unit: npt.NDArray[np.float64], indices: search.IndexArray
+    ) -> Scores:
+        kth = self.train_features_[indices[:, -1]].astype(np.float64)
+        return -np.linalg.norm(unit - kth, axis=1)
+
+    def score_samples_torch(self, features: torch.Tensor) -> torch.Tensor:
+        """Differentiable (n,) scores of an (n, D) tensor, as ``score_samples``; higher = ID."""
+        import torch
+
+        unit, neighbours = self._torch_inputs(features)
+        return -torch.linalg.vector_norm(unit - neighbours[:, -1], dim=1)
+
+
+# -- the k-NN ID classifier (paper claim 1) ----------------------------------------------------
+
+
+def knn_classify(
+    train_features: Features,
+    train_labels: Labels,
+    test_features: Features,
+    *,
+    k: int = 20,
+    temperature: float = 0.02,
+) -> Labels:
+    """Predict (n_test,) labels by a weighted vote of the k nearest training features.
+
+    Cosine similarity of L2-normalised features; neighbour i votes for its label with weight
+    ``exp(cos_i / T)`` (Wu et al. 2018; DINO's k-NN evaluation; the paper uses k=20, T=0.02).
+    Ties go to the smaller label. Returns labels drawn from ``train_labels``' values.
+    """
+    _check_temperature(temperature)
+    train = check_features(train_features, name="train_features")
+    labels = check_labels(train_labels, len(train), min_classes=1)
+    test = check_features(test_features, name="test_features", n_dims=train.shape[1])
+    search.check_search_params(k, len(train), "exact", None, 1, 1)
+    classes, codes = np.unique(labels, return_inverse=True)
+    similarities, indices = search.exact_search(
+        search.unit_float32(train), search.unit_float32(test), k
+    )
+    # subtracting each row's best similarity leaves the argmax unchanged and avoids overflow
+    weights = np.exp((similarities.astype(np.float64) - similarities[:, :1]) / temperature)
+    predictions = np.empty(len(test), dtype=np.int64)
+    n_classes, rows = len(classes), max(1, (1 << 24) // len(classes))
+    for start in range(0, len(test), rows):
+        block = slice(start, start + rows)
+        n_rows = len(weights[block])
+        slots = np.arange(n_rows)[:, None] * n_classes + codes[indices[block]]
+        votes = np.bincount(slots.ravel(), weights[block].ravel(), n_rows * n_classes)
+        predictions[block] = votes.reshape(n_rows, n_classes).argmax(axis=1)
+    return np.asarray(classes[predictions], dtype=np.int64)
+
+
+def knn_accuracy(
+    train_features: Features,
+    train_labels: Labels,
+    test_features: Features,
+    test_labels: Labels,
+    *,
+    k: int = 20,
+    temperature: float = 0.02,
+) -> float:
+    """Fraction of test samples whose :func:`knn_classify` prediction equals ``test_labels``."""
+    test = check_features(test_features, name="test_features")
+    truth = check_labels(test_labels, len(test), min_classes=1)
+    predicted = knn_classify(train_features, train_labels, test, k=k, temperature=temperature)
+    return float(np.mean(predicted == truth))
