@@ -60,6 +60,11 @@ def data_home() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "oodprobe" / "data"
 
 
+def module_available(module: str) -> bool:
+    """Whether ``module`` is installed (found without importing it)."""
+    return importlib.util.find_spec(module) is not None
+
+
 def _split_name(name: str, split: str) -> str:
     return name if split == "all" else f"{name}:{split}"
 
