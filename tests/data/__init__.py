@@ -1,0 +1,1 @@
+"""Tests of oodprobe.data (a package, so its conftest does not shadow tests/conftest.py)."""
