@@ -74,7 +74,15 @@ class RestrictedUnpickler(pickle.Unpickler):
             import codecs
 
             return codecs.encode
-        return np.ndarray if name == "ndarray" else np.dtype
+        return np.ndarray if name == "ndarray" else _plain_dtype
+
+
+def _plain_dtype(*args: Any) -> np.dtype[Any]:
+    """``numpy.dtype`` for unpickling, refusing object dtypes (CIFAR holds only bytes)."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("refused object array")
+    return dtype
 
 
 def load_pickle(path: str | os.PathLike[str]) -> dict[str, Any]:
