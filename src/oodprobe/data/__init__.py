@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -333,8 +334,11 @@ def select_images(
         indices = indices[:limit]
         label += f" first {limit}"
     if len(indices) == len(dataset):
-        dataset.name = label
-        return dataset
+        if label == dataset.name:
+            return dataset
+        renamed = copy.copy(dataset)  # shallow: the caller's dataset keeps its name
+        renamed.name = label
+        return renamed
     if len(indices) == 0:
         raise DataError(f"the selection left no images of {dataset.name!r} ({label})")
     selected = dataset.subset(indices)
