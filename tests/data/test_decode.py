@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -98,7 +99,7 @@ def test_bytes_input_and_name() -> None:
 # --- modes ---------------------------------------------------------------------------------------
 
 
-def decode_saved(tmp_path: Path, image: Image.Image, name: str, **options: object) -> np.ndarray:
+def decode_saved(tmp_path: Path, image: Image.Image, name: str, **options: Any) -> np.ndarray:
     path = tmp_path / name
     image.save(path, **options)
     return rgb(decode_image(path))

@@ -281,8 +281,7 @@ def load_fashion_mnist(
         from torchvision.datasets import FashionMNIST
 
         target = Path(root) if root is not None else data_home()
-        FashionMNIST(str(target), train=split == "train", download=True)
-        FashionMNIST(str(target), train=split != "train", download=True)
+        FashionMNIST(str(target), download=True)  # fetches all four idx files
         folder = find_fashion_mnist(target)
     if folder is None:
         searched = ", ".join(str(p) for p in fashion_mnist_roots(root))
