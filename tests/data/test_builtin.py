@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -162,3 +163,27 @@ def test_fashion_mnist_missing_says_how_to_get_it(
     assert message.startswith(f"Fashion-MNIST not found (looked in {tmp_path / 'fashion-mnist'}")
     assert "apt-get install dataset-fashion-mnist" in message
     assert "download=True (--download)" in message
+
+
+def test_lazy_dataset_decodes_in_worker_processes(
+    make_idx: Callable[[str, np.ndarray], Path],
+) -> None:
+    import torch
+
+    images = np.random.default_rng(1).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    path = make_idx("idx/images-idx3-ubyte.gz", images)
+    dataset = ArrayImageDataset(
+        "stand-in", functools.partial(builtin.read_idx, path), None, None, length=5
+    )
+
+    class Pixels(torch.utils.data.Dataset[np.ndarray]):
+        def __len__(self) -> int:
+            return len(dataset)
+
+        def __getitem__(self, index: int) -> np.ndarray:
+            return np.asarray(dataset.load(index))
+
+    loader = torch.utils.data.DataLoader(Pixels(), batch_size=5, num_workers=1)
+    (batch,) = list(loader)
+    assert np.array_equal(batch.numpy()[..., 0], images)
+    assert dataset._images is None  # only the worker read the pixels
