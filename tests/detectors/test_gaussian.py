@@ -65,11 +65,17 @@ def test_gaussian_equals_the_single_gaussian_formula(
     np.testing.assert_allclose(scores, expected, rtol=1e-10)
 
 
+@pytest.mark.parametrize("balanced", [False, True])  # True: the one-product path of _scatter
 def test_relative_mahalanobis_equals_its_formula_in_blocks(
-    unequal_classes: tuple[np.ndarray, np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+    unequal_classes: tuple[np.ndarray, np.ndarray, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+    balanced: bool,
 ) -> None:
     monkeypatch.setattr(gaussian_module, "_ROWS", 7)  # many row blocks in fit and score
     features, labels, queries = unequal_classes
+    if balanced:
+        keep = np.r_[0:40, 300:340, 400:440]
+        features, labels = features[keep], labels[keep]
     data = features.astype(np.float64)
     means = [data[labels == c].mean(axis=0) for c in range(3)]
     averaged = np.mean([np.cov(data[labels == c].T, bias=True) for c in range(3)], axis=0)

@@ -55,17 +55,36 @@ def _class_means(features: Features, codes: npt.NDArray[np.intp], n_classes: int
     return sums / np.bincount(codes, minlength=n_classes)[:, None]
 
 
-def _scatter(features: Features, centers: F64, codes: npt.NDArray[np.intp], weights: F64) -> F64:
-    """``Σ_i weights[codes_i] · (x_i − centers[codes_i])(x_i − centers[codes_i])ᵀ`` (D × D)."""
+def _scatter(
+    features: Features,
+    centers: F64,
+    codes: npt.NDArray[np.intp],
+    weights: F64,
+    *,
+    unweighted: bool = False,
+) -> tuple[F64, F64 | None]:
+    """``Σ_i w[c_i] (x_i − centers[c_i])(x_i − centers[c_i])ᵀ`` and, if asked, the same with w = 1.
+
+    Equal weights need one product per block (the unweighted scatter is a multiple of it).
+    """
     dims = features.shape[1]
-    scatter = np.zeros((dims, dims))
+    weighted, plain = np.zeros((dims, dims)), np.zeros((dims, dims)) if unweighted else None
+    equal = bool(np.all(weights == weights[0]))
     root_weights = np.sqrt(weights)
     for rows, block in _blocks(features):
         row_codes = codes[rows]
         block -= centers[row_codes]
+        if equal:
+            weighted += block.T @ block  # numpy uses syrk for a.T @ a
+            continue
+        if plain is not None:
+            plain += block.T @ block
         block *= root_weights[row_codes, None]
-        scatter += block.T @ block  # numpy uses syrk for a.T @ a
-    return scatter
+        weighted += block.T @ block
+    if equal:
+        plain = weighted.copy() if unweighted else None
+        weighted *= weights[0]
+    return weighted, plain
 
 
 def _whitening(covariance: F64, what: str) -> F64:
@@ -146,8 +165,9 @@ class GaussianDetector(Detector):
         features = check_features(features, min_samples=2)
         self.mean_ = _mean(features)
         codes = np.zeros(len(features), dtype=np.intp)
-        scatter = _scatter(features, self.mean_[None], codes, np.array([1.0 / len(features)]))
-        self.whitening_ = _whitening(scatter, "training feature")
+        weight = np.array([1.0 / len(features)])
+        covariance = _scatter(features, self.mean_[None], codes, weight)[0]
+        self.whitening_ = _whitening(covariance, "training feature")
         self.n_dims_ = int(features.shape[1])
         return self
 
@@ -168,7 +188,14 @@ class GaussianDetector(Detector):
 class _ClassGaussians(Detector):
     """Class means and the shared covariance (average of per-class covariances)."""
 
-    def _fit_classes(self, features: Features, labels: Labels | None) -> Features:
+    def _fit_classes(
+        self, features: Features, labels: Labels | None, *, background: bool = False
+    ) -> None:
+        """Fit the class Gaussians; with ``background``, also the single Gaussian of all data.
+
+        The background covariance comes from the same pass: the total scatter is the
+        within-class scatter plus ``Σ_c n_c (μ_c − μ)(μ_c − μ)ᵀ``.
+        """
         if labels is None:
             raise InvalidParameterError(
                 f"{self.name} needs class labels: call fit(features, labels); for a label-free "
@@ -182,12 +209,18 @@ class _ClassGaussians(Detector):
         self.class_means_ = _class_means(features, codes, len(classes))
         # Σ = (1/C) Σ_c Cov_c: every class weighs the same, whatever its size (PAPER.md)
         weights = 1.0 / (len(classes) * counts)
-        covariance = _scatter(features, self.class_means_, codes, weights)
+        covariance, within = _scatter(
+            features, self.class_means_, codes, weights, unweighted=background
+        )
         self.center_ = self.class_means_.mean(axis=0)  # shifts values near 0 for precision
         self.whitening_ = _whitening(covariance, "shared class")
         self.whitened_means_ = (self.class_means_ - self.center_) @ self.whitening_
         self.n_dims_ = int(features.shape[1])
-        return features
+        if background and within is not None:
+            self.background_mean_ = counts @ self.class_means_ / len(features)
+            spread = (self.class_means_ - self.background_mean_) * np.sqrt(counts)[:, None]
+            total = (within + spread.T @ spread) / len(features)
+            self.background_whitening_ = _whitening(total, "background")
 
     def _class_distances(self, features: Features) -> F64:
         """(n,) ``min_c MD_c(x)²`` after the fitted checks."""
@@ -253,12 +286,7 @@ class RelativeMahalanobisDetector(_ClassGaussians):
 
     def fit(self, features: Features, labels: Labels | None = None) -> RelativeMahalanobisDetector:
         """Fit class Gaussians and the background Gaussian of (n, D) features, (n,) labels."""
-        features = self._fit_classes(features, labels)
-        self.background_mean_ = _mean(features)
-        codes = np.zeros(len(features), dtype=np.intp)
-        weight = np.array([1.0 / len(features)])
-        scatter = _scatter(features, self.background_mean_[None], codes, weight)
-        self.background_whitening_ = _whitening(scatter, "background")
+        self._fit_classes(features, labels, background=True)
         return self
 
     def score_samples(self, features: Features) -> Scores:

@@ -23,7 +23,7 @@ APPROXIMATE_BACKENDS: tuple[str, ...] = ("faiss-ivf", "faiss-hnsw")
 _BLOCK_ELEMENTS = 1 << 26  # floats in one similarity block (256 MiB of float32)
 _MAX_TRAIN_BLOCK = 65536  # train rows per block, so query blocks stay tall enough for BLAS
 _GROUP = 64  # columns per group in the group-max prefilter of _block_topk
-_NORMALIZE_ROWS = 65536
+_NORMALIZE_ROWS = 8192  # float64 temporaries of 8192 × D
 
 Float32Array = npt.NDArray[np.float32]
 IndexArray = npt.NDArray[np.int64]
