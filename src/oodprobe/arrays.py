@@ -61,7 +61,9 @@ def check_features(
         array = array.astype(dtype, copy=False)
     elif not np.issubdtype(array.dtype, np.floating):
         array = array.astype(np.float32)
-    if not np.all(np.isfinite(array)):
+    # in row blocks: a full-size boolean temporary would cost n × D bytes (768 MB at 1M × 768)
+    step = max(1, (1 << 24) // array.shape[1])
+    if not all(np.isfinite(array[i : i + step]).all() for i in range(0, len(array), step)):
         bad = int(np.count_nonzero(~np.isfinite(array).all(axis=1)))
         raise InvalidParameterError(f"{name} contains NaN or inf in {bad} row(s)")
     return array

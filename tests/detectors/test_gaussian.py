@@ -188,3 +188,14 @@ def test_invalid_input_raises_one_line_errors(
         call(cluster_data.train_features, cluster_data.train_labels)  # type: ignore[operator]
     assert str(error.value).startswith(message)
     assert "\n" not in str(error.value)
+
+
+def test_a_large_common_offset_does_not_cost_precision(
+    unequal_classes: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """The one-pass moments subtract a reference point first, as real embeddings need."""
+    features, labels, queries = unequal_classes
+    data = features.astype(np.float64)
+    shifted = RelativeMahalanobisDetector().fit(data + 1e4, labels).score_samples(queries + 1e4)
+    plain = RelativeMahalanobisDetector().fit(data, labels).score_samples(queries)
+    np.testing.assert_allclose(shifted, plain, rtol=1e-7, atol=1e-7)

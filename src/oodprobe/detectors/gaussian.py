@@ -1,12 +1,13 @@
 """Gaussian detectors: one Gaussian, class-conditional Mahalanobis, and relative Mahalanobis.
 
-Everything is float64. Fitting reads the features in row blocks (two passes: means, then
-centred scatter matrices), so its memory beyond the input is O(block · D + D²). A covariance
-``Σ`` is inverted as a pseudo-inverse through its eigendecomposition (no shrinkage, no ridge):
-``Σ⁺ = L Lᵀ`` with ``L = V_r Λ_r^{-1/2}`` over the eigenvalues above ``D · eps · λ_max``, as
-``scipy.linalg.pinvh`` and Lee et al.'s reference code (``EmpiricalCovariance``) do. Scoring
-whitens each row block once, ``w = (x − c) L``, and takes squared distances to the whitened
-class means by one matrix product, ``‖w‖² − 2 w·m_c + ‖m_c‖²``: no n × C × D tensor.
+Everything is float64. Fitting reads the features once, in row blocks (class sums and
+scatter matrices about a reference point together), so its memory beyond the input is
+O(block · D + C · D + D²). A covariance ``Σ`` is inverted as a pseudo-inverse through its
+eigendecomposition (no shrinkage, no ridge): ``Σ⁺ = L Lᵀ`` with ``L = V_r Λ_r^{-1/2}`` over
+the eigenvalues above ``D · eps · λ_max``, as ``scipy.linalg.pinvh`` and Lee et al.'s
+reference code (``EmpiricalCovariance``) do. Scoring whitens each row block once,
+``w = (x − c) L``, and takes squared distances to the whitened class means by one matrix
+product, ``‖w‖² − 2 w·m_c + ‖m_c‖²``: no n × C × D tensor.
 """
 
 from __future__ import annotations
@@ -36,44 +37,38 @@ def _blocks(features: Features) -> Iterator[tuple[slice, F64]]:
         yield block, np.array(features[block], dtype=np.float64)  # a copy: callers edit it
 
 
-def _mean(features: Features) -> F64:
-    total = np.zeros(features.shape[1])
-    for _, block in _blocks(features):
-        total += block.sum(axis=0)
-    return total / len(features)
-
-
-def _class_means(features: Features, codes: npt.NDArray[np.intp], n_classes: int) -> F64:
-    sums = np.zeros((n_classes, features.shape[1]))
-    for rows, block in _blocks(features):
-        row_codes = codes[rows]
-        one_hot = scipy.sparse.csr_matrix(
-            (np.ones(len(row_codes)), (row_codes, np.arange(len(row_codes)))),
-            shape=(n_classes, len(row_codes)),
-        )
-        sums += one_hot @ block
-    return sums / np.bincount(codes, minlength=n_classes)[:, None]
-
-
-def _scatter(
+def _moments(
     features: Features,
-    centers: F64,
     codes: npt.NDArray[np.intp],
-    weights: F64,
+    class_weights: F64,
     *,
     unweighted: bool = False,
-) -> tuple[F64, F64 | None]:
-    """``Σ_i w[c_i] (x_i − centers[c_i])(x_i − centers[c_i])ᵀ`` and, if asked, the same with w = 1.
+) -> tuple[F64, F64, F64 | None]:
+    """One pass: class means, ``Σ_c w_c S_c`` and (if asked) ``Σ_c S_c``, in float64.
 
-    Equal weights need one product per block (the unweighted scatter is a multiple of it).
+    ``S_c = Σ_{i∈c} (x_i − μ_c)(x_i − μ_c)ᵀ``. Rows are shifted by a reference point ``a``
+    (the first block's mean, which removes the large common offset of real embeddings), the
+    scatter about ``a`` is accumulated, then ``n_c (μ_c − a)(μ_c − a)ᵀ`` is subtracted per
+    class. Equal weights need one product per block.
     """
-    dims = features.shape[1]
-    weighted, plain = np.zeros((dims, dims)), np.zeros((dims, dims)) if unweighted else None
-    equal = bool(np.all(weights == weights[0]))
-    root_weights = np.sqrt(weights)
+    n_classes, dims = len(class_weights), features.shape[1]
+    counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
+    reference = np.asarray(features[:_ROWS], dtype=np.float64).mean(axis=0)
+    sums, weighted = np.zeros((n_classes, dims)), np.zeros((dims, dims))
+    plain = np.zeros((dims, dims)) if unweighted else None
+    equal = bool(np.all(class_weights == class_weights[0]))
+    root_weights = np.sqrt(class_weights)
     for rows, block in _blocks(features):
+        block -= reference
         row_codes = codes[rows]
-        block -= centers[row_codes]
+        if n_classes == 1:
+            sums[0] += block.sum(axis=0)
+        else:
+            one_hot = scipy.sparse.csr_matrix(
+                (np.ones(len(row_codes)), (row_codes, np.arange(len(row_codes)))),
+                shape=(n_classes, len(row_codes)),
+            )
+            sums += one_hot @ block
         if equal:
             weighted += block.T @ block  # numpy uses syrk for a.T @ a
             continue
@@ -83,8 +78,12 @@ def _scatter(
         weighted += block.T @ block
     if equal:
         plain = weighted.copy() if unweighted else None
-        weighted *= weights[0]
-    return weighted, plain
+        weighted *= class_weights[0]
+    offsets = sums / counts[:, None]  # μ_c − a
+    weighted -= (offsets * (class_weights * counts)[:, None]).T @ offsets
+    if plain is not None:
+        plain -= (offsets * counts[:, None]).T @ offsets
+    return offsets + reference, weighted, plain
 
 
 def _whitening(covariance: F64, what: str) -> F64:
@@ -163,10 +162,9 @@ class GaussianDetector(Detector):
     def fit(self, features: Features, labels: Labels | None = None) -> GaussianDetector:
         """Fit mean and covariance of (n, D) ID features (n >= 2); labels are ignored."""
         features = check_features(features, min_samples=2)
-        self.mean_ = _mean(features)
         codes = np.zeros(len(features), dtype=np.intp)
-        weight = np.array([1.0 / len(features)])
-        covariance = _scatter(features, self.mean_[None], codes, weight)[0]
+        means, covariance, _ = _moments(features, codes, np.array([1.0 / len(features)]))
+        self.mean_ = means[0]
         self.whitening_ = _whitening(covariance, "training feature")
         self.n_dims_ = int(features.shape[1])
         return self
@@ -206,11 +204,10 @@ class _ClassGaussians(Detector):
         classes, codes = np.unique(labels, return_inverse=True)
         counts = np.bincount(codes)
         self.classes_ = classes.astype(np.int64)
-        self.class_means_ = _class_means(features, codes, len(classes))
         # Σ = (1/C) Σ_c Cov_c: every class weighs the same, whatever its size (PAPER.md)
         weights = 1.0 / (len(classes) * counts)
-        covariance, within = _scatter(
-            features, self.class_means_, codes, weights, unweighted=background
+        self.class_means_, covariance, within = _moments(
+            features, codes, weights, unweighted=background
         )
         self.center_ = self.class_means_.mean(axis=0)  # shifts values near 0 for precision
         self.whitening_ = _whitening(covariance, "shared class")
