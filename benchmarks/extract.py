@@ -81,8 +81,9 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=Path("/tmp/oodprobe-bench-jpegs"))
     args = parser.parse_args()
 
-    folder = make_jpeg_folder(args.folder / str(args.n), args.n,
-                              (args.image_width, args.image_height))
+    folder = make_jpeg_folder(
+        args.folder / str(args.n), args.n, (args.image_width, args.image_height)
+    )
     dataset = create_dataset(str(folder))
     encoder = create_encoder(args.encoder)
     device = select_device(args.device)
@@ -102,22 +103,33 @@ def main() -> None:
     plain = time_plain_loop(dataset, encoder, device, autocast, args.batch_size)
     forward = time_forward_only(dataset, encoder, device, autocast, args.batch_size)
     start = time.perf_counter()
-    result = extract_features(dataset, encoder, batch_size=args.batch_size,
-                              num_workers=args.workers, device=args.device,
-                              precision=precision, use_cache=False, progress=False)
+    result = extract_features(
+        dataset,
+        encoder,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        precision=precision,
+        use_cache=False,
+        progress=False,
+    )
     ours = time.perf_counter() - start
     assert len(result) == args.n
 
     n = args.n
-    print(f"{n} JPEGs {args.image_width}x{args.image_height}, {args.encoder}, batch "
-          f"{args.batch_size}, device {device}, precision {precision}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"{n} JPEGs {args.image_width}x{args.image_height}, {args.encoder}, batch "
+        f"{args.batch_size}, device {device}, precision {precision}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print(f"{'path':<34}{'images/s':>10}")
     print(f"{'plain single-process loop':<34}{n / plain:>10.1f}")
     print(f"{'oodprobe extract_features':<34}{n / ours:>10.1f}")
     print(f"{'model forward only (ceiling)':<34}{n / forward:>10.1f}")
-    print(f"speed-up over the plain loop: {plain / ours:.2f}x; "
-          f"share of forward-only speed: {forward / ours:.2f}")
+    print(
+        f"speed-up over the plain loop: {plain / ours:.2f}x; "
+        f"share of forward-only speed: {forward / ours:.2f}"
+    )
 
 
 if __name__ == "__main__":

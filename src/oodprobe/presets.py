@@ -1,8 +1,9 @@
 """Built-in benchmark presets: the offline default and the paper's benchmarks.
 
-The paper's benchmarks (Adaloglou et al., TMLR 2024) need data this package cannot ship; their
-folders come from environment variables (defaults under ``$OODPROBE_DATA``, itself defaulting to
-``~/data``), so ``oodprobe bench --preset imagenet`` works once the folders exist.
+The paper's benchmarks (Adaloglou et al., TMLR 2024) need data this package cannot ship. CIFAR
+is found by the built-in loaders under ``$OODPROBE_DATA`` (default ``~/.cache/oodprobe/data``);
+ImageNet and its OOD sets are folders named by environment variables (defaults under that same
+folder), so ``oodprobe bench --preset imagenet`` works once the folders exist.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ TEXT_DETECTORS = (DetectorSpec("mcm"), DetectorSpec("plp", {"epochs": 100}, "plp
 
 
 def data_root() -> Path:
-    return Path(os.environ.get("OODPROBE_DATA", "~/data")).expanduser()
+    """The folder the data loaders search (``$OODPROBE_DATA``, else ``~/.cache/oodprobe/data``)."""
+    from oodprobe.data import data_home
+
+    return data_home().expanduser()
 
 
 def _folder(variable: str, default: str) -> str:
@@ -83,15 +87,9 @@ def cifar10() -> BenchmarkSpec:
         BenchmarkSpec(
             name="cifar10",
             description="ID CIFAR-10 (train/test), OOD CIFAR-100 test (paper, Table 1).",
-            id_train=DataSpec(f"{_folder('OODPROBE_CIFAR10', 'cifar10')}:train"),
-            id_test=DataSpec(f"{_folder('OODPROBE_CIFAR10', 'cifar10')}:test"),
-            ood=(
-                DataSpec(
-                    f"{_folder('OODPROBE_CIFAR100', 'cifar100')}:test",
-                    name="cifar100",
-                    group="near",
-                ),
-            ),
+            id_train=DataSpec("cifar10:train"),
+            id_test=DataSpec("cifar10:test"),
+            ood=(DataSpec("cifar100:test", name="cifar100", group="near"),),
             encoders=("openclip:ViT-B-16/openai",),
             detectors=(*IMAGE_DETECTORS, *TEXT_DETECTORS),
         )
@@ -104,13 +102,9 @@ def cifar100() -> BenchmarkSpec:
         BenchmarkSpec(
             name="cifar100",
             description="ID CIFAR-100 (train/test), OOD CIFAR-10 test (paper, Table 1).",
-            id_train=DataSpec(f"{_folder('OODPROBE_CIFAR100', 'cifar100')}:train"),
-            id_test=DataSpec(f"{_folder('OODPROBE_CIFAR100', 'cifar100')}:test"),
-            ood=(
-                DataSpec(
-                    f"{_folder('OODPROBE_CIFAR10', 'cifar10')}:test", name="cifar10", group="near"
-                ),
-            ),
+            id_train=DataSpec("cifar100:train"),
+            id_test=DataSpec("cifar100:test"),
+            ood=(DataSpec("cifar10:test", name="cifar10", group="near"),),
             encoders=("openclip:ViT-B-16/openai",),
             detectors=(*IMAGE_DETECTORS, *TEXT_DETECTORS),
         )
