@@ -1,4 +1,21 @@
-"""oodprobe: out-of-distribution detection with frozen features of pretrained models."""
+"""oodprobe: out-of-distribution detection with frozen features of pretrained models.
+
+The public API, imported lazily (``import oodprobe`` stays cheap, so ``oodprobe --help`` is fast)::
+
+    import oodprobe
+
+    train = oodprobe.create_dataset("fashion-mnist:train", classes=[0, 1, 2, 3, 4], per_class=200)
+    test = oodprobe.create_dataset("fashion-mnist:test", classes=[5, 6, 7, 8, 9], per_class=100)
+    encoder = oodprobe.create_encoder("efficientnet-lite0")
+    id_features = oodprobe.extract_features(train, encoder)
+    detector = oodprobe.create_detector("knn").fit(id_features.features)
+    scores = detector.score_samples(oodprobe.extract_features(test, encoder).features)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from oodprobe.errors import (
     CacheError,
@@ -12,13 +29,92 @@ from oodprobe.errors import (
 
 __version__ = "0.1.0"
 
+# public name -> module that defines it
+_LAZY = {
+    "create_dataset": "oodprobe.data",
+    "list_datasets": "oodprobe.data",
+    "DATASETS": "oodprobe.data",
+    "create_encoder": "oodprobe.encoders",
+    "ENCODERS": "oodprobe.encoders",
+    "extract_features": "oodprobe.features",
+    "load_features": "oodprobe.features",
+    "FeatureSet": "oodprobe.features",
+    "create_detector": "oodprobe.detectors",
+    "DETECTORS": "oodprobe.detectors",
+    "Detector": "oodprobe.detectors",
+    "save_detector": "oodprobe.detectors",
+    "load_detector": "oodprobe.detectors",
+    "evaluate": "oodprobe.metrics",
+    "auroc": "oodprobe.metrics",
+    "fpr_at_tpr": "oodprobe.metrics",
+    "aupr": "oodprobe.metrics",
+    "CONVENTIONS": "oodprobe.metrics",
+    "run_benchmark": "oodprobe.benchmark",
+    "load_benchmark": "oodprobe.benchmark_spec",
+    "create_benchmark": "oodprobe.benchmark_spec",
+    "BENCHMARKS": "oodprobe.benchmark_spec",
+}
+
+if TYPE_CHECKING:
+    from oodprobe.benchmark import run_benchmark
+    from oodprobe.benchmark_spec import BENCHMARKS, create_benchmark, load_benchmark
+    from oodprobe.data import DATASETS, create_dataset, list_datasets
+    from oodprobe.detectors import (
+        DETECTORS,
+        Detector,
+        create_detector,
+        load_detector,
+        save_detector,
+    )
+    from oodprobe.encoders import ENCODERS, create_encoder
+    from oodprobe.features import FeatureSet, extract_features, load_features
+    from oodprobe.metrics import CONVENTIONS, aupr, auroc, evaluate, fpr_at_tpr
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'oodprobe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    if module == "oodprobe.benchmark_spec":
+        importlib.import_module("oodprobe.presets")  # registers the built-in presets
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
+    "BENCHMARKS",
+    "CONVENTIONS",
+    "DATASETS",
+    "DETECTORS",
+    "ENCODERS",
     "CacheError",
     "DataError",
+    "Detector",
     "DetectorFileError",
+    "FeatureSet",
     "InvalidParameterError",
     "MissingWeightsError",
     "OodprobeError",
     "UnknownNameError",
     "__version__",
+    "aupr",
+    "auroc",
+    "create_benchmark",
+    "create_dataset",
+    "create_detector",
+    "create_encoder",
+    "evaluate",
+    "extract_features",
+    "fpr_at_tpr",
+    "list_datasets",
+    "load_benchmark",
+    "load_detector",
+    "load_features",
+    "run_benchmark",
+    "save_detector",
 ]

@@ -70,9 +70,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
 
-def _detector_input(detector: Any, features: Any) -> np.ndarray:
+def detector_input(detector: Any, features: Any) -> np.ndarray:
     """The array a detector consumes: the features, or the classifier logits for ``logits``."""
-    name = getattr(type(detector), "input_array", "features")
+    name = type(detector).input_array
     array = features.arrays.get(name)
     if array is None:
         raise InvalidParameterError(
@@ -82,11 +82,10 @@ def _detector_input(detector: Any, features: Any) -> np.ndarray:
     return np.asarray(array)
 
 
-def check_compatibility(
-    spec: BenchmarkSpec, labelled: bool, text_encoders: dict[str, bool]
-) -> None:
+def check_compatibility(spec: BenchmarkSpec, labelled: bool, encoders: dict[str, Any]) -> None:
     """Fail fast, before any extraction, on detectors the data or encoders cannot serve."""
     from oodprobe.detectors import DETECTORS
+    from oodprobe.encoders import TextImageEncoder
 
     for detector in spec.detectors:
         cls = DETECTORS[detector.name]
@@ -96,13 +95,17 @@ def check_compatibility(
                 f"{spec.id_train.label!r} has none; use a folder with one subfolder per class, "
                 f"or a label-free detector (knn, deep-knn, gaussian)"
             )
-        if cls.requires_text:
-            for encoder, has_text in text_encoders.items():
-                if not has_text:
-                    raise InvalidParameterError(
-                        f"detector {detector.name!r} needs a vision-language encoder with a text "
-                        f"tower (openclip:…, hf: CLIP/SigLIP), but {encoder!r} is image-only"
-                    )
+        for name, encoder in encoders.items():
+            if cls.requires_text and not isinstance(encoder, TextImageEncoder):
+                raise InvalidParameterError(
+                    f"detector {detector.name!r} needs a vision-language encoder with a text "
+                    f"tower (openclip:…, hf: CLIP/SigLIP), but {name!r} is image-only"
+                )
+            if cls.input_array not in encoder.outputs:
+                raise InvalidParameterError(
+                    f"detector {detector.name!r} scores the encoder's {cls.input_array}, and "
+                    f"{name!r} gives only: {', '.join(encoder.outputs)}"
+                )
 
 
 def build_detector(spec: DetectorSpec, encoder: Any, class_embeddings: np.ndarray | None) -> Any:
@@ -132,7 +135,7 @@ def run_benchmark(
     log: Log = lambda message: None,
 ) -> BenchmarkRun:
     """Run every encoder × detector × OOD set of ``spec``; write results and the report."""
-    from oodprobe.encoders import TextImageEncoder, create_encoder
+    from oodprobe.encoders import create_encoder
     from oodprobe.features import extract_features
 
     started = time.perf_counter()
@@ -145,9 +148,7 @@ def run_benchmark(
     ood_datasets = [ood.create(download) for ood in spec.ood]
     labelled = datasets["id_train"].labels is not None
     encoders = {name: create_encoder(name) for name in spec.encoders}
-    check_compatibility(
-        spec, labelled, {n: isinstance(e, TextImageEncoder) for n, e in encoders.items()}
-    )
+    check_compatibility(spec, labelled, encoders)
     rows: list[dict[str, Any]] = []
     id_accuracy: list[dict[str, Any]] = []
     report_parts: list[dict[str, Any]] = []
@@ -248,12 +249,12 @@ def _evaluate_detector(
     detector = build_detector(detector_spec, encoder, class_embeddings)
     fit_started = time.perf_counter()
     labels = train.features.labels if type(detector).requires_labels else None
-    detector.fit(_detector_input(detector, train.features), labels)
+    detector.fit(detector_input(detector, train.features), labels)
     fit_seconds = time.perf_counter() - fit_started
-    id_scores = detector.score_samples(_detector_input(detector, test.features))
+    id_scores = detector.score_samples(detector_input(detector, test.features))
     accuracy = None
     if hasattr(detector, "predict") and test.features.labels is not None and labels is not None:
-        predictions = detector.predict(_detector_input(detector, test.features))
+        predictions = detector.predict(detector_input(detector, test.features))
         accuracy = float(np.mean(predictions == test.features.labels))
     convention = get_convention(spec.convention)
     params = {
@@ -264,7 +265,7 @@ def _evaluate_detector(
     rows = []
     ood_scores = {}
     for ood in oods:
-        scores = detector.score_samples(_detector_input(detector, ood.features))
+        scores = detector.score_samples(detector_input(detector, ood.features))
         ood_scores[ood.spec.label] = scores
         result = evaluate(
             id_scores,

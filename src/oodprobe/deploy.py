@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from oodprobe.benchmark import build_detector, check_compatibility
+from oodprobe.benchmark import build_detector, check_compatibility, detector_input
 from oodprobe.benchmark_spec import BenchmarkSpec, DataSpec, DetectorSpec, validate
 from oodprobe.errors import InvalidParameterError
 
@@ -82,9 +82,7 @@ def fit_deployment(
     )
     dataset = source.create()
     encoder = create_encoder(encoder_name)
-    check_compatibility(
-        spec, dataset.labels is not None, {encoder_name: isinstance(encoder, TextImageEncoder)}
-    )
+    check_compatibility(spec, dataset.labels is not None, {encoder_name: encoder})
     features = extract_features(
         dataset, encoder, cache_root=cache_root, device=device, progress=progress
     )
@@ -105,8 +103,8 @@ def fit_deployment(
         if names:
             class_embeddings = compute_class_embeddings(encoder, list(names))
     model = build_detector(detector, encoder, class_embeddings)
-    input_name = getattr(type(model), "input_array", "features")
-    array = np.asarray(features.arrays[input_name])
+    input_name = type(model).input_array
+    array = detector_input(model, features)
     labels = None
     if type(model).requires_labels:
         labels = features.labels[fit_rows] if features.labels is not None else None
@@ -196,7 +194,7 @@ def score_with_deployment(
     features = extract_features(
         dataset, encoder, cache_root=cache_root, device=device, progress=progress
     )
-    scores = detector.score_samples(np.asarray(features.arrays[metadata["input_array"]]))
+    scores = detector.score_samples(detector_input(detector, features))
     cut = float(metadata["threshold"] if threshold is None else threshold)
     return ScoredImages(
         sources=[dataset.describe(int(index)) for index in features.indices],

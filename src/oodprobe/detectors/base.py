@@ -31,12 +31,15 @@ class Detector(BaseEstimator):
     """Base class: subclasses set ``name``, implement ``fit`` and ``score_samples``.
 
     ``requires_labels`` says whether ``fit`` needs class labels; ``requires_text`` whether the
-    constructor needs class embeddings from a text encoder (MCM, PLP).
+    constructor needs class embeddings from a text encoder (MCM, PLP). ``input_array`` names the
+    encoder output the detector consumes: ``"features"`` (pooled image features, the default)
+    or ``"logits"`` (the encoder's own classifier head).
     """
 
     name: ClassVar[str] = ""
     requires_labels: ClassVar[bool] = False
     requires_text: ClassVar[bool] = False
+    input_array: ClassVar[str] = "features"
 
     def fit(self, features: Features, labels: Labels | None = None) -> Detector:
         raise NotImplementedError

@@ -132,6 +132,7 @@ class LogitsDetector(Detector):
     """
 
     name: ClassVar[str] = "logits"
+    input_array: ClassVar[str] = "logits"
 
     def __init__(self, *, score: LogitScore = "msp", temperature: float = 1.0) -> None:
         self.score = score
