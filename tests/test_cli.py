@@ -283,6 +283,9 @@ group = "near"
     for row in rows:
         assert 0.6 < row["auroc"] <= 1.0  # digits 5-9 vs 0-4: clearly above chance
         assert row["auroc_low"] <= row["auroc"] <= row["auroc_high"]
+        for metric in ("fpr", "aupr_in", "aupr_out"):
+            assert 0.0 <= row[f"{metric}_low"] <= row[metric] <= row[f"{metric}_high"] <= 1.0
+        assert row["fpr"] < 0.95  # a detector above chance rejects some OOD at 95% TPR
         assert row["convention"] == "oodprobe" and row["fpr_positive"] == "id"
     with open(output / "results.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 2

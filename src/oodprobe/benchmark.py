@@ -25,6 +25,8 @@ from oodprobe.benchmark_spec import BenchmarkSpec, DataSpec, DetectorSpec
 from oodprobe.errors import InvalidParameterError
 
 Log = Callable[[str], None]
+# result columns; "fpr" is the FPR at the spec's TPR (``tpr`` column), in the named convention
+_METRICS = ("auroc", "fpr", "aupr_in", "aupr_out")
 
 
 @dataclass
@@ -275,7 +277,9 @@ def _evaluate_detector(
             bootstrap=spec.bootstrap,
             seed=spec.seed,
         )
-        metrics = result.as_dict()
+        metrics = {name: getattr(result, name) for name in _METRICS}
+        for name, (low, high) in result.intervals.items():
+            metrics[f"{name}_low"], metrics[f"{name}_high"] = low, high
         row: dict[str, Any] = {
             "encoder": encoder.name,
             "detector": detector_spec.display,
@@ -283,14 +287,14 @@ def _evaluate_detector(
             "detector_params": params,
             "ood_set": ood.spec.label,
             "group": ood.spec.group,
-            **{key: metrics.get(key) for key in ("auroc", "fpr", "aupr_in", "aupr_out")},
+            **{name: metrics[name] for name in _METRICS},
             **{
-                f"{key}_{end}": metrics.get(f"{key}_{end}")
-                for key in ("auroc", "fpr", "aupr_in", "aupr_out")
+                f"{name}_{end}": metrics.get(f"{name}_{end}")
+                for name in _METRICS
                 for end in ("low", "high")
             },
-            "n_id": metrics["n_id"],
-            "n_ood": metrics["n_ood"],
+            "n_id": result.n_id,
+            "n_ood": result.n_ood,
             "convention": convention.name,
             "tpr": spec.tpr,
             "fpr_positive": convention.positive,

@@ -30,7 +30,11 @@ DEFAULT_DEMO_DATASET = "fashion-mnist:test"
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:
+        # piped or redirected: rich would assume 80 columns and fold the results table
+        console = Console(stderr=stderr, highlight=False, width=200)
+    return console
 
 
 @app.command()
@@ -214,10 +218,10 @@ def _print_results(run: Any, console: Any) -> None:
     for table in build_tables(run.rows):
         positive = run.rows[0]["fpr_positive"].upper() if run.rows else "ID"
         grid = Table(
-            title=f"{table.encoder}: AUROC / {fpr_name} in % "
-            f"(convention '{convention}': {positive} positive; CI = bootstrap 95%)"
+            title=f"{table.encoder}: AUROC / {fpr_name} / AUPR-In in % "
+            f"(convention '{convention}': {positive} positive; AUROC CI = bootstrap 95%)"
         )
-        grid.add_column("detector")
+        grid.add_column("detector", no_wrap=True)
         for column in table.columns:
             group = table.groups[column]
             grid.add_column(column if group == "mean" else f"{column}\n({group})", justify="right")
@@ -225,9 +229,12 @@ def _print_results(run: Any, console: Any) -> None:
             cells = []
             for column in table.columns:
                 auroc = table.cells[detector].get((column, "auroc"))
-                fpr = table.cells[detector].get((column, "fpr"))
-                text = f"{format_percent(auroc.value if auroc else None)} / " + format_percent(
-                    fpr.value if fpr else None
+                text = " / ".join(
+                    format_percent(cell.value if cell else None)
+                    for cell in (
+                        table.cells[detector].get((column, metric))
+                        for metric in ("auroc", "fpr", "aupr_in")
+                    )
                 )
                 if auroc and auroc.best:
                     text = f"[bold green]{text}[/]"

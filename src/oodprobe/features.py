@@ -331,7 +331,9 @@ def _extract_missing_shards(
         prefetch_factor=4 if num_workers > 0 else None,
         persistent_workers=False,
     )
-    encoder.to(device)
+    # channels-last convolutions run 1.5-2x faster on CPU (EfficientNet-Lite0, 2 cores) and use
+    # tensor cores on GPU; only 4-d weights change layout, so transformers are unaffected.
+    encoder.to(device, memory_format=torch.channels_last)
     autocast = (
         torch.autocast(device.type, dtype=_DTYPES[precision])
         if precision in _DTYPES
@@ -376,7 +378,9 @@ def _extract_missing_shards(
                 skipped.append([index, dataset.describe(index), _short_reason(reason)])
             if pixels is not None:
                 with autocast:
-                    outputs = encoder(pixels.to(device, non_blocking=True))
+                    outputs = encoder(
+                        pixels.to(device, memory_format=torch.channels_last, non_blocking=True)
+                    )
                 for name in encoder.outputs:
                     buffers[name].append(outputs[name].float().cpu().numpy())
                 kept.extend(indices)
@@ -384,7 +388,7 @@ def _extract_missing_shards(
             advance(len(indices) + len(failed))
         if current >= 0:
             flush(current)
-    encoder.to("cpu")
+    encoder.to("cpu", memory_format=torch.contiguous_format)
     return n_encoded
 
 

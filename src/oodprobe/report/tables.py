@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 GROUP_ORDER = ("near", "far")
-METRICS = ("auroc", "fpr")
+METRICS = ("auroc", "fpr", "aupr_in")
 HIGHER_IS_BETTER = {"auroc": True, "fpr": False, "aupr_in": True, "aupr_out": True}
 
 
@@ -98,8 +98,8 @@ class TableCell:
 class EncoderTable:
     """Detectors (rows) x columns (OOD sets, then near/far means) for one encoder.
 
-    ``cells[detector][(column, metric)]`` with metric ``auroc`` or ``fpr``; ``groups[column]``
-    is ``near``/``far``/``""`` for OOD sets and ``mean`` for the mean columns.
+    ``cells[detector][(column, metric)]`` with metric ``auroc``, ``fpr`` or ``aupr_in``;
+    ``groups[column]`` is ``near``/``far``/``""`` for OOD sets and ``mean`` for the mean columns.
     """
 
     encoder: str
