@@ -140,11 +140,19 @@ def test_float32_and_float64_inputs_agree(cluster_data: ClusterData) -> None:
     )
 
 
+def test_fewer_samples_than_dimensions_warn() -> None:
+    features = np.random.default_rng(0).normal(size=(10, 20))
+    with pytest.warns(UserWarning, match=r"gaussian: 10 training samples in 1 group\(s\) cannot"):
+        GaussianDetector().fit(features)
+    with pytest.warns(UserWarning, match=r"mahalanobis: 10 training samples in 2 group\(s\)"):
+        MahalanobisDetector().fit(features, np.arange(10) % 2)
+
+
 def test_rank_deficient_covariance_uses_the_pseudo_inverse() -> None:
     rng = np.random.default_rng(0)
     features = np.zeros((100, 4))
     features[:, :2] = rng.normal(size=(100, 2))  # dims 2, 3 constant: Σ has rank 2
-    detector = GaussianDetector().fit(features)
+    detector = GaussianDetector().fit(features)  # constant channels: no warning
     assert detector.whitening_.shape == (4, 2)
     queries = rng.normal(size=(5, 4))
     expected = -squared_distances(

@@ -12,6 +12,7 @@ product, ``‖w‖² − 2 w·m_c + ‖m_c‖²``: no n × C × D tensor.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, ClassVar
 
@@ -84,6 +85,25 @@ def _moments(
     if plain is not None:
         plain -= (offsets * counts[:, None]).T @ offsets
     return offsets + reference, weighted, plain
+
+
+def _warn_if_underdetermined(name: str, n_samples: int, n_groups: int, dims: int) -> None:
+    """Warn when the covariance cannot be full-rank: fewer samples (less means) than dims.
+
+    The pseudo-inverse then measures distances only inside the span of the training features,
+    so test features that differ outside it look in-distribution. Measured on EfficientNet-Lite0
+    features (D = 1280) of Fashion-MNIST 0-4 vs 5-9 with 1000 training images: relative
+    Mahalanobis AUROC 0.26, i.e. worse than chance; with 1500 it is 0.85. (Rank deficiency from
+    constant feature channels alone is harmless and not warned about.)
+    """
+    if n_samples - n_groups < dims:
+        warnings.warn(
+            f"{name}: {n_samples} training samples in {n_groups} group(s) cannot estimate a "
+            f"full-rank covariance of {dims} dimensions; distances then ignore every direction "
+            f"outside the training features and can rank OOD data as in-distribution: fit on "
+            f"more samples than dimensions",
+            stacklevel=3,
+        )
 
 
 def _whitening(covariance: F64, what: str) -> F64:
@@ -162,6 +182,7 @@ class GaussianDetector(Detector):
     def fit(self, features: Features, labels: Labels | None = None) -> GaussianDetector:
         """Fit mean and covariance of (n, D) ID features (n >= 2); labels are ignored."""
         features = check_features(features, min_samples=2)
+        _warn_if_underdetermined(self.name, len(features), 1, features.shape[1])
         codes = np.zeros(len(features), dtype=np.intp)
         means, covariance, _ = _moments(features, codes, np.array([1.0 / len(features)]))
         self.mean_ = means[0]
@@ -203,6 +224,7 @@ class _ClassGaussians(Detector):
         labels = check_labels(labels, len(features), min_classes=2)
         classes, codes = np.unique(labels, return_inverse=True)
         counts = np.bincount(codes)
+        _warn_if_underdetermined(self.name, len(features), len(classes), features.shape[1])
         self.classes_ = classes.astype(np.int64)
         # Σ = (1/C) Σ_c Cov_c: every class weighs the same, whatever its size (PAPER.md)
         weights = 1.0 / (len(classes) * counts)
