@@ -137,6 +137,24 @@ def roc_figure(
     return _figure_uri(figure)
 
 
+def _histogram_range(id_scores: np.ndarray, both: np.ndarray) -> tuple[float, float]:
+    """The x range of a histogram: the ID scores' central 99% widened by that width each side.
+
+    Distance-based scores have OOD tails thousands of ID widths long; over the full range the ID
+    histogram and the overlap (what decides the metrics) shrink to one bin. Scores outside the
+    range are stacked into the edge bins (and counted in the panel).
+    """
+    full = (float(both.min()), float(both.max()))
+    if id_scores.size < 2:
+        return full
+    first, last = np.quantile(id_scores, [0.005, 0.995])
+    width = float(last - first)
+    if not width > 0:
+        return full
+    low, high = max(full[0], float(first) - width), min(full[1], float(last) + width)
+    return (low, high) if high > low else full
+
+
 def histogram_figure(
     score_set: ScoreSet,
     *,
@@ -161,13 +179,26 @@ def histogram_figure(
         if both.size == 0:
             axes.set_title(_label(f"{name}: no scores"), fontsize=9)
             continue
-        edges = np.histogram_bin_edges(both, bins=40)
+        low, high = _histogram_range(id_scores, both)
+        edges = np.histogram_bin_edges(both, bins=40, range=(low, high))
         color = (colors or {}).get(name, PALETTE[index % len(PALETTE)])
         style = {"bins": edges, "density": True, "histtype": "stepfilled", "alpha": 0.45}
-        if id_scores.size:
-            axes.hist(id_scores, color=ID_COLOR, label="ID", **style)  # type: ignore[arg-type]
-        if ood.size:
-            axes.hist(ood, color=color, label=_label(name), **style)  # type: ignore[arg-type]
+        for values, shade, label in ((id_scores, ID_COLOR, "ID"), (ood, color, _label(name))):
+            if values.size:
+                clipped_values = np.clip(values, low, high)
+                axes.hist(clipped_values, color=shade, label=label, **style)  # type: ignore[arg-type]
+        clipped = int(np.sum((both < low) | (both > high)))
+        if clipped:
+            axes.text(
+                0.99,
+                0.97,
+                f"{clipped} beyond the range\nstacked at the edges",
+                transform=axes.transAxes,
+                ha="right",
+                va="top",
+                fontsize=6,
+                color="#6b7280",
+            )
         reference = id_scores if positive != "ood" else ood
         if reference.size:
             quantile = 1.0 - tpr if positive != "ood" else tpr
