@@ -29,8 +29,10 @@ system-data:
 	    || echo "note: could not install chromium; the browser test of the HTML report will be skipped"; \
 	fi
 
+# The main job: the built-in offline benchmark (EfficientNet-Lite0 on built-in data), its table
+# printed and its report written to oodprobe-results/offline-default/report.html.
 demo: setup
-	$(BIN)/oodprobe demo
+	$(BIN)/oodprobe bench
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -24,8 +24,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-DEFAULT_DEMO_DATASET = "fashion-mnist:test"
-
 
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
@@ -185,27 +183,28 @@ def datasets() -> None:
 
 
 @app.command()
-def demo(
-    dataset: Annotated[str, typer.Option(help="Built-in dataset to extract")] = (
-        DEFAULT_DEMO_DATASET
-    ),
-    encoder: Annotated[str, typer.Option(help="Encoder")] = "efficientnet-lite0@112",
-    per_class: Annotated[int, typer.Option(help="Images per class")] = 100,
-) -> None:
-    """Run the built-in offline default: extract features of a built-in dataset and summarise."""
-    from oodprobe.data import create_dataset
-    from oodprobe.features import extract_features
+def detectors() -> None:
+    """List the detectors, what each needs, and the built-in benchmark presets."""
+    from rich.table import Table
 
-    data = create_dataset(dataset, per_class=per_class)
-    result = extract_features(data, encoder)
+    from oodprobe import presets  # noqa: F401  (registers the presets)
+    from oodprobe.benchmark_spec import BENCHMARKS
+    from oodprobe.detectors import DETECTORS
+
+    table = Table(title="detectors (use as --detector NAME or NAME:key=value,…)")
+    for column in ("name", "needs", "scores", "what"):
+        table.add_column(column)
+    for name, cls in DETECTORS.items():
+        needs = [
+            need
+            for need, required in (("labels", cls.requires_labels), ("text", cls.requires_text))
+            if required
+        ]
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        table.add_row(name, ", ".join(needs) or "nothing", cls.input_array, summary)
     console = _console()
-    console.print(f"[bold]{result.dataset_name}[/] with {result.encoder_name}")
-    console.print(f"  images: {len(data)}, rows: {len(result)}, skipped: {len(result.skipped)}")
-    for name, array in result.arrays.items():
-        console.print(f"  {name}: shape {tuple(array.shape)}, mean |x| {abs(array).mean():.4f}")
-    origin = "cache" if result.from_cache else f"{result.stats['images_per_second']:.1f} images/s"
-    console.print(f"  source: {origin}")
-    console.print(f"  cache entry: {result.path}")
+    console.print(table)
+    console.print(f"benchmark presets (oodprobe bench --preset NAME): {', '.join(BENCHMARKS)}")
 
 
 def _print_results(run: Any, console: Any) -> None:
