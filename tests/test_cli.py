@@ -199,6 +199,33 @@ source = "{digit_folders["flat"]}"
     assert "'efficientnet-lite0@64' is image-only" in err
 
 
+def test_a_detector_of_logits_needs_an_encoder_with_a_classifier(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    digit_folders: dict[str, Path],
+    tiny_openclip: str,
+) -> None:
+    config = _write_config(
+        tmp_path / "logits.toml",
+        f"""
+encoders = ["{tiny_openclip}"]
+detectors = ["logits"]
+[id]
+train = "{digit_folders["fit"]}"
+test = "{digit_folders["heldout"]}"
+[[ood]]
+source = "{digit_folders["ood"]}"
+""",
+    )
+    code, _, err = _run(capsys, "bench", str(config), "--cache-dir", str(tmp_path / "cache"))
+    assert code == 1
+    assert _one_error_line(err) == (
+        f"error: detector 'logits' scores the encoder's logits, and '{tiny_openclip}' gives "
+        "only: features"
+    )
+    assert not (tmp_path / "cache").exists()  # refused before any extraction
+
+
 def test_fit_then_score_keeps_the_requested_id_fraction(
     capsys: pytest.CaptureFixture[str], digit_folders: dict[str, Path], tmp_path: Path
 ) -> None:
