@@ -28,7 +28,7 @@ from oodprobe.errors import InvalidParameterError
 if TYPE_CHECKING:
     import torch
 
-_ROWS = 16384  # rows per block: float64 temporaries of ~16384 × D
+_ROWS = 4096  # rows per block: float64 temporaries of ~4096 × D (25 MB at D = 768)
 F64 = npt.NDArray[np.float64]
 
 
