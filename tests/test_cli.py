@@ -331,3 +331,19 @@ group = "near"
         score_rows = list(csv.DictReader(handle))
     assert {row["role"] for row in score_rows} == {"id", "ood"}
     assert (output / "report.html").stat().st_size > 10_000
+
+
+def test_a_paper_preset_without_its_data_says_where_it_looks(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OODPROBE_DATA", str(tmp_path / "empty"))
+    code, _, err = _run(capsys, "bench", "--preset", "cifar10")
+    line = _one_error_line(err)
+    assert code == 1
+    assert line.startswith("error: ID training set 'cifar10:train': cifar10 not found in ")
+    assert str(tmp_path / "empty") in line and "--download" in line
+    monkeypatch.setenv("OODPROBE_IMAGENET_TRAIN", str(tmp_path / "no-imagenet"))
+    code, _, err = _run(capsys, "bench", "--preset", "imagenet")
+    line = _one_error_line(err)
+    assert code == 1 and str(tmp_path / "no-imagenet") in line
+    assert "OODPROBE_IMAGENET_TRAIN" in line

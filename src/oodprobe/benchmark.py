@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from oodprobe.benchmark_spec import BenchmarkSpec, DataSpec, DetectorSpec
-from oodprobe.errors import InvalidParameterError
+from oodprobe.errors import DataError, InvalidParameterError
 
 Log = Callable[[str], None]
 # result columns; "fpr" is the FPR at the spec's TPR (``tpr`` column), in the named convention
@@ -124,6 +124,14 @@ def build_detector(spec: DetectorSpec, encoder: Any, class_embeddings: np.ndarra
     return create_detector(spec.name, **params)
 
 
+def _create(data: DataSpec, role: str, download: bool) -> Any:
+    """Build one dataset of the spec; a data error names the role it plays in the benchmark."""
+    try:
+        return data.create(download)
+    except DataError as error:
+        raise DataError(f"{role} {data.label!r}: {error}") from error
+
+
 def run_benchmark(
     spec: BenchmarkSpec,
     output_dir: str | Path,
@@ -144,10 +152,10 @@ def run_benchmark(
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     datasets = {
-        "id_train": spec.id_train.create(download),
-        "id_test": spec.id_test.create(download),
+        "id_train": _create(spec.id_train, "ID training set", download),
+        "id_test": _create(spec.id_test, "ID test set", download),
     }
-    ood_datasets = [ood.create(download) for ood in spec.ood]
+    ood_datasets = [_create(ood, "OOD set", download) for ood in spec.ood]
     labelled = datasets["id_train"].labels is not None
     encoders = {name: create_encoder(name) for name in spec.encoders}
     check_compatibility(spec, labelled, encoders)

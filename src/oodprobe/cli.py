@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from oodprobe.errors import OodprobeError
+from oodprobe.errors import DataError, OodprobeError
 
 app = typer.Typer(
     name="oodprobe",
@@ -300,15 +300,21 @@ def bench(
         f"[bold]benchmark {spec.name}[/]: {len(spec.encoders)} encoder(s), "
         f"{len(spec.detectors)} detector(s), {len(spec.ood)} OOD set(s)"
     )
-    run = run_benchmark(
-        spec,
-        output_dir,
-        cache_root=cache_dir,
-        device=device,
-        batch_size=batch_size,
-        download=download,
-        log=lambda message: console.print(message, style="dim"),
-    )
+    try:
+        run = run_benchmark(
+            spec,
+            output_dir,
+            cache_root=cache_dir,
+            device=device,
+            batch_size=batch_size,
+            download=download,
+            log=lambda message: console.print(message, style="dim"),
+        )
+    except DataError as error:
+        if config is not None:
+            raise
+        # a preset's data lives where the preset looks: say where that is
+        raise DataError(f"{error} (preset {spec.name}: {spec.description})") from error
     _print_results(run, console)
     console.print(f"finished in {run.seconds:.0f} s")
     console.print(f"results: {run.files['json']}  {run.files['csv']}")

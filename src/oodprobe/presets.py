@@ -84,34 +84,29 @@ def offline_default() -> BenchmarkSpec:
     )
 
 
-def cifar10() -> BenchmarkSpec:
-    """CIFAR-10 → CIFAR-100 (near-OOD), with CLIP ViT-B/16 by default."""
+def _cifar(id_name: str, ood_name: str) -> BenchmarkSpec:
+    """ID one CIFAR (train/test), OOD the other's test set: near-OOD (paper, Table 1)."""
     return validate(
         BenchmarkSpec(
-            name="cifar10",
-            description="ID CIFAR-10 (train/test), OOD CIFAR-100 test (paper, Table 1).",
-            id_train=DataSpec("cifar10:train"),
-            id_test=DataSpec("cifar10:test"),
-            ood=(DataSpec("cifar100:test", name="cifar100", group="near"),),
+            name=id_name,
+            description=f"ID {id_name} (train/test), OOD {ood_name} test (paper, Table 1).",
+            id_train=DataSpec(f"{id_name}:train"),
+            id_test=DataSpec(f"{id_name}:test"),
+            ood=(DataSpec(f"{ood_name}:test", name=ood_name, group="near"),),
             encoders=("openclip:ViT-B-16/openai",),
             detectors=(*IMAGE_DETECTORS, *TEXT_DETECTORS),
         )
     )
+
+
+def cifar10() -> BenchmarkSpec:
+    """CIFAR-10 → CIFAR-100 (near-OOD), with CLIP ViT-B/16 by default."""
+    return _cifar("cifar10", "cifar100")
 
 
 def cifar100() -> BenchmarkSpec:
-    """CIFAR-100 → CIFAR-10 (near-OOD)."""
-    return validate(
-        BenchmarkSpec(
-            name="cifar100",
-            description="ID CIFAR-100 (train/test), OOD CIFAR-10 test (paper, Table 1).",
-            id_train=DataSpec("cifar100:train"),
-            id_test=DataSpec("cifar100:test"),
-            ood=(DataSpec("cifar10:test", name="cifar10", group="near"),),
-            encoders=("openclip:ViT-B-16/openai",),
-            detectors=(*IMAGE_DETECTORS, *TEXT_DETECTORS),
-        )
-    )
+    """CIFAR-100 → CIFAR-10 (near-OOD), with CLIP ViT-B/16 by default."""
+    return _cifar("cifar100", "cifar10")
 
 
 def imagenet() -> BenchmarkSpec:
@@ -132,7 +127,10 @@ def imagenet() -> BenchmarkSpec:
         BenchmarkSpec(
             name="imagenet",
             description="ID ImageNet-1K (val as test); OOD iNaturalist, SUN, Places, Textures, "
-            "ImageNet-O, NINCO (paper, Tables 2-3).",
+            "ImageNet-O, NINCO (paper, Tables 2-3). Folders: "
+            + ", ".join(
+                ["OODPROBE_IMAGENET_TRAIN", "OODPROBE_IMAGENET_VAL"] + [v for v, _ in far + near]
+            ),
             id_train=DataSpec(_folder("OODPROBE_IMAGENET_TRAIN", "imagenet/train"), per_class=100),
             id_test=DataSpec(_folder("OODPROBE_IMAGENET_VAL", "imagenet/val")),
             ood=tuple(
