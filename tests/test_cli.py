@@ -155,6 +155,24 @@ def _write_config(path: Path, body: str) -> Path:
     return path
 
 
+def _simple_config(
+    path: Path, encoder: str, detector: str, train: Path, test: Path, ood: Path
+) -> Path:
+    """A one-encoder, one-detector benchmark over three folders."""
+    return _write_config(
+        path,
+        f"""
+encoders = ["{encoder}"]
+detectors = ["{detector}"]
+[id]
+train = "{train}"
+test = "{test}"
+[[ood]]
+source = "{ood}"
+""",
+    )
+
+
 def test_bad_configs_are_one_clear_line(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, digit_folders: dict[str, Path]
 ) -> None:
@@ -178,17 +196,9 @@ oops = 1
         "error: unknown key 'oops' in [[ood]] #1; valid keys: classes, group, limit, name, "
         "per_class, seed, source"
     )
-    unlabeled = _write_config(
-        tmp_path / "unlabeled.toml",
-        f"""
-encoders = ["efficientnet-lite0@64"]
-detectors = ["mahalanobis"]
-[id]
-train = "{digit_folders["flat"]}"
-test = "{digit_folders["flat"]}"
-[[ood]]
-source = "{digit_folders["flat"]}"
-""",
+    flat = digit_folders["flat"]
+    unlabeled = _simple_config(
+        tmp_path / "unlabeled.toml", "efficientnet-lite0@64", "mahalanobis", flat, flat, flat
     )
     code, _, err = _run(capsys, "bench", str(unlabeled))
     assert code == 1
@@ -205,17 +215,13 @@ def test_a_detector_of_logits_needs_an_encoder_with_a_classifier(
     digit_folders: dict[str, Path],
     tiny_openclip: str,
 ) -> None:
-    config = _write_config(
+    config = _simple_config(
         tmp_path / "logits.toml",
-        f"""
-encoders = ["{tiny_openclip}"]
-detectors = ["logits"]
-[id]
-train = "{digit_folders["fit"]}"
-test = "{digit_folders["heldout"]}"
-[[ood]]
-source = "{digit_folders["ood"]}"
-""",
+        tiny_openclip,
+        "logits",
+        digit_folders["fit"],
+        digit_folders["heldout"],
+        digit_folders["ood"],
     )
     code, _, err = _run(capsys, "bench", str(config), "--cache-dir", str(tmp_path / "cache"))
     assert code == 1
