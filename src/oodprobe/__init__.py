@@ -52,12 +52,12 @@ _LAZY = {
     "run_benchmark": "oodprobe.benchmark",
     "load_benchmark": "oodprobe.benchmark_spec",
     "create_benchmark": "oodprobe.benchmark_spec",
-    "BENCHMARKS": "oodprobe.benchmark_spec",
+    "benchmark_names": "oodprobe.benchmark_spec",
 }
 
 if TYPE_CHECKING:
     from oodprobe.benchmark import run_benchmark
-    from oodprobe.benchmark_spec import BENCHMARKS, create_benchmark, load_benchmark
+    from oodprobe.benchmark_spec import benchmark_names, create_benchmark, load_benchmark
     from oodprobe.data import DATASETS, create_dataset, list_datasets
     from oodprobe.detectors import (
         DETECTORS,
@@ -76,8 +76,6 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'oodprobe' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
-    if module == "oodprobe.benchmark_spec":
-        importlib.import_module("oodprobe.presets")  # registers the built-in presets
     globals()[name] = value
     return value
 
@@ -87,7 +85,6 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "BENCHMARKS",
     "CONVENTIONS",
     "DATASETS",
     "DETECTORS",
@@ -104,6 +101,7 @@ __all__ = [
     "__version__",
     "aupr",
     "auroc",
+    "benchmark_names",
     "create_benchmark",
     "create_dataset",
     "create_detector",

@@ -314,10 +314,19 @@ def load_benchmark(path: str | os.PathLike[str]) -> BenchmarkSpec:
 BENCHMARKS: dict[str, Callable[[], BenchmarkSpec]] = {}
 
 
+def _register_presets() -> None:
+    from oodprobe import presets as _  # noqa: F401  (importing it fills BENCHMARKS)
+
+
+def benchmark_names() -> list[str]:
+    """The names of the built-in presets, in registration order."""
+    _register_presets()
+    return list(BENCHMARKS)
+
+
 def create_benchmark(name: str) -> BenchmarkSpec:
     """A built-in preset by name."""
-    from oodprobe import presets as _  # noqa: F401  (registers the presets)
-
+    _register_presets()
     try:
         return BENCHMARKS[name]()
     except KeyError:

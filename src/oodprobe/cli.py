@@ -187,8 +187,7 @@ def detectors() -> None:
     """List the detectors, what each needs, and the built-in benchmark presets."""
     from rich.table import Table
 
-    from oodprobe import presets  # noqa: F401  (registers the presets)
-    from oodprobe.benchmark_spec import BENCHMARKS
+    from oodprobe.benchmark_spec import benchmark_names
     from oodprobe.detectors import DETECTORS
 
     table = Table(title="detectors (use as --detector NAME or NAME:key=value,…)")
@@ -204,7 +203,8 @@ def detectors() -> None:
         table.add_row(name, ", ".join(needs) or "nothing", cls.input_array, summary)
     console = _console()
     console.print(table)
-    console.print(f"benchmark presets (oodprobe bench --preset NAME): {', '.join(BENCHMARKS)}")
+    presets = ", ".join(benchmark_names())
+    console.print(f"benchmark presets (oodprobe bench --preset NAME): {presets}")
 
 
 def _print_results(run: Any, console: Any) -> None:
