@@ -285,9 +285,6 @@ def _evaluate_detector(
             bootstrap=spec.bootstrap,
             seed=spec.seed,
         )
-        metrics = {name: getattr(result, name) for name in _METRICS}
-        for name, (low, high) in result.intervals.items():
-            metrics[f"{name}_low"], metrics[f"{name}_high"] = low, high
         row: dict[str, Any] = {
             "encoder": encoder.name,
             "detector": detector_spec.display,
@@ -295,11 +292,13 @@ def _evaluate_detector(
             "detector_params": params,
             "ood_set": ood.spec.label,
             "group": ood.spec.group,
-            **{name: metrics[name] for name in _METRICS},
+            **{name: getattr(result, name) for name in _METRICS},
             **{
-                f"{name}_{end}": metrics.get(f"{name}_{end}")
+                f"{name}_{end}": bound
                 for name in _METRICS
-                for end in ("low", "high")
+                for end, bound in zip(
+                    ("low", "high"), result.intervals.get(name, (None, None)), strict=True
+                )
             },
             "n_id": result.n_id,
             "n_ood": result.n_ood,
