@@ -22,6 +22,10 @@ class EncoderSource:
     description: str
     examples: tuple[str, ...]
     offline: bool
+    # what the name alone tells, so a run can be refused before any model is built;
+    # None: known only once the model is loaded (an HF id may be a CLIP or a DINOv2)
+    has_text: bool | None = None
+    outputs: tuple[str, ...] | None = None
 
 
 def _efficientnet(spec: str) -> ImageEncoder:
@@ -63,6 +67,8 @@ ENCODERS: dict[str, EncoderSource] = {
             "append @SIZE for another input size (e.g. @112, ~4x faster on small images)",
             ("efficientnet-lite0", "efficientnet-lite0@112"),
             offline=True,
+            has_text=False,
+            outputs=("features", "logits"),
         ),
         EncoderSource(
             "openclip",
@@ -71,6 +77,8 @@ ENCODERS: dict[str, EncoderSource] = {
             "(ARCH/TAG from the hub, ARCH/PATH for a local checkpoint)",
             ("openclip:ViT-B-16/openai", "openclip:ViT-bigG-14/laion2b_s39b_b160k"),
             offline=False,
+            has_text=True,
+            outputs=("features",),
         ),
         EncoderSource(
             "hf",
@@ -86,6 +94,7 @@ ENCODERS: dict[str, EncoderSource] = {
             "timm image models (NAME from the hub, NAME/PATH for a local checkpoint)",
             ("timm:vit_small_patch14_dinov2.lvd142m", "timm:convnext_tiny.fb_in22k"),
             offline=False,
+            has_text=False,
         ),
     )
 }
@@ -93,12 +102,8 @@ ENCODERS: dict[str, EncoderSource] = {
 DEFAULT_ENCODER = "efficientnet-lite0"
 
 
-def create_encoder(name: str) -> ImageEncoder:
-    """Build the encoder a ``source:model`` name denotes, frozen and in eval mode on the CPU.
-
-    Hub models download on first use; a missing weight raises MissingWeightsError saying how to
-    get it.
-    """
+def _source(name: str) -> tuple[EncoderSource, str, bool]:
+    """The source of an encoder name, the model part of the name, and whether it had a prefix."""
     prefix, sep, spec = name.partition(":")
     if not sep:  # built-in names have no source prefix; "@SIZE" picks the input size
         prefix, spec = name.partition("@")[0], name
@@ -109,6 +114,25 @@ def create_encoder(name: str) -> ImageEncoder:
         )
     if sep and not spec:
         raise InvalidParameterError(f"encoder name {name!r} is missing the model after ':'")
+    return source, spec, bool(sep)
+
+
+def encoder_name_traits(name: str) -> tuple[bool | None, tuple[str, ...] | None]:
+    """(has a text tower, output names) as far as the name tells; None where only the model does.
+
+    Raises UnknownNameError for a name no source knows, without building anything.
+    """
+    source = _source(name)[0]
+    return source.has_text, source.outputs
+
+
+def create_encoder(name: str) -> ImageEncoder:
+    """Build the encoder a ``source:model`` name denotes, frozen and in eval mode on the CPU.
+
+    Hub models download on first use; a missing weight raises MissingWeightsError saying how to
+    get it.
+    """
+    source, spec, _ = _source(name)
     return source.build(spec)
 
 
@@ -119,4 +143,5 @@ __all__ = [
     "ImageEncoder",
     "TextImageEncoder",
     "create_encoder",
+    "encoder_name_traits",
 ]
