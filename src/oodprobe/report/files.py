@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
 
+from oodprobe.report.atomic import write_text_atomic
 from oodprobe.report.model import MAIN_ROW_KEYS, ReportData
 from oodprobe.report.tables import (
     EncoderTable,
@@ -18,7 +20,7 @@ from oodprobe.report.tables import (
     jsonable,
 )
 
-__all__ = ["SCHEMA_VERSION", "csv_columns", "render_markdown", "write_results"]
+__all__ = ["SCHEMA_VERSION", "csv_columns", "render_csv", "render_markdown", "write_results"]
 
 SCHEMA_VERSION = 1
 """Version of the ``results.json`` layout; bumped when a key is renamed or removed."""
@@ -66,14 +68,15 @@ def _csv_cell(value: Any) -> str:
     return str(value)
 
 
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """One line per row (encoder x detector x OOD set) with a stable column order."""
+def render_csv(rows: list[dict[str, Any]]) -> str:
+    """``results.csv``: one line per row (encoder x detector x OOD set), stable column order."""
     columns = csv_columns(rows)
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([_csv_cell(row.get(column)) for column in columns])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_csv_cell(row.get(column)) for column in columns])
+    return buffer.getvalue()
 
 
 def _md_escape(text: str) -> str:
@@ -142,7 +145,9 @@ def write_results(report: ReportData, output_dir: Path) -> dict[str, Path]:
     """Write ``results.json``, ``results.csv`` and ``results.md`` into ``output_dir``.
 
     Returns ``{"json": path, "csv": path, "markdown": path}``. The directory is created if
-    needed; NaN/inf values become JSON ``null`` and empty CSV cells.
+    needed; NaN/inf values become JSON ``null`` and empty CSV cells. All three are rendered
+    before any is written, and each is written atomically: a failure leaves the previous files
+    whole.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -151,8 +156,12 @@ def write_results(report: ReportData, output_dir: Path) -> dict[str, Path]:
         "csv": output_dir / "results.csv",
         "markdown": output_dir / "results.md",
     }
-    text = json.dumps(results_document(report), indent=2, ensure_ascii=False, allow_nan=False)
-    paths["json"].write_text(text + "\n", encoding="utf-8")
-    _write_csv(report.rows, paths["csv"])
-    paths["markdown"].write_text(render_markdown(report), encoding="utf-8")
+    texts = {
+        "json": json.dumps(results_document(report), indent=2, ensure_ascii=False, allow_nan=False)
+        + "\n",
+        "csv": render_csv(report.rows),
+        "markdown": render_markdown(report),
+    }
+    for kind, text in texts.items():
+        write_text_atomic(paths[kind], text)
     return paths

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from oodprobe import __version__
+from oodprobe.report.atomic import write_text_atomic
 from oodprobe.report.model import MAIN_ROW_KEYS, Gallery, ReportData
 from oodprobe.report.plots import histogram_figure, roc_figure, set_colors, thumbnail
 from oodprobe.report.style import CSS
@@ -362,9 +363,7 @@ def render_html(report: ReportData, path: Path) -> Path:
     """Write ``report`` as one self-contained HTML file at ``path`` and return the path.
 
     Inline CSS, images as base64 ``data:`` URIs, no scripts and no external URL; the parent
-    directory is created if needed.
+    directory is created if needed. Rendered in full before writing, then written atomically:
+    a failure leaves a previous report whole.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report_html(report), encoding="utf-8")
-    return path
+    return write_text_atomic(path, report_html(report))
