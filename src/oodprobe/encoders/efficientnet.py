@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,6 +58,7 @@ class EfficientNetLite0Encoder(ImageEncoder):
             "loader_version": metadata.version("efficientnet-lite-pytorch"),
             **file_identity(weights_path),
         }
+        self.weights_location = Path(weights_path)
         self.freeze()
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:

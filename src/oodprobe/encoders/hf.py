@@ -108,6 +108,7 @@ class HFImageEncoder(ImageEncoder):
         self.model = model
         self.pixel_transform = _pixel_transform_from(processor)
         self.identity = identity
+        self.weights_location = _local_folder(identity)
         self.feature_dim = _probe_dim(self)
         self.freeze()
 
@@ -128,6 +129,7 @@ class HFTextImageEncoder(TextImageEncoder):
         self.model_type = identity["model_type"]
         self.pixel_transform = _pixel_transform_from(processor)
         self.identity = identity
+        self.weights_location = _local_folder(identity)
         projection = getattr(model, "visual_projection", None)
         self.image_projection = (
             projection.weight.detach().T.contiguous().clone() if projection is not None else None
@@ -160,6 +162,15 @@ class HFTextImageEncoder(TextImageEncoder):
         if self.image_projection is not None:
             self.image_projection = fn(self.image_projection)
         return self
+
+
+def _local_folder(identity: dict[str, Any]) -> Path | None:
+    """The save_pretrained folder the model was read from (hashed for weights_digest); hub: None.
+
+    A hub id's files live in the Hugging Face cache, resolved by transformers: not hashed.
+    """
+    location = identity.get("weights_path")
+    return Path(location) if location else None
 
 
 def _probe_dim(encoder: ImageEncoder) -> int:

@@ -50,6 +50,7 @@ class OpenClipEncoder(TextImageEncoder):
         self.name = f"openclip:{spec}"
         identity: dict[str, Any] = {"open_clip_version": open_clip.__version__, "arch": arch}
         pretrained: str | None = None
+        local_checkpoint: Path | None = None
         if tag is None:  # hf-hub model: the weights come with the architecture name
             identity["hub"] = arch
         elif tag == RANDOM_TAG:
@@ -60,6 +61,7 @@ class OpenClipEncoder(TextImageEncoder):
             if not checkpoint.is_file():
                 raise MissingWeightsError(f"open_clip checkpoint not found: {checkpoint}")
             pretrained = str(checkpoint)
+            local_checkpoint = checkpoint
             identity.update(file_identity(checkpoint))
         else:
             if arch not in open_clip.list_models():
@@ -101,6 +103,8 @@ class OpenClipEncoder(TextImageEncoder):
         else:
             self.image_projection = None
         self.identity = identity
+        # a local checkpoint is hashed (weights_digest); hub tags resolve inside open_clip
+        self.weights_location = local_checkpoint
         with torch.inference_mode():
             probe = self(torch.zeros(1, 3, *_input_size(visual)))["features"]
         self.feature_dim = int(probe.shape[-1])

@@ -30,6 +30,7 @@ class TimmEncoder(ImageEncoder):
             raise UnknownNameError("timm model", model_name, timm.list_models())
         identity: dict[str, Any] = {"timm_version": timm.__version__, "model": model_name}
         kwargs: dict[str, Any] = {}
+        local_checkpoint: Path | None = None
         if tag == RANDOM_TAG:
             kwargs["pretrained"] = False
         elif tag:
@@ -38,6 +39,7 @@ class TimmEncoder(ImageEncoder):
                 raise MissingWeightsError(f"timm checkpoint not found: {checkpoint}")
             kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(checkpoint)})
             identity.update(file_identity(checkpoint))
+            local_checkpoint = checkpoint
         else:
             kwargs["pretrained"] = True
         try:
@@ -63,6 +65,7 @@ class TimmEncoder(ImageEncoder):
         self.model = model
         self.pixel_transform = pixel_transform
         self.identity = identity
+        self.weights_location = local_checkpoint  # hashed for weights_digest; hub: None
         self.has_classifier = int(getattr(model, "num_classes", 0) or 0) > 0
         self.outputs = ("features", "logits") if self.has_classifier else ("features",)
         self.feature_dim = int(model.num_features)
