@@ -2,18 +2,16 @@
 
 This is where encoders and detectors meet: detectors see arrays, the runner feeds them the
 features (or logits) of each encoder, class embeddings for text detectors, and labels for the
-detectors that need them. Results go to an output folder as JSON/CSV, per-sample scores, and a
-self-contained HTML report.
+detectors that need them. Encoders are built one at a time and released before the next, so a
+study over several large models holds one in memory. A detector that fails becomes rows with
+its error and the run goes on. Files are written by :mod:`oodprobe.benchmark_outputs`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
-import platform
-import re
-import sys
+import gc
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +19,26 @@ from typing import Any
 
 import numpy as np
 
+from oodprobe.benchmark_outputs import (
+    DetectorOutcome,
+    Split,
+    provenance,
+    write_outputs,
+    write_scores,
+)
 from oodprobe.benchmark_spec import BenchmarkSpec, DataSpec, DetectorSpec
-from oodprobe.errors import DataError, InvalidParameterError
+from oodprobe.errors import DataError, OodprobeError
+from oodprobe.pipeline import (
+    build_detector,
+    check_compatibility,
+    compute_text_embeddings,
+    detector_input,
+    detector_params,
+    needs_text,
+)
+from oodprobe.results import ResultRow, RowContext, failed_rows, metric_row
 
 Log = Callable[[str], None]
-# result columns; "fpr" is the FPR at the spec's TPR (``tpr`` column), in the named convention
-_METRICS = ("auroc", "fpr", "aupr_in", "aupr_out")
 
 
 @dataclass
@@ -34,94 +46,19 @@ class BenchmarkRun:
     """What a run produced: result rows, ID accuracies, and where the files are."""
 
     spec: BenchmarkSpec
-    rows: list[dict[str, Any]]
+    rows: list[ResultRow]
     id_accuracy: list[dict[str, Any]]
     output_dir: Path
     files: dict[str, Path] = field(default_factory=dict)
     seconds: float = 0.0
+    device: str = "cpu"
+    precision: str = "fp32"
+    skipped: dict[str, list[Any]] = field(default_factory=dict)
 
-
-@dataclass
-class _Split:
-    """One dataset and its features for the current encoder."""
-
-    spec: DataSpec
-    dataset: Any
-    features: Any  # FeatureSet
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in (
-        "oodprobe",
-        "numpy",
-        "scikit-learn",
-        "torch",
-        "torchvision",
-        "open_clip_torch",
-        "transformers",
-        "timm",
-        "faiss-cpu",
-    ):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[package] = importlib.metadata.version(package)
-    return versions
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
-
-
-def detector_input(detector: Any, features: Any) -> np.ndarray:
-    """The array a detector consumes: the features, or the classifier logits for ``logits``."""
-    name = type(detector).input_array
-    array = features.arrays.get(name)
-    if array is None:
-        raise InvalidParameterError(
-            f"detector {type(detector).name!r} needs the encoder's {name}, and "
-            f"{features.encoder_name!r} has none (it gives: {', '.join(features.arrays)})"
-        )
-    return np.asarray(array)
-
-
-def check_compatibility(spec: BenchmarkSpec, labelled: bool, encoders: dict[str, Any]) -> None:
-    """Fail fast, before any extraction, on detectors the data or encoders cannot serve."""
-    from oodprobe.detectors import DETECTORS
-    from oodprobe.encoders import TextImageEncoder
-
-    for detector in spec.detectors:
-        cls = DETECTORS[detector.name]
-        if cls.requires_labels and not labelled:
-            raise InvalidParameterError(
-                f"detector {detector.name!r} needs class labels, but the ID training data "
-                f"{spec.id_train.label!r} has none; use a folder with one subfolder per class, "
-                f"or a label-free detector (knn, deep-knn, gaussian)"
-            )
-        for name, encoder in encoders.items():
-            if cls.requires_text and not isinstance(encoder, TextImageEncoder):
-                raise InvalidParameterError(
-                    f"detector {detector.name!r} needs a vision-language encoder with a text "
-                    f"tower (openclip:…, hf: CLIP/SigLIP), but {name!r} is image-only"
-                )
-            if cls.input_array not in encoder.outputs:
-                raise InvalidParameterError(
-                    f"detector {detector.name!r} scores the encoder's {cls.input_array}, and "
-                    f"{name!r} gives only: {', '.join(encoder.outputs)}"
-                )
-
-
-def build_detector(spec: DetectorSpec, encoder: Any, class_embeddings: np.ndarray | None) -> Any:
-    """Instantiate a detector; text detectors get class embeddings and the image projection."""
-    from oodprobe.detectors import DETECTORS, create_detector
-
-    params = dict(spec.params)
-    if DETECTORS[spec.name].requires_text:
-        projection = encoder.image_projection
-        params["class_embeddings"] = class_embeddings
-        params["image_projection"] = (
-            None if projection is None else projection.detach().float().cpu().numpy()
-        )
-    return create_detector(spec.name, **params)
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """The rows as flat dicts (what results.json holds)."""
+        return [row.as_dict() for row in self.rows]
 
 
 def _create(data: DataSpec, role: str, download: bool) -> Any:
@@ -132,12 +69,28 @@ def _create(data: DataSpec, role: str, download: bool) -> Any:
         raise DataError(f"{role} {data.label!r}: {error}") from error
 
 
+def _warn_on_overlap(data: dict[str, tuple[DataSpec, Any, str]]) -> None:
+    """An OOD set with the same images as the ID test or training set measures nothing."""
+    for role, (ood_spec, _, fingerprint) in data.items():
+        if not role.startswith("ood:"):
+            continue
+        for id_role, what in (("id_test", "ID test set"), ("id_train", "ID training set")):
+            id_spec, _, id_fingerprint = data[id_role]
+            if fingerprint == id_fingerprint:
+                warnings.warn(
+                    f"OOD set {ood_spec.label!r} holds the same images as the {what} "
+                    f"{id_spec.label!r}: its AUROC will be about 0.5; check the [[ood]] source",
+                    stacklevel=3,
+                )
+
+
 def run_benchmark(
     spec: BenchmarkSpec,
     output_dir: str | Path,
     *,
     cache_root: str | Path | None = None,
     device: str = "auto",
+    precision: str = "auto",
     batch_size: int = 64,
     num_workers: int | None = None,
     download: bool = False,
@@ -146,30 +99,45 @@ def run_benchmark(
 ) -> BenchmarkRun:
     """Run every encoder × detector × OOD set of ``spec``; write results and the report."""
     from oodprobe.encoders import create_encoder
-    from oodprobe.features import extract_features
+    from oodprobe.features import resolve_precision, select_device
 
     started = time.perf_counter()
+    # every check that needs no image runs first: device, precision, compatibility by name
+    torch_device = select_device(device)
+    resolved_precision = resolve_precision(precision, torch_device)
+    datasets = {
+        "id_train": (spec.id_train, _create(spec.id_train, "ID training set", download)),
+        "id_test": (spec.id_test, _create(spec.id_test, "ID test set", download)),
+        **{f"ood:{ood.label}": (ood, _create(ood, "OOD set", download)) for ood in spec.ood},
+    }
+    labelled = datasets["id_train"][1].labels is not None
+    check_compatibility(
+        spec.detectors,
+        labelled=labelled,
+        id_label=spec.id_train.label,
+        encoders=dict.fromkeys(spec.encoders),
+    )
+    # fingerprints once per data set per run (a stat per file)
+    data = {role: (s, d, d.fingerprint()) for role, (s, d) in datasets.items()}
+    _warn_on_overlap(data)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    datasets = {
-        "id_train": _create(spec.id_train, "ID training set", download),
-        "id_test": _create(spec.id_test, "ID test set", download),
-    }
-    ood_datasets = [_create(ood, "OOD set", download) for ood in spec.ood]
-    labelled = datasets["id_train"].labels is not None
-    encoders = {name: create_encoder(name) for name in spec.encoders}
-    check_compatibility(spec, labelled, encoders)
-    rows: list[dict[str, Any]] = []
+    rows: list[ResultRow] = []
     id_accuracy: list[dict[str, Any]] = []
-    report_parts: list[dict[str, Any]] = []
+    outcomes: list[DetectorOutcome] = []
+    skipped: dict[str, list[Any]] = {}
 
-    def extract(data_spec: DataSpec, dataset: Any, encoder: Any) -> _Split:
+    def extract(role: str, encoder: Any) -> Split:
+        from oodprobe.features import extract_features
+
+        data_spec, dataset, fingerprint = data[role]
         features = extract_features(
             dataset,
             encoder,
             batch_size=batch_size,
             num_workers=num_workers,
             device=device,
+            precision=precision,  # type: ignore[arg-type]
             cache_root=cache_root,
             progress=progress,
         )
@@ -180,56 +148,88 @@ def run_benchmark(
             f"  {data_spec.label}: {len(features)} images ({origin})"
             + (f", {len(features.skipped)} skipped" if features.skipped else "")
         )
-        return _Split(data_spec, dataset, features)
+        if features.skipped:
+            skipped.setdefault(data_spec.label, features.skipped)
+        return Split(data_spec, dataset, features, fingerprint)
 
-    for encoder_name, encoder in encoders.items():
+    for encoder_name in spec.encoders:
+        log(f"[{encoder_name}] loading")
+        encoder = create_encoder(encoder_name)
+        check_compatibility(
+            spec.detectors,
+            labelled=labelled,
+            id_label=spec.id_train.label,
+            encoders={encoder_name: encoder},
+        )
         log(f"[{encoder_name}] extracting features")
-        train = extract(spec.id_train, datasets["id_train"], encoder)
-        test = extract(spec.id_test, datasets["id_test"], encoder)
-        oods = [extract(s, d, encoder) for s, d in zip(spec.ood, ood_datasets, strict=True)]
-        class_embeddings = _class_embeddings(spec, encoder, train)
+        train = extract("id_train", encoder)
+        test = extract("id_test", encoder)
+        oods = [extract(f"ood:{ood.label}", encoder) for ood in spec.ood]
+        class_embeddings = None
+        if needs_text(spec.detectors):
+            names = spec.class_names or train.dataset.class_names
+            class_embeddings = compute_text_embeddings(encoder, names, spec.prompts)
         if train.features.labels is not None and test.features.labels is not None:
             id_accuracy.append(_knn_accuracy(encoder_name, train, test))
         for detector_spec in spec.detectors:
             log(f"[{encoder_name}] {detector_spec.display}")
-            part = _evaluate_detector(
-                spec, detector_spec, encoder, class_embeddings, train, test, oods
+            context = _row_context(
+                spec, detector_spec, encoder, train, test, str(torch_device), resolved_precision
             )
-            rows.extend(part["rows"])
-            if part.get("accuracy") is not None:
+            outcome = _evaluate_detector(
+                spec, detector_spec, context, encoder, class_embeddings, train, test, oods, log
+            )
+            rows.extend(outcome.rows)
+            if outcome.accuracy is not None:
                 id_accuracy.append(
                     {
                         "encoder": encoder_name,
                         "method": detector_spec.display,
-                        "accuracy": part["accuracy"],
+                        "accuracy": outcome.accuracy,
                     }
                 )
-            report_parts.append(part)
-            _write_scores(output, encoder_name, detector_spec.display, test, oods, part)
-    run = BenchmarkRun(spec, rows, id_accuracy, output, seconds=time.perf_counter() - started)
-    run.files = _write_outputs(run, report_parts, datasets, ood_datasets)
+            outcomes.append(outcome)
+            write_scores(output, outcome)
+        _release(encoder)
+        del encoder
+    seconds = time.perf_counter() - started
+    run = BenchmarkRun(
+        spec,
+        rows,
+        id_accuracy,
+        output,
+        seconds=seconds,
+        device=str(torch_device),
+        precision=resolved_precision,
+        skipped=skipped,
+    )
+    run.files = write_outputs(
+        spec,
+        output,
+        rows,
+        id_accuracy,
+        outcomes,
+        provenance(
+            spec, data, seconds=seconds, device=str(torch_device), precision=resolved_precision
+        ),
+    )
     return run
 
 
-def _class_embeddings(spec: BenchmarkSpec, encoder: Any, train: _Split) -> np.ndarray | None:
-    from oodprobe.detectors import DETECTORS
-    from oodprobe.encoders.text import PROMPT_SETS, compute_class_embeddings
+def _release(encoder: Any) -> None:
+    """Free an encoder's memory before the next one is built (host and GPU)."""
+    import torch
 
-    if not any(DETECTORS[d.name].requires_text for d in spec.detectors):
-        return None
-    names = spec.class_names or train.dataset.class_names
-    if not names:
-        raise InvalidParameterError(
-            "text detectors need class names: set [id].class_names in the config or use a "
-            "dataset with named classes"
-        )
-    prompts = PROMPT_SETS[spec.prompts] if isinstance(spec.prompts, str) else spec.prompts
-    return compute_class_embeddings(encoder, list(names), prompts)
+    encoder.to("cpu")
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
-def _knn_accuracy(encoder_name: str, train: _Split, test: _Split) -> dict[str, Any]:
+def _knn_accuracy(encoder_name: str, train: Split, test: Split) -> dict[str, Any]:
     from oodprobe.detectors.neighbors import knn_accuracy
 
+    assert train.features.labels is not None and test.features.labels is not None  # caller's
     accuracy = knn_accuracy(
         train.features.features,
         train.features.labels,
@@ -245,240 +245,111 @@ def _knn_accuracy(encoder_name: str, train: _Split, test: _Split) -> dict[str, A
     }
 
 
-def _evaluate_detector(
+def _row_context(
     spec: BenchmarkSpec,
     detector_spec: DetectorSpec,
     encoder: Any,
+    train: Split,
+    test: Split,
+    device: str,
+    precision: str,
+) -> RowContext:
+    from oodprobe.detectors import DETECTORS
+
+    text = DETECTORS[detector_spec.name].requires_text
+    return RowContext(
+        encoder=encoder.name,
+        encoder_cache_id=encoder.cache_id,
+        detector=detector_spec.display,
+        detector_name=detector_spec.name,
+        detector_params=detector_params(detector_spec),
+        id_train=spec.id_train.label,
+        id_test=spec.id_test.label,
+        id_train_fingerprint=train.fingerprint,
+        id_test_fingerprint=test.fingerprint,
+        n_train=len(train.features),
+        device=device,
+        precision=precision,
+        prompts=(spec.prompts if isinstance(spec.prompts, str) else list(spec.prompts))
+        if text
+        else None,
+        class_names=list(spec.class_names or train.dataset.class_names or []) if text else None,
+    )
+
+
+def _evaluate_detector(
+    spec: BenchmarkSpec,
+    detector_spec: DetectorSpec,
+    context: RowContext,
+    encoder: Any,
     class_embeddings: np.ndarray | None,
-    train: _Split,
-    test: _Split,
-    oods: list[_Split],
-) -> dict[str, Any]:
+    train: Split,
+    test: Split,
+    oods: list[Split],
+    log: Log,
+) -> DetectorOutcome:
+    """Fit, score and measure one detector; a failure becomes rows with its error."""
     from oodprobe.metrics import evaluate, get_convention
 
-    detector = build_detector(detector_spec, encoder, class_embeddings)
-    fit_started = time.perf_counter()
-    labels = train.features.labels if type(detector).requires_labels else None
-    detector.fit(detector_input(detector, train.features), labels)
-    fit_seconds = time.perf_counter() - fit_started
-    id_scores = detector.score_samples(detector_input(detector, test.features))
-    accuracy = None
-    if hasattr(detector, "predict") and test.features.labels is not None and labels is not None:
-        predictions = detector.predict(detector_input(detector, test.features))
-        accuracy = float(np.mean(predictions == test.features.labels))
     convention = get_convention(spec.convention)
-    params = {
-        key: value
-        for key, value in detector.get_params(deep=False).items()
-        if not isinstance(value, np.ndarray)
-    }
-    rows = []
-    ood_scores = {}
-    for ood in oods:
-        scores = detector.score_samples(detector_input(detector, ood.features))
-        ood_scores[ood.spec.label] = scores
-        result = evaluate(
-            id_scores,
-            scores,
+    try:
+        detector = build_detector(detector_spec, encoder, class_embeddings)
+        fit_started = time.perf_counter()
+        labels = train.features.labels if type(detector).requires_labels else None
+        detector.fit(detector_input(detector, train.features), labels)
+        fit_seconds = time.perf_counter() - fit_started
+        score_started = time.perf_counter()
+        id_scores = detector.score_samples(detector_input(detector, test.features))
+        ood_scores = {
+            ood.spec.label: detector.score_samples(detector_input(detector, ood.features))
+            for ood in oods
+        }
+        score_seconds = time.perf_counter() - score_started
+        accuracy = None
+        if hasattr(detector, "predict") and test.features.labels is not None and labels is not None:
+            predictions = detector.predict(detector_input(detector, test.features))
+            accuracy = float(np.mean(predictions == test.features.labels))
+        rows = [
+            metric_row(
+                context,
+                ood_set=ood.spec.label,
+                group=ood.spec.group,
+                ood_fingerprint=ood.fingerprint,
+                result=evaluate(
+                    id_scores,
+                    ood_scores[ood.spec.label],
+                    convention=convention,
+                    tpr=spec.tpr,
+                    bootstrap=spec.bootstrap,
+                    seed=spec.seed,
+                ),
+                fit_seconds=fit_seconds,
+                score_seconds=score_seconds,
+            )
+            for ood in oods
+        ]
+    except Exception as error:  # one failing detector must not lose the rest of the run
+        message = (
+            str(error) if isinstance(error, OodprobeError) else (f"{type(error).__name__}: {error}")
+        )
+        warnings.warn(f"detector {detector_spec.display!r} failed: {message}", stacklevel=2)
+        log(f"  failed: {message}")
+        rows = failed_rows(
+            context,
+            ood_sets=[(o.spec.label, o.spec.group, o.fingerprint) for o in oods],
             convention=convention,
             tpr=spec.tpr,
             bootstrap=spec.bootstrap,
-            seed=spec.seed,
+            error=message,
         )
-        row: dict[str, Any] = {
-            "encoder": encoder.name,
-            "detector": detector_spec.display,
-            "detector_name": detector_spec.name,
-            "detector_params": params,
-            "ood_set": ood.spec.label,
-            "group": ood.spec.group,
-            **{name: getattr(result, name) for name in _METRICS},
-            **{
-                f"{name}_{end}": bound
-                for name in _METRICS
-                for end, bound in zip(
-                    ("low", "high"), result.intervals.get(name, (None, None)), strict=True
-                )
-            },
-            "n_id": result.n_id,
-            "n_ood": result.n_ood,
-            "convention": convention.name,
-            "tpr": spec.tpr,
-            "fpr_positive": convention.positive,
-            "fpr_rule": convention.rule,
-            "aupr_method": convention.aupr_method,
-            "bootstrap": spec.bootstrap,
-            "fit_seconds": round(fit_seconds, 4),
-            "encoder_cache_id": encoder.cache_id,
-            "id_train": spec.id_train.label,
-            "id_test": spec.id_test.label,
-            "id_train_fingerprint": train.dataset.fingerprint(),
-            "id_test_fingerprint": test.dataset.fingerprint(),
-            "ood_fingerprint": ood.dataset.fingerprint(),
-            "n_train": len(train.features),
-        }
-        if type(detector).requires_text:
-            row["prompts"] = spec.prompts if isinstance(spec.prompts, str) else list(spec.prompts)
-            row["class_names"] = list(spec.class_names or train.dataset.class_names or [])
-        rows.append(row)
-    return {
-        "encoder": encoder.name,
-        "detector": detector_spec.display,
-        "rows": rows,
-        "id_scores": id_scores,
-        "ood_scores": ood_scores,
-        "accuracy": accuracy,
-        "test": test,
-        "oods": oods,
-    }
-
-
-def _write_scores(
-    output: Path,
-    encoder_name: str,
-    detector_label: str,
-    test: _Split,
-    oods: list[_Split],
-    part: dict[str, Any],
-) -> None:
-    """Per-sample scores: one CSV per encoder × detector (set, index, source, label, score)."""
-    import csv
-
-    directory = output / "scores" / _slug(encoder_name)
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / f"{_slug(detector_label)}.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["set", "role", "index", "source", "label", "score"])
-        splits = [(test, "id", part["id_scores"])] + [
-            (ood, "ood", part["ood_scores"][ood.spec.label]) for ood in oods
-        ]
-        for split, role, scores in splits:
-            labels = split.features.labels
-            for row, (index, score) in enumerate(zip(split.features.indices, scores, strict=True)):
-                writer.writerow(
-                    [
-                        split.spec.label,
-                        role,
-                        int(index),
-                        split.dataset.describe(int(index)),
-                        "" if labels is None else int(labels[row]),
-                        repr(float(score)),
-                    ]
-                )
-
-
-def _galleries(part: dict[str, Any], size: int) -> list[Any]:
-    """The OOD images that look most in-distribution, and the ID images that look least."""
-    from oodprobe.report.model import Gallery, GalleryImage
-
-    if size <= 0:
-        return []
-    candidates = [
-        (float(score), ood, int(row))
-        for ood in part["oods"]
-        for row, score in enumerate(part["ood_scores"][ood.spec.label])
-    ]
-    candidates.sort(key=lambda item: -item[0])
-    ood_images = [
-        GalleryImage(
-            image=ood.dataset.load(int(ood.features.indices[row])),
-            caption=ood.dataset.describe(int(ood.features.indices[row])),
-            score=score,
-        )
-        for score, ood, row in candidates[:size]
-    ]
-    test: _Split = part["test"]
-    order = np.argsort(part["id_scores"], kind="stable")[:size]
-    id_images = [
-        GalleryImage(
-            image=test.dataset.load(int(test.features.indices[row])),
-            caption=test.dataset.describe(int(test.features.indices[row])),
-            score=float(part["id_scores"][row]),
-        )
-        for row in order
-    ]
-    return [
-        Gallery(
-            title=f"OOD images that look most in-distribution — {part['detector']}",
-            encoder=part["encoder"],
-            detector=part["detector"],
-            images=ood_images,
-        ),
-        Gallery(
-            title=f"ID test images that look most out-of-distribution — {part['detector']}",
-            encoder=part["encoder"],
-            detector=part["detector"],
-            images=id_images,
-        ),
-    ]
-
-
-def _write_outputs(
-    run: BenchmarkRun,
-    parts: list[dict[str, Any]],
-    datasets: dict[str, Any],
-    ood_datasets: list[Any],
-) -> dict[str, Path]:
-    from oodprobe.metrics import get_convention
-    from oodprobe.report import ReportData, ScoreSet, render_html, write_results
-
-    spec = run.spec
-    convention = get_convention(spec.convention)
-    score_sets = [
-        ScoreSet(
-            encoder=part["encoder"],
-            detector=part["detector"],
-            id_scores=part["id_scores"],
-            ood_scores=part["ood_scores"],
-            ood_groups={ood.label: ood.group for ood in spec.ood},
-        )
-        for part in parts
-    ]
-    galleries = [gallery for part in parts for gallery in _galleries(part, spec.gallery_size)]
-    provenance = {
-        "benchmark": spec.name,
-        "description": spec.description,
-        "command": " ".join(sys.argv),
-        "versions": _versions(),
-        "encoders": list(spec.encoders),
-        "detectors": [
-            {"name": d.name, "params": dict(d.params), "label": d.display} for d in spec.detectors
-        ],
-        "id_train": {
-            "spec": spec.id_train.label,
-            "n": len(datasets["id_train"]),
-            "fingerprint": datasets["id_train"].fingerprint(),
-        },
-        "id_test": {
-            "spec": spec.id_test.label,
-            "n": len(datasets["id_test"]),
-            "fingerprint": datasets["id_test"].fingerprint(),
-        },
-        "ood": [
-            {"spec": s.label, "group": s.group, "n": len(d), "fingerprint": d.fingerprint()}
-            for s, d in zip(spec.ood, ood_datasets, strict=True)
-        ],
-        "bootstrap": spec.bootstrap,
-        "seconds": round(run.seconds, 2),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    report = ReportData(
-        title=f"oodprobe benchmark: {spec.name}",
-        rows=run.rows,
-        score_sets=score_sets,
-        galleries=galleries,
-        convention={
-            "name": convention.name,
-            "positive": convention.positive,
-            "rule": convention.rule,
-            "aupr_method": convention.aupr_method,
-            "description": convention.description,
-            "tpr": spec.tpr,
-        },
-        provenance=provenance,
-        id_accuracy=run.id_accuracy,
+        return DetectorOutcome(encoder.name, detector_spec.display, rows, test, oods)
+    return DetectorOutcome(
+        encoder.name,
+        detector_spec.display,
+        rows,
+        test,
+        oods,
+        id_scores=id_scores,
+        ood_scores=ood_scores,
+        accuracy=accuracy,
     )
-    files = dict(write_results(report, run.output_dir))
-    files["report"] = render_html(report, run.output_dir / "report.html")
-    files["scores"] = run.output_dir / "scores"
-    return files

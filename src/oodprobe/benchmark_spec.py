@@ -23,12 +23,25 @@ name = "knn"
 params = { k = 1 }
 ```
 
-Relative folder paths in ``source`` are resolved against the TOML file's folder.
+Relative folder paths in ``source`` are resolved against the TOML file's folder. With one
+folder of ID images, let oodprobe split it (seeded, stratified by class):
+
+```toml
+[id]
+images = { source = "my-photos/", seed = 0 }
+test_fraction = 0.2                # 20% of each class becomes the ID test set
+```
+
+Every value is checked here, when the spec is built, before any image is read: types, ranges,
+names (encoders, detectors, conventions, prompt sets) and each detector's parameters, by the
+detector class itself. The benchmark ``name`` becomes the output folder's name, so it must be a
+plain name (no path separators, no ``..``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -38,11 +51,18 @@ from typing import Any
 from oodprobe.errors import InvalidParameterError, UnknownNameError
 
 GROUPS = ("near", "far")
+SPLIT_PARTS = ("train", "test")
+# a benchmark name is an output folder name: letters, digits and . _ - (not leading), spaces
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]*")
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Where a set of images comes from, and which of them to use."""
+    """Where a set of images comes from, and which of them to use.
+
+    With ``test_fraction``, the selected images are split (seeded by ``seed``, stratified by
+    class) and ``part`` (``train`` or ``test``) names the share this spec takes.
+    """
 
     source: str
     classes: tuple[int | str, ...] | None = None
@@ -51,15 +71,22 @@ class DataSpec:
     name: str | None = None
     group: str = "far"
     seed: int = 0
+    test_fraction: float | None = None
+    part: str | None = None
 
     @property
     def label(self) -> str:
         """The name shown in tables."""
         if self.name:
-            return self.name
-        if self.classes is None:
-            return self.source
-        return f"{self.source}[{','.join(map(str, self.classes))}]"
+            base = self.name
+        elif self.classes is None:
+            base = self.source
+        else:
+            base = f"{self.source}[{','.join(map(str, self.classes))}]"
+        if self.test_fraction is None:
+            return base
+        share = self.test_fraction if self.part == "test" else 1 - self.test_fraction
+        return f"{base} ({self.part} {share:.0%})"
 
     def create(self, download: bool = False) -> Any:
         """Build the ImageDataset this spec names."""
@@ -73,7 +100,12 @@ class DataSpec:
             seed=self.seed,
             download=download,
         )
-        return dataset
+        if self.test_fraction is None:
+            return dataset
+        from oodprobe.data import split_dataset
+
+        train, test = split_dataset(dataset, self.test_fraction, seed=self.seed)
+        return test if self.part == "test" else train
 
 
 @dataclass(frozen=True)
@@ -114,19 +146,32 @@ class BenchmarkSpec:
     description: str = ""
 
     def with_overrides(
-        self, *, encoders: Sequence[str] | None = None, detectors: Sequence[str] | None = None
+        self,
+        *,
+        encoders: Sequence[str] | None = None,
+        detectors: Sequence[str] | None = None,
+        seed: int | None = None,
+        bootstrap: int | None = None,
+        convention: str | None = None,
     ) -> BenchmarkSpec:
-        """A copy with other encoders and/or detectors (``NAME`` or ``NAME:key=value,…``)."""
-        spec = self
+        """A validated copy with other encoders, detectors (``NAME[:key=value,…]``), seed, …."""
+        changes: dict[str, Any] = {}
         if encoders:
-            spec = replace(spec, encoders=tuple(encoders))
+            changes["encoders"] = tuple(encoders)
         if detectors:
-            spec = replace(spec, detectors=tuple(parse_detector_option(d) for d in detectors))
-        return validate(spec)
+            changes["detectors"] = tuple(parse_detector_option(d) for d in detectors)
+        for key, value in (("seed", seed), ("bootstrap", bootstrap), ("convention", convention)):
+            if value is not None:
+                changes[key] = value
+        return validate(replace(self, **changes))
 
 
 def parse_detector_option(text: str) -> DetectorSpec:
-    """``knn`` or ``knn:k=10,temperature=0.1`` → DetectorSpec (values parsed as TOML scalars)."""
+    """``knn`` or ``knn:k=10,temperature=0.1`` → DetectorSpec (values parsed as TOML scalars).
+
+    A value that is not a TOML scalar stays a string (``backend=exact``); the detector class
+    checks names and types when the spec is validated.
+    """
     name, _, options = text.partition(":")
     params: dict[str, Any] = {}
     for item in filter(None, options.split(",")):
@@ -142,6 +187,38 @@ def parse_detector_option(text: str) -> DetectorSpec:
     return DetectorSpec(name=name.strip(), params=params)
 
 
+# --------------------------------------------------------------------------------------------
+# value checks: the one home of the spec's type and range validation
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_int(value: Any, where: str, *, minimum: int | None = None) -> None:
+    if not _is_int(value) or (minimum is not None and value < minimum):
+        wanted = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise InvalidParameterError(f"{where} must be {wanted}, got {value!r}")
+
+
+def _check_str(value: Any, where: str, *, empty: bool = False) -> None:
+    if not isinstance(value, str) or (not empty and not value):
+        raise InvalidParameterError(
+            f"{where} must be a {'' if empty else 'non-empty '}string, got {value!r}"
+        )
+
+
+def _check_str_list(value: Any, where: str) -> None:
+    if not isinstance(value, tuple | list) or not all(
+        isinstance(item, str) and item for item in value
+    ):
+        raise InvalidParameterError(f"{where} must be a list of non-empty strings, got {value!r}")
+
+
 def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
@@ -150,56 +227,166 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None
         )
 
 
-def _as_classes(value: Any, where: str) -> tuple[int | str, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        from oodprobe.data import parse_class_selection
-
-        return tuple(parse_class_selection(value))
-    if isinstance(value, list) and all(isinstance(v, (int, str)) for v in value):
-        return tuple(value)
-    raise InvalidParameterError(
-        f"{where}.classes must be a string like '0-4' or a list, got {value!r}"
-    )
-
-
-def _positive_int(value: Any, where: str) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidParameterError(f"{where} must be a positive integer, got {value!r}")
+def _check_table(value: Any, where: str, example: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidParameterError(f"{where} must be a table like {example}, got {value!r}")
     return value
 
+
+def _check_data(data: DataSpec, where: str) -> None:
+    _check_str(data.source, f"{where}.source")
+    if data.classes is not None and not (
+        isinstance(data.classes, tuple)
+        and data.classes
+        and all(_is_int(c) or (isinstance(c, str) and c) for c in data.classes)
+    ):
+        raise InvalidParameterError(
+            f"{where}.classes must be a string like '0-4' or a list of class indices or names, "
+            f"got {data.classes!r}"
+        )
+    for key in ("per_class", "limit"):
+        if getattr(data, key) is not None:
+            _check_int(getattr(data, key), f"{where}.{key}", minimum=1)
+    if data.name is not None:
+        _check_str(data.name, f"{where}.name")
+    if data.group not in GROUPS:
+        raise InvalidParameterError(f"{where}.group must be 'near' or 'far', got {data.group!r}")
+    _check_int(data.seed, f"{where}.seed")
+    if data.test_fraction is not None:
+        if not _is_number(data.test_fraction) or not 0 < data.test_fraction < 1:
+            raise InvalidParameterError(
+                f"{where}: test_fraction must be a number in (0, 1), got {data.test_fraction!r}"
+            )
+        if data.part not in SPLIT_PARTS:
+            raise InvalidParameterError(
+                f"{where}: part must be 'train' or 'test' with test_fraction, got {data.part!r}"
+            )
+
+
+def _check_name(name: Any) -> None:
+    _check_str(name, "name")
+    if not _PLAIN_NAME.fullmatch(name) or ".." in name:
+        raise InvalidParameterError(
+            f"name {name!r} becomes the output folder's name: use letters, digits, spaces and "
+            f". _ - only (no '/' or '..'), e.g. 'my-benchmark'"
+        )
+
+
+def _check_prompts(prompts: Any) -> None:
+    from oodprobe.encoders.text import PROMPT_SETS
+
+    if isinstance(prompts, str):
+        if prompts not in PROMPT_SETS:
+            raise InvalidParameterError(
+                f"prompts must be one of {', '.join(PROMPT_SETS)} or a list of prompts with "
+                f"'{{}}', got {prompts!r}"
+            )
+        return
+    _check_str_list(prompts, "[id].prompts")
+    if not prompts or any("{}" not in prompt for prompt in prompts):
+        raise InvalidParameterError(
+            f"[id].prompts: each prompt needs a '{{}}' where the class name goes, got {prompts!r}"
+        )
+
+
+def _slug(text: str) -> str:
+    """The file-name form of a label (score CSVs, galleries): one home, shared with the runner."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
+
+
+def validate(spec: BenchmarkSpec) -> BenchmarkSpec:
+    """Check every value of ``spec`` that needs no data or model; return it unchanged.
+
+    Types, ranges, names of encoders, detectors, conventions and prompt sets, each detector's
+    parameters (by its class), and uniqueness of labels; the first problem raises one line.
+    """
+    from oodprobe.encoders import encoder_name_traits
+    from oodprobe.metrics import get_convention
+    from oodprobe.pipeline import check_detector_specs
+
+    _check_name(spec.name)
+    _check_str(spec.description, "description", empty=True)
+    _check_str(spec.convention, "convention")
+    get_convention(spec.convention)
+    if not _is_number(spec.tpr) or not 0 < spec.tpr <= 1:
+        raise InvalidParameterError(
+            f"tpr must be a number in (0, 1], got {spec.tpr!r}; e.g. tpr = 0.95 for FPR@95"
+        )
+    _check_int(spec.bootstrap, "bootstrap", minimum=0)
+    _check_int(spec.seed, "seed")
+    _check_int(spec.gallery_size, "gallery_size", minimum=0)
+    _check_data(spec.id_train, "[id].train")
+    _check_data(spec.id_test, "[id].test")
+    if not spec.ood:
+        raise InvalidParameterError("the benchmark needs at least one OOD set")
+    for index, ood in enumerate(spec.ood):
+        _check_data(ood, f"[[ood]] #{index + 1}")
+    if not spec.encoders:
+        raise InvalidParameterError("the benchmark lists no encoders")
+    _check_str_list(spec.encoders, "encoders")
+    for encoder in spec.encoders:
+        encoder_name_traits(encoder)  # an unknown source raises here, nothing is built
+    if len(set(spec.encoders)) != len(spec.encoders):
+        raise InvalidParameterError(f"encoders must be unique, got {list(spec.encoders)}")
+    if not spec.detectors:
+        raise InvalidParameterError("the benchmark lists no detectors")
+    for index, detector in enumerate(spec.detectors):
+        where = f"[[detectors]] #{index + 1}"
+        _check_str(detector.name, f"{where} name")
+        _check_table(detector.params, f"{where} params", "{ k = 1 }")
+        _check_str(detector.label, f"{where} label", empty=True)
+    check_detector_specs(spec.detectors)
+    labels = [d.display for d in spec.detectors]
+    if len({_slug(label) for label in labels}) != len(labels):
+        raise InvalidParameterError(
+            f"detector labels must be unique (also as file names), got {labels}; "
+            f"give each a distinct 'label'"
+        )
+    ood_labels = [o.label for o in spec.ood]
+    if len(set(ood_labels)) != len(ood_labels):
+        raise InvalidParameterError(f"OOD set names must be unique, got {ood_labels}")
+    if spec.class_names is not None:
+        _check_str_list(spec.class_names, "[id].class_names")
+    _check_prompts(spec.prompts)
+    return spec
+
+
+# --------------------------------------------------------------------------------------------
+# TOML → spec: structure here, values in validate()
 
 _DATA_KEYS = {"source", "classes", "per_class", "limit", "name", "group", "seed"}
 
 
-def _data_spec(table: Any, where: str, base_dir: Path | None) -> DataSpec:
+def _data_spec(table: Any, where: str, base_dir: Path | None, **extra: Any) -> DataSpec:
     if isinstance(table, str):
         table = {"source": table}
-    if not isinstance(table, Mapping):
-        raise InvalidParameterError(f"{where} must be a table with a 'source', got {table!r}")
+    table = _check_table(table, where, '{ source = "folder/" }')
     _check_keys(table, _DATA_KEYS, where)
     source = table.get("source")
-    if not isinstance(source, str) or not source:
-        raise InvalidParameterError(f"{where} needs a 'source' (dataset name or folder)")
+    _check_str(source, f"{where}.source")
     source = os.path.expandvars(source)
     if base_dir is not None and (source.startswith(".") or "/" in source):
         candidate = Path(source).expanduser()
         if not candidate.is_absolute():
             source = str((base_dir / candidate).resolve())
-    group = table.get("group", "far")
-    if group not in GROUPS:
-        raise InvalidParameterError(f"{where}.group must be 'near' or 'far', got {group!r}")
+    classes = table.get("classes")
+    if isinstance(classes, str):
+        from oodprobe.data import parse_class_selection
+
+        classes = parse_class_selection(classes)
+    if classes is not None and not isinstance(classes, list | tuple):
+        raise InvalidParameterError(
+            f"{where}.classes must be a string like '0-4' or a list, got {classes!r}"
+        )
     return DataSpec(
         source=source,
-        classes=_as_classes(table.get("classes"), where),
-        per_class=_positive_int(table.get("per_class"), f"{where}.per_class"),
-        limit=_positive_int(table.get("limit"), f"{where}.limit"),
+        classes=tuple(classes) if classes is not None else None,
+        per_class=table.get("per_class"),
+        limit=table.get("limit"),
         name=table.get("name"),
-        group=group,
-        seed=int(table.get("seed", 0)),
+        group=table.get("group", "far"),
+        seed=table.get("seed", 0),
+        **extra,
     )
 
 
@@ -216,7 +403,59 @@ _TOP_KEYS = {
     "seed",
     "gallery_size",
 }
-_ID_KEYS = {"train", "test", "class_names", "prompts"}
+_ID_KEYS = {"train", "test", "images", "test_fraction", "class_names", "prompts"}
+
+
+def _id_specs(id_table: Mapping[str, Any], base_dir: Path | None) -> tuple[DataSpec, DataSpec]:
+    """``[id]``: ``train`` + ``test``, or ``images`` + ``test_fraction`` (split by oodprobe)."""
+    if "images" in id_table or "test_fraction" in id_table:
+        if "train" in id_table or "test" in id_table:
+            raise InvalidParameterError(
+                "[id] takes either 'train' and 'test', or 'images' with 'test_fraction'"
+            )
+        if "images" not in id_table or "test_fraction" not in id_table:
+            raise InvalidParameterError(
+                "[id] needs both 'images' (the ID data) and 'test_fraction' (e.g. 0.2) to split it"
+            )
+        fraction = id_table["test_fraction"]
+        return (
+            _data_spec(
+                id_table["images"], "[id].images", base_dir, test_fraction=fraction, part="train"
+            ),
+            _data_spec(
+                id_table["images"], "[id].images", base_dir, test_fraction=fraction, part="test"
+            ),
+        )
+    for key in ("train", "test"):
+        if key not in id_table:
+            raise InvalidParameterError(
+                f"[id] needs '{key}' (a dataset name or a table), or 'images' with "
+                f"'test_fraction' to split one set of images"
+            )
+    return (
+        _data_spec(id_table["train"], "[id].train", base_dir),
+        _data_spec(id_table["test"], "[id].test", base_dir),
+    )
+
+
+def _detector_specs(tables: Any) -> tuple[DetectorSpec, ...]:
+    if not isinstance(tables, list):
+        raise InvalidParameterError(
+            f"detectors must be a list of [[detectors]] tables or names, got {tables!r}"
+        )
+    detectors = []
+    for index, table in enumerate(tables):
+        where = f"[[detectors]] #{index + 1}"
+        if isinstance(table, str):
+            detectors.append(parse_detector_option(table))
+            continue
+        table = _check_table(table, where, '{ name = "knn", params = { k = 1 } }')
+        _check_keys(table, {"name", "params", "label"}, where)
+        if "name" not in table:
+            raise InvalidParameterError(f"{where} needs a 'name'")
+        params = _check_table(table.get("params", {}), f"{where} params", "{ k = 1 }")
+        detectors.append(DetectorSpec(table["name"], dict(params), table.get("label", "")))
+    return tuple(detectors)
 
 
 def spec_from_dict(config: Mapping[str, Any], base_dir: Path | None = None) -> BenchmarkSpec:
@@ -226,77 +465,37 @@ def spec_from_dict(config: Mapping[str, Any], base_dir: Path | None = None) -> B
     if not isinstance(id_table, Mapping):
         raise InvalidParameterError("the benchmark config needs an [id] table with train and test")
     _check_keys(id_table, _ID_KEYS, "[id]")
-    for key in ("train", "test"):
-        if key not in id_table:
-            raise InvalidParameterError(f"[id] needs '{key}' (a dataset name or a table)")
+    id_train, id_test = _id_specs(id_table, base_dir)
     ood_tables = config.get("ood")
     if not isinstance(ood_tables, list) or not ood_tables:
         raise InvalidParameterError("the benchmark config needs at least one [[ood]] set")
-    detectors = []
-    for index, table in enumerate(config.get("detectors", [])):
-        if isinstance(table, str):
-            detectors.append(parse_detector_option(table))
-            continue
-        _check_keys(table, {"name", "params", "label"}, f"[[detectors]] #{index + 1}")
-        if "name" not in table:
-            raise InvalidParameterError(f"[[detectors]] #{index + 1} needs a 'name'")
-        detectors.append(
-            DetectorSpec(table["name"], dict(table.get("params", {})), table.get("label", ""))
-        )
     encoders = config.get("encoders", ["efficientnet-lite0"])
     if isinstance(encoders, str):
         encoders = [encoders]
+    _check_str_list(encoders, "encoders")
     prompts = id_table.get("prompts", "ensemble")
     class_names = id_table.get("class_names")
+    if class_names is not None:
+        _check_str_list(class_names, "[id].class_names")
+    if not isinstance(prompts, str):
+        _check_str_list(prompts, "[id].prompts")
     spec = BenchmarkSpec(
-        name=str(config.get("name", "benchmark")),
-        description=str(config.get("description", "")),
-        id_train=_data_spec(id_table["train"], "[id].train", base_dir),
-        id_test=_data_spec(id_table["test"], "[id].test", base_dir),
+        name=config.get("name", "benchmark"),
+        description=config.get("description", ""),
+        id_train=id_train,
+        id_test=id_test,
         ood=tuple(_data_spec(t, f"[[ood]] #{i + 1}", base_dir) for i, t in enumerate(ood_tables)),
         encoders=tuple(encoders),
-        detectors=tuple(detectors),
+        detectors=_detector_specs(config.get("detectors", [])),
         class_names=tuple(class_names) if class_names is not None else None,
         prompts=prompts if isinstance(prompts, str) else tuple(prompts),
-        convention=str(config.get("convention", "oodprobe")),
-        tpr=float(config.get("tpr", 0.95)),
-        bootstrap=int(config.get("bootstrap", 200)),
-        seed=int(config.get("seed", 0)),
-        gallery_size=int(config.get("gallery_size", 12)),
+        convention=config.get("convention", "oodprobe"),
+        tpr=config.get("tpr", 0.95),
+        bootstrap=config.get("bootstrap", 200),
+        seed=config.get("seed", 0),
+        gallery_size=config.get("gallery_size", 12),
     )
     return validate(spec)
-
-
-def validate(spec: BenchmarkSpec) -> BenchmarkSpec:
-    """Cheap checks that need no data or model: names, numbers, duplicates."""
-    from oodprobe.detectors import DETECTORS, detector_names
-    from oodprobe.encoders.text import PROMPT_SETS
-    from oodprobe.metrics import get_convention
-
-    get_convention(spec.convention)
-    if not spec.encoders:
-        raise InvalidParameterError("the benchmark lists no encoders")
-    if not spec.detectors:
-        raise InvalidParameterError("the benchmark lists no detectors")
-    detector_names()  # imports the registry
-    for detector in spec.detectors:
-        if detector.name not in DETECTORS:
-            raise UnknownNameError("detector", detector.name, DETECTORS)
-    labels = [d.display for d in spec.detectors]
-    if len(set(labels)) != len(labels):
-        raise InvalidParameterError(f"detector labels must be unique, got {labels}")
-    ood_labels = [o.label for o in spec.ood]
-    if len(set(ood_labels)) != len(ood_labels):
-        raise InvalidParameterError(f"OOD set names must be unique, got {ood_labels}")
-    if isinstance(spec.prompts, str) and spec.prompts not in PROMPT_SETS:
-        raise InvalidParameterError(
-            f"prompts must be one of {', '.join(PROMPT_SETS)} or a list, got {spec.prompts!r}"
-        )
-    if not 0 < spec.tpr <= 1:
-        raise InvalidParameterError(f"tpr must be in (0, 1], got {spec.tpr}")
-    if spec.bootstrap < 0:
-        raise InvalidParameterError(f"bootstrap must be >= 0, got {spec.bootstrap}")
-    return spec
 
 
 def load_benchmark(path: str | os.PathLike[str]) -> BenchmarkSpec:
