@@ -4,20 +4,56 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+#: ``SkippedImage.index`` of a record made while scanning a folder or file list (a symbolic-link
+#: loop, a dangling link, a second link to a counted file): it names no dataset index.
+SCAN_INDEX = -1
+
 
 @dataclass(frozen=True)
 class SkippedImage:
-    """An image that could not be decoded and was left out of an extraction."""
+    """An image (or a path found while scanning) that was left out of an extraction.
+
+    ``index`` is the dataset index of an image that could not be decoded, or :data:`SCAN_INDEX`
+    (-1) for what a folder scan did not count (see ``ImageDataset.scan_skipped``). ``source`` is
+    printable text (:func:`printable_path`); ``reason`` a short stable phrase.
+    """
 
     index: int
     source: str
     reason: str
+
+
+def printable_path(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
+    """Any OS path as printable, one-line text that every writer (terminal, CSV, JSON) accepts.
+
+    Bytes that are not UTF-8 (held in ``str`` paths as lone surrogates by Python's
+    ``surrogateescape``) become ``\\xNN``; control and other non-printable characters (newline,
+    tab, escape …) become ``\\n``, ``\\t``, ``\\x1b`` … ; everything else, spaces, quotes,
+    leading dashes and non-ASCII letters included, is kept as it is. Display text only: open
+    files by their real path, never by this string.
+    """
+    raw = os.fspath(path)
+    if isinstance(raw, str):
+        try:
+            raw = os.fsencode(raw)
+        except UnicodeEncodeError:  # surrogates that surrogateescape did not make
+            raw = raw.encode("utf-8", "surrogatepass")
+    text = raw.decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def _escape(char: str) -> str:
+    escaped = repr(char)[1:-1]  # '\n', '\t', '\x1b', '\u2028' …
+    return escaped if escaped != char else f"\\x{ord(char):02x}"
 
 
 class ImageDataset(abc.ABC):
@@ -25,13 +61,19 @@ class ImageDataset(abc.ABC):
 
     ``load(i)`` returns an RGB ``PIL.Image`` or raises :class:`oodprobe.errors.DataError` whose
     message contains ``describe(i)`` (the file path for file-backed datasets).
-    ``fingerprint()`` names the ordered contents: it changes whenever any image would.
-    Datasets must be picklable: extraction decodes them in worker processes.
+    ``describe(i)`` is printable text (:func:`printable_path`) even for file names that are
+    not UTF-8 or hold newlines. ``fingerprint()`` names the ordered contents: it changes whenever
+    any image would; it is computed once per dataset object (build a new object to see later
+    changes on disk). ``scan_skipped`` lists what building the dataset left out without losing
+    an image (symbolic-link loops, dangling links, duplicates); extraction reports them in
+    ``FeatureSet.skipped``. Datasets must be picklable: extraction decodes them in worker
+    processes.
     """
 
     name: str
     labels: np.ndarray | None = None
     class_names: tuple[str, ...] | None = None
+    scan_skipped: tuple[SkippedImage, ...] = ()
 
     @abc.abstractmethod
     def __len__(self) -> int: ...
@@ -62,6 +104,9 @@ class SubsetDataset(ImageDataset):
         self.name = parent.name
         self.class_names = parent.class_names
         self.labels = None if parent.labels is None else parent.labels[indices]
+        # What the parent's scan left out stays visible through every view of it.
+        self.scan_skipped = parent.scan_skipped
+        self._fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -73,6 +118,8 @@ class SubsetDataset(ImageDataset):
         return self.parent.describe(int(self.indices[index]))
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256(self.parent.fingerprint().encode())
-        digest.update(self.indices.tobytes())
-        return digest.hexdigest()
+        if self._fingerprint is None:
+            digest = hashlib.sha256(self.parent.fingerprint().encode())
+            digest.update(self.indices.tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import struct
@@ -13,6 +14,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from oodprobe.data.base import printable_path
 from oodprobe.errors import DataError
 
 #: PIL's own decompression-bomb threshold (about 89.5 megapixels), used when none is given.
@@ -30,6 +32,8 @@ REASON_TRUNCATED = "image file is truncated"
 REASON_CORRUPT = "corrupt image data"
 REASON_BOMB = "decompression bomb"
 REASON_UNREADABLE = "cannot read file"
+REASON_DANGLING = "dangling symbolic link"
+REASON_LOOP = "symbolic link loop"
 
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
@@ -64,10 +68,16 @@ def decode_image(
     Zero-byte, truncated, non-image and over-large files (more than ``max_pixels`` pixels,
     default PIL's 89,478,485; checked from the header before any pixel is decoded) raise
     :class:`DecodeError` (a ``DataError``) with a message ``cannot decode SOURCE: REASON``.
-    PIL's ``DecompressionBombWarning`` counts as an error as well. ``name`` replaces the source in
-    messages (useful for bytes).
+    PIL's ``DecompressionBombWarning`` counts as an error as well. A dangling symbolic link and a
+    symbolic-link loop (``a -> b -> a``) are errors with their own reasons. ``name`` replaces
+    the source in messages (useful for bytes); by default a path is shown as
+    :func:`~oodprobe.data.base.printable_path` text, so messages print whatever the file name.
     """
-    label = name if name is not None else ("<bytes>" if isinstance(source, bytes) else str(source))
+    label = (
+        name
+        if name is not None
+        else ("<bytes>" if isinstance(source, bytes) else printable_path(source))
+    )
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     if isinstance(source, bytes):
         if not source:
@@ -77,9 +87,13 @@ def decode_image(
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        raise DecodeError(label, REASON_MISSING) from None
+        raise DecodeError(label, REASON_DANGLING if path.is_symlink() else REASON_MISSING) from None
     except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise DecodeError(label, REASON_LOOP) from None
         raise DecodeError(label, f"{REASON_UNREADABLE}: {error.strerror or error}") from None
+    except ValueError:  # an embedded NUL byte: no OS allows it in a file name
+        raise DecodeError(label, f"{REASON_UNREADABLE}: the path contains a NUL byte") from None
     if path.is_dir():
         raise DecodeError(label, f"{REASON_NOT_IMAGE} (a folder)")
     if size == 0:

@@ -1,17 +1,39 @@
-"""Image files on disk: class-per-subfolder trees, flat folders, and text lists of paths."""
+"""Image files on disk: class-per-subfolder trees, flat folders, and text lists of paths.
+
+How folders are walked (the same rules for every layout):
+
+* Hidden entries (names starting with ``.``) are ignored; so are files without an image
+  extension.
+* Symbolic links are followed, to files and to folders, with these exceptions, each listed as a
+  skip record in ``scan_skipped`` (``SkippedImage(-1, path, reason)``, reported by extraction in
+  ``FeatureSet.skipped``): a link to a folder that is one of its own ancestors (a symbolic-link
+  loop, not followed), a second path to a folder already walked (walked once), a dangling link,
+  a link that loops on itself (``a -> b -> a``), a folder that cannot be read.
+* An image file is counted once: a second path to the same file (same device and inode: a
+  symbolic link or a hard link) is listed as ``same file as FIRST; counted once``. Folders are
+  walked depth first in sorted name order, and the first path found is the one counted (with
+  its class). None of these records loses a decodable image, so ``on_error="raise"`` does not
+  stop on them.
+* Any name the OS allows works (non-UTF-8 bytes, newlines, spaces, quotes, leading dashes):
+  paths are kept as Python ``str`` with ``surrogateescape``; ``describe()``, class names, the
+  dataset name and error messages are printable text (:func:`printable_path`).
+"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
-from collections.abc import Sequence
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from oodprobe.data.base import ImageDataset
-from oodprobe.data.decode import decode_image
+from oodprobe.data.base import SCAN_INDEX, ImageDataset, SkippedImage, printable_path
+from oodprobe.data.decode import REASON_DANGLING, REASON_LOOP, decode_image
 from oodprobe.errors import DataError
 
 #: File extensions (lower case, with the dot) that count as images when scanning folders.
@@ -20,24 +42,137 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 )
 _EXTENSION_LIST = ", ".join(sorted(ext[1:] for ext in IMAGE_EXTENSIONS))
 
+Identity = tuple[int, int]
+
 
 def is_image_file(name: str) -> bool:
     """Whether a file name has an image extension (case-insensitive) and is not hidden."""
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _scan_images(folder: Path, *, recursive: bool) -> list[str]:
-    """Relative POSIX paths of the image files under ``folder``, sorted; hidden entries skipped."""
-    found: list[str] = []
-    if not recursive:
-        with os.scandir(folder) as entries:
-            found = [e.name for e in entries if e.is_file() and is_image_file(e.name)]
-        return sorted(found)
-    for directory, subdirs, files in os.walk(folder, followlinks=True):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-        relative = Path(directory).relative_to(folder)
-        found.extend((relative / f).as_posix() for f in files if is_image_file(f))
-    return sorted(found)
+@dataclass(frozen=True)
+class _Found:
+    """An image file found by a scan, with the stat that the fingerprint hashes."""
+
+    relpath: str
+    size: int
+    mtime_ns: int
+
+
+def _identity(info: os.stat_result) -> Identity | None:
+    # Some network and FUSE file systems report inode 0 for every file: no identity then.
+    return (info.st_dev, info.st_ino) if info.st_ino else None
+
+
+def _join(relative: str, name: str) -> str:
+    return f"{relative}/{name}" if relative else name
+
+
+def _link_problem(error: OSError) -> str:
+    if isinstance(error, FileNotFoundError):
+        return REASON_DANGLING
+    if error.errno == errno.ELOOP:
+        return REASON_LOOP
+    return f"cannot read: {error.strerror or error}"
+
+
+class _Scanner:
+    """Walks folders by the rules in this module's docstring; one scanner per dataset."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.skipped: list[SkippedImage] = []
+        self.counted: dict[Identity, str] = {}  # file identity -> the path that counted
+        self.walked: dict[Identity, str] = {}  # folder identity -> the path walked
+
+    def skip(self, relpath: str, reason: str) -> None:
+        source = printable_path(os.path.join(self.root, relpath))
+        self.skipped.append(SkippedImage(SCAN_INDEX, source, reason))
+
+    def entries(self, relative: str) -> Iterator[tuple[str, os.stat_result | None, bool]]:
+        """``(name, stat, is_folder)`` of the non-hidden entries of a folder, sorted by name.
+
+        ``stat`` (links followed) is None for files that are not images; broken links are
+        recorded as skipped and not yielded.
+        """
+        folder = os.path.join(self.root, relative) if relative else str(self.root)
+        try:
+            with os.scandir(folder) as listing:
+                found = sorted(
+                    (entry for entry in listing if not entry.name.startswith(".")),
+                    key=lambda entry: entry.name,
+                )
+        except OSError as error:
+            self.skip(relative, f"cannot read folder: {error.strerror or error}")
+            return
+        for entry in found:
+            try:
+                if entry.is_symlink():
+                    info = entry.stat()  # follows the link: loops and dangling links fail here
+                    yield entry.name, info, stat.S_ISDIR(info.st_mode)
+                elif entry.is_dir(follow_symlinks=False):
+                    yield entry.name, entry.stat(follow_symlinks=False), True
+                elif is_image_file(entry.name):
+                    yield entry.name, entry.stat(follow_symlinks=False), False
+                else:
+                    yield entry.name, None, False
+            except OSError as error:
+                self.skip(_join(relative, entry.name), _link_problem(error))
+
+    def count(self, relpath: str, info: os.stat_result) -> _Found | None:
+        """The image at ``relpath`` unless the same file was counted already."""
+        identity = _identity(info)
+        if identity is not None:
+            if identity in self.counted:
+                self.skip(
+                    relpath, f"same file as {printable_path(self.counted[identity])}; counted once"
+                )
+                return None
+            self.counted[identity] = relpath
+        return _Found(relpath, info.st_size, info.st_mtime_ns)
+
+    def images(self, relative: str, ancestors: dict[Identity, str]) -> list[_Found]:
+        """Every image under ``relative`` (depth first, sorted by name), relative to the root."""
+        found: list[_Found] = []
+        for name, info, is_folder in self.entries(relative):
+            relpath = _join(relative, name)
+            if info is None:
+                continue
+            if not is_folder:
+                if is_image_file(name) and stat.S_ISREG(info.st_mode):
+                    image = self.count(relpath, info)
+                    if image is not None:
+                        found.append(image)
+                continue
+            identity = _identity(info)
+            if identity is not None and identity in ancestors:
+                target = printable_path(ancestors[identity] or ".")
+                self.skip(relpath, f"{REASON_LOOP} (back to {target}); not followed")
+                continue
+            if identity is not None and identity in self.walked:
+                self.skip(
+                    relpath, f"same folder as {printable_path(self.walked[identity])}; walked once"
+                )
+                continue
+            if identity is not None:
+                self.walked[identity] = relpath
+            inner = {**ancestors, identity: relpath} if identity is not None else ancestors
+            found.extend(self.images(relpath, inner))
+        return found
+
+
+def _fingerprint(kind: str, entries: Sequence[str], labels: np.ndarray | None) -> str:
+    """Hash of the ordered ``relpath\\0size\\0mtime_ns`` entries and the labels."""
+    digest = hashlib.sha256(kind.encode())
+    for entry in entries:
+        digest.update(entry.encode("utf-8", "surrogateescape"))
+    if labels is not None:
+        digest.update(labels.tobytes())
+    return digest.hexdigest()
+
+
+def _entry(image: _Found) -> str:
+    return f"{image.relpath}\0{image.size}\0{image.mtime_ns}\n"
 
 
 def read_class_names_file(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -69,33 +204,28 @@ class _FileDataset(ImageDataset):
     root: str
     relpaths: tuple[str, ...]
     max_pixels: int | None
+    _fingerprint: str
 
     def __len__(self) -> int:
         return len(self.relpaths)
 
     def path(self, index: int) -> str:
-        """Path of image ``index`` (the root joined with its listed path)."""
+        """Path of image ``index`` (the root joined with its listed path), for opening it."""
         return os.path.join(self.root, self.relpaths[index])
 
     def load(self, index: int) -> Image.Image:
-        return decode_image(self.path(index), max_pixels=self.max_pixels)
+        return decode_image(self.path(index), max_pixels=self.max_pixels, name=self.describe(index))
 
     def describe(self, index: int) -> str:
-        return self.path(index)
+        """The path as printable text (see :func:`printable_path`)."""
+        return printable_path(self.path(index))
 
     def fingerprint(self) -> str:
-        """Hash of the ordered (listed path, size, mtime_ns) and the labels; stats files now."""
-        digest = hashlib.sha256(type(self).__name__.encode())
-        for relpath in self.relpaths:
-            try:
-                stat = os.stat(os.path.join(self.root, relpath))
-                entry = f"{relpath}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
-            except OSError:
-                entry = f"{relpath}\0missing\n"
-            digest.update(entry.encode("utf-8", "surrogateescape"))
-        if self.labels is not None:
-            digest.update(self.labels.tobytes())
-        return digest.hexdigest()
+        """Hash of the ordered (listed path, size, mtime_ns) and the labels.
+
+        Taken from the stat made when the dataset was built (one per file, once per object).
+        """
+        return self._fingerprint
 
 
 class ImageFolderDataset(_FileDataset):
@@ -117,46 +247,95 @@ class ImageFolderDataset(_FileDataset):
         max_pixels: int | None = None,
     ) -> None:
         folder = Path(root)
+        shown = printable_path(folder)
         if not folder.exists():
-            raise DataError(f"{folder} does not exist; pass an image folder or a .txt file list")
+            raise DataError(f"{shown} does not exist; pass an image folder or a .txt file list")
         if not folder.is_dir():
-            raise DataError(f"{folder} is not a folder; pass an image folder or a .txt file list")
+            raise DataError(f"{shown} is not a folder; pass an image folder or a .txt file list")
         self.root = str(folder)
-        self.name = name if name is not None else str(root)
+        self.name = printable_path(name if name is not None else root)
         self.max_pixels = max_pixels
-        top_images = _scan_images(folder, recursive=False)
-        class_dirs = sorted(
-            entry.name
-            for entry in os.scandir(folder)
-            if entry.is_dir() and not entry.name.startswith(".")
-        )
+        scanner = _Scanner(folder)
+        top_images: list[_Found] = []
+        class_dirs: list[tuple[str, Identity | None]] = []
+        for entry_name, info, is_folder in scanner.entries(""):
+            if info is None:
+                continue
+            if is_folder:
+                class_dirs.append((entry_name, _identity(info)))
+            elif is_image_file(entry_name) and stat.S_ISREG(info.st_mode):
+                image = scanner.count(entry_name, info)
+                if image is not None:
+                    top_images.append(image)
         if top_images or not class_dirs:
             if not top_images:
                 raise DataError(
-                    f"no images in {folder}: expected image files ({_EXTENSION_LIST}) or one "
+                    f"no images in {shown}: expected image files ({_EXTENSION_LIST}) or one "
                     "subfolder of images per class"
                 )
-            self.relpaths = tuple(top_images)
+            self.relpaths = tuple(image.relpath for image in top_images)
             self.labels = None
             self.class_names = None
             self.folder_names: tuple[str, ...] = ()
+            self.scan_skipped = tuple(scanner.skipped)
+            self._fingerprint = _fingerprint(
+                type(self).__name__, [_entry(image) for image in top_images], None
+            )
             return
-        relpaths: list[str] = []
+        self._scan_classes(folder, scanner, class_dirs, class_names_file)
+
+    def _scan_classes(
+        self,
+        folder: Path,
+        scanner: _Scanner,
+        candidates: list[tuple[str, Identity | None]],
+        class_names_file: str | os.PathLike[str] | None,
+    ) -> None:
+        root_identity = _identity(folder.stat())
+        class_dirs: list[str] = []
+        for class_dir, identity in candidates:
+            if identity is not None and identity == root_identity:
+                scanner.skip(class_dir, f"{REASON_LOOP} (back to .); not followed")
+            elif identity is not None and identity in scanner.walked:
+                first = printable_path(scanner.walked[identity])
+                scanner.skip(class_dir, f"same folder as class folder {first}; not a second class")
+            else:
+                if identity is not None:
+                    scanner.walked[identity] = class_dir
+                class_dirs.append(class_dir)
+        ancestors = {root_identity: ""} if root_identity is not None else {}
+        images: list[_Found] = []
         labels: list[int] = []
         for label, class_dir in enumerate(class_dirs):
-            images = _scan_images(folder / class_dir, recursive=True)
-            if not images:
-                raise DataError(
-                    f"class folder {folder / class_dir} has no images ({_EXTENSION_LIST}); "
-                    "add images to it or remove it"
+            identity = _identity(os.stat(folder / class_dir))
+            inner = {**ancestors, identity: class_dir} if identity is not None else ancestors
+            before = len(scanner.skipped)
+            found = sorted(scanner.images(class_dir, inner), key=lambda image: image.relpath)
+            if not found:
+                lost = scanner.skipped[before:]
+                detail = (
+                    f" of its own ({len(lost)} path(s) skipped, e.g. {lost[0].source}: "
+                    f"{lost[0].reason})"
+                    if lost
+                    else ""
                 )
-            relpaths.extend(f"{class_dir}/{image}" for image in images)
-            labels.extend([label] * len(images))
+                raise DataError(
+                    f"class folder {printable_path(folder / class_dir)} has no images "
+                    f"({_EXTENSION_LIST}){detail}; add images to it or remove it"
+                )
+            images.extend(found)
+            labels.extend([label] * len(found))
         mapping = read_class_names_file(class_names_file) if class_names_file else {}
         self.folder_names = tuple(class_dirs)
-        self.class_names = tuple(mapping.get(d, d.replace("_", " ")) for d in class_dirs)
-        self.relpaths = tuple(relpaths)
+        self.class_names = tuple(
+            printable_path(mapping.get(d, d.replace("_", " "))) for d in class_dirs
+        )
+        self.relpaths = tuple(image.relpath for image in images)
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.scan_skipped = tuple(scanner.skipped)
+        self._fingerprint = _fingerprint(
+            type(self).__name__, [_entry(image) for image in images], self.labels
+        )
 
 
 class FileListDataset(_FileDataset):
@@ -165,7 +344,13 @@ class FileListDataset(_FileDataset):
     Paths are relative to the list's folder (absolute paths are kept). Blank lines and lines
     starting with ``#`` are ignored. A label is a second column separated by a tab, or by
     whitespace when the last word is an integer; either every line has a label or none does.
-    Listed files are not checked up front: a missing one fails at ``load`` (and is skipped).
+    The list is UTF-8 (a byte-order mark is allowed); bytes that are not UTF-8 are kept as the
+    file names they spell (``surrogateescape``), so a list written by ``find`` works whatever
+    the names. A path cannot hold a newline (one path per line) nor begin or end with spaces
+    (they are stripped); a tab ends the path. Each listed file is stat-ed once, when the list is
+    read: a file listed a second time (the same file, by another path too) counts once, at its
+    first line, and the later lines are listed in ``scan_skipped``; a missing file stays in the
+    dataset and fails at ``load`` (a skip record of the extraction).
     """
 
     def __init__(
@@ -177,35 +362,46 @@ class FileListDataset(_FileDataset):
         max_pixels: int | None = None,
     ) -> None:
         list_path = Path(txt_path)
+        shown = printable_path(list_path)
         try:
-            text = list_path.read_text(encoding="utf-8")
+            text = list_path.read_bytes().decode("utf-8", "surrogateescape")
         except FileNotFoundError:
-            raise DataError(
-                f"{list_path} does not exist; pass a text file of image paths"
-            ) from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise DataError(f"cannot read file list {list_path}: {error}") from None
+            raise DataError(f"{shown} does not exist; pass a text file of image paths") from None
+        except OSError as error:
+            raise DataError(f"cannot read file list {shown}: {error.strerror or error}") from None
+        text = text.removeprefix("\ufeff")
         self.root = str(list_path.parent)
-        self.name = name if name is not None else str(txt_path)
+        self.name = printable_path(name if name is not None else txt_path)
         self.max_pixels = max_pixels
-        entries = [_parse_line(line) for line in text.splitlines()]
+        # Split on newlines only: str.splitlines would also cut at characters such as U+2028
+        # that a file name may hold.
+        lines = text.split("\n")
+        for number, line in enumerate(lines, start=1):
+            if "\0" in line:
+                raise DataError(
+                    f"{shown} line {number} holds a NUL byte, which no file name can; "
+                    "save the list as UTF-8 text (not UTF-16)"
+                )
+        entries = [_parse_line(line) for line in lines]
         numbered = [(n, e) for n, e in enumerate(entries, start=1) if e is not None]
         if not numbered:
-            raise DataError(f"file list {list_path} lists no images; write one path per line")
+            raise DataError(f"file list {shown} lists no images; write one path per line")
         with_label = [n for n, (_, label) in numbered if label is not None]
         if with_label and len(with_label) != len(numbered):
             without = next(n for n, (_, label) in numbered if label is None)
             raise DataError(
-                f"{list_path} line {without}: no label, but line {with_label[0]} has one; "
+                f"{shown} line {without}: no label, but line {with_label[0]} has one; "
                 "give every line a label or none"
             )
-        self.relpaths = tuple(path for _, (path, _) in numbered)
+        kept, fingerprint_entries, skipped = self._count_once([e for _, e in numbered])
+        self.relpaths = tuple(path for path, _ in kept)
+        self.scan_skipped = tuple(skipped)
         if with_label:
-            self.labels = np.asarray([label for _, (_, label) in numbered], dtype=np.int64)
-            n_classes = int(self.labels.max()) + 1
+            self.labels = np.asarray([label for _, label in kept], dtype=np.int64)
+            n_classes = int(max(label for _, (_, label) in numbered if label is not None)) + 1
             if class_names is not None and len(class_names) < n_classes:
                 raise DataError(
-                    f"{list_path} has labels up to {n_classes - 1} but only "
+                    f"{shown} has labels up to {n_classes - 1} but only "
                     f"{len(class_names)} class names were given"
                 )
             self.class_names = (
@@ -214,6 +410,38 @@ class FileListDataset(_FileDataset):
         else:
             self.labels = None
             self.class_names = tuple(class_names) if class_names is not None else None
+        self._fingerprint = _fingerprint(type(self).__name__, fingerprint_entries, self.labels)
+
+    def _count_once(
+        self, entries: list[tuple[str, int | None]]
+    ) -> tuple[list[tuple[str, int | None]], list[str], list[SkippedImage]]:
+        """Drop second listings of a file; the fingerprint entries of those kept."""
+        counted: dict[Identity, str] = {}
+        kept: list[tuple[str, int | None]] = []
+        fingerprint_entries: list[str] = []
+        skipped: list[SkippedImage] = []
+        for relpath, label in entries:
+            full = os.path.join(self.root, relpath)
+            try:
+                info = os.stat(full)
+            except (OSError, ValueError):  # fails at load, with its reason, like any bad image
+                kept.append((relpath, label))
+                fingerprint_entries.append(f"{relpath}\0missing\n")
+                continue
+            identity = _identity(info)
+            if identity is not None and identity in counted:
+                first = printable_path(counted[identity])
+                skipped.append(
+                    SkippedImage(
+                        SCAN_INDEX, printable_path(full), f"same file as {first}; counted once"
+                    )
+                )
+                continue
+            if identity is not None:
+                counted[identity] = full
+            kept.append((relpath, label))
+            fingerprint_entries.append(f"{relpath}\0{info.st_size}\0{info.st_mtime_ns}\n")
+        return kept, fingerprint_entries, skipped
 
 
 def _parse_line(line: str) -> tuple[str, int | None] | None:
