@@ -58,16 +58,19 @@ def test_metrics_md_vector_auroc() -> None:
         (0.95, "first", 0.45),
         (0.95, "nearest", 0.45),
         (0.95, "interpolate", 0.45),
+        (0.95, "interp-sklearn", 0.45),  # the point lies on the diagonal: no flat stretch
         # quantile: threshold = 5th smallest ID (index round(0.05*100) = 5) = 5; OOD > 5: 6..49.
         (0.95, "quantile", 0.44),
         # At 0.952 the rules separate. TPR points 0.95 (FPR 0.45) and 0.96 (threshold 4, FPR 0.46):
         (0.952, "first", 0.46),  # first TPR >= 0.952 is 0.96
         (0.952, "nearest", 0.45),  # |0.95 - 0.952| < |0.96 - 0.952|
         (0.952, "interpolate", 0.452),  # on the diagonal FPR = TPR - 0.5
+        (0.952, "interp-sklearn", 0.452),
         (0.952, "quantile", 0.44),  # round(4.8) = 5 -> threshold 5 again
         (0.957, "nearest", 0.46),  # now 0.96 is nearer
         (0.957, "interpolate", 0.457),
         (1.0, "first", 0.5),  # ID 0 kept: OOD 0..49 accepted
+        (1.0, "interp-sklearn", 1.0),  # np.interp at TPR 1: the end of the flat top, (1, 1)
         (0.5, "first", 0.0),  # ID 50..99 only
     ],
 )
@@ -209,6 +212,7 @@ def test_all_scores_tied() -> None:
     for rule in ("first", "nearest"):
         assert fpr_at_tpr([1, 1, 1], [1, 1], rule=rule) == 1.0
     assert fpr_at_tpr([1, 1, 1], [1, 1], rule="interpolate") == pytest.approx(0.95)
+    assert fpr_at_tpr([1, 1, 1], [1, 1], rule="interp-sklearn") == pytest.approx(0.95)
     assert fpr_at_tpr([1, 1, 1], [1, 1], rule="quantile") == 0.0  # strictly above only
     assert aupr([1, 1, 1], [1, 1]) == pytest.approx(0.6)
 
@@ -311,6 +315,17 @@ def deep_knn_fpr(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
     return float(np.sum(ood_scores > threshold) / ood_scores.size)
 
 
+def plp_authors_fpr(id_scores: np.ndarray, ood_scores: np.ndarray, tpr: float = 0.95) -> float:
+    """The PLP authors' ``fpr95_score`` (reference/METRICS.md): ID positive, sklearn defaults."""
+    labels = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
+    fpr, tpr_curve, _ = roc_curve(labels, np.r_[id_scores, ood_scores])  # drop_intermediate=True
+    if all(tpr_curve < tpr):
+        return 0.0
+    if all(tpr_curve >= tpr):
+        return float(min(fpr[tpr_curve >= tpr]))
+    return float(np.interp(tpr, tpr_curve, fpr))
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_openood_and_pytorch_ood_presets_match_their_code_on_continuous_scores(seed: int) -> None:
     rng = np.random.default_rng(seed)
@@ -356,8 +371,8 @@ def test_conventions_table() -> None:
         "openood-v1": ("id", "first", "trapezoid"),
         "pytorch-ood": ("ood", "first", "trapezoid"),
         "mcm": ("id", "nearest", "average_precision"),
-        "plp": ("id", "interpolate", "average_precision"),
-        "clipn": ("id", "interpolate", "average_precision"),
+        "plp": ("id", "interp-sklearn", "average_precision"),
+        "clipn": ("id", "interp-sklearn", "average_precision"),
         "deep-knn": ("id", "quantile", "average_precision"),
     }
     assert all(name == conv.name and conv.description for name, conv in CONVENTIONS.items())
@@ -509,7 +524,8 @@ def test_unknown_names() -> None:
         ),
         (
             lambda: fpr_at_tpr([1.0], [0.0], rule="closest"),  # type: ignore[arg-type]
-            "unknown FPR rule 'closest'; choose from: first, interpolate, nearest, quantile",
+            "unknown FPR rule 'closest'; choose from: first, interp-sklearn, interpolate, nearest, "
+            "quantile",
         ),
         (
             lambda: fpr_at_tpr([1.0], [0.0], positive="in"),  # type: ignore[arg-type]
@@ -521,7 +537,8 @@ def test_unknown_names() -> None:
         ),
         (
             lambda: MetricConvention("mine", "id", "last", "trapezoid"),  # type: ignore[arg-type]
-            "unknown FPR rule 'last'; choose from: first, interpolate, nearest, quantile",
+            "unknown FPR rule 'last'; choose from: first, interp-sklearn, interpolate, nearest, "
+            "quantile",
         ),
     ]
     for call, message in cases:
@@ -543,3 +560,119 @@ def test_invalid_bootstrap_options(options: dict[str, object], message: str) -> 
     with pytest.raises(InvalidParameterError) as raised:
         evaluate([1.0], [0.0], **options)  # type: ignore[arg-type]
     assert str(raised.value) == message
+
+
+# --------------------------------------------------------------------------------------------
+# the PLP authors' FPR rule (interp-sklearn), exactly
+
+
+def test_metrics_md_plp_vector() -> None:
+    # ID 0..19, OOD {0.5, 0.6, 0.7, 30}. Threshold 1 keeps 19 of 20 ID (TPR 0.95 exactly) and
+    # accepts only OOD 30 (FPR 0.25); lowering it past 0.7, 0.6, 0.5 keeps TPR at 0.95 while FPR
+    # climbs to 1.0: a flat stretch at the target. np.interp returns its end.
+    id_scores, ood_scores = np.arange(20.0), np.array([0.5, 0.6, 0.7, 30.0])
+    assert plp_authors_fpr(id_scores, ood_scores) == 1.0
+    assert fpr_at_tpr(id_scores, ood_scores, rule="interp-sklearn") == 1.0
+    assert evaluate(id_scores, ood_scores, convention="plp").fpr == 1.0
+    assert evaluate(id_scores, ood_scores, convention="clipn").fpr == 1.0
+    assert fpr_at_tpr(id_scores, ood_scores, rule="first") == 0.25
+    assert fpr_at_tpr(id_scores, ood_scores, rule="interpolate") == 0.25
+    # Off the stretch the rules agree: at TPR 0.9 (threshold 2) only OOD 30 is accepted.
+    assert fpr_at_tpr(id_scores, ood_scores, tpr=0.9, rule="interp-sklearn") == 0.25
+    # OOD positive ranks by negated scores: swapped and negated inputs give the same curve.
+    assert fpr_at_tpr(-ood_scores, -id_scores, positive="ood", rule="interp-sklearn") == 1.0
+
+
+def _plp_cases() -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(11)
+    cases = []
+    # n_id a multiple of 20 (0.95 n_id an integer: the target is hit exactly), or not; heavy
+    # ties (small integer ranges), light ties (rounded Gaussians) and continuous scores.
+    for n_id, n_ood in ((20, 7), (40, 40), (200, 53), (1000, 1000), (37, 90), (211, 157)):
+        cases.append((rng.integers(0, 15, n_id).astype(float), rng.integers(-5, 10, n_ood) * 1.0))
+        cases.append((np.round(rng.normal(1, 1, n_id), 1), np.round(rng.normal(0, 1, n_ood), 1)))
+        cases.append((rng.normal(1, 1, n_id), rng.normal(0, 1.5, n_ood)))
+    return cases
+
+
+@pytest.mark.parametrize("case", range(18))
+def test_plp_convention_equals_the_authors_code(case: int) -> None:
+    id_scores, ood_scores = _plp_cases()[case]
+    for tpr in (0.95, 0.9, 0.5, 0.999, 1.0, 0.01, 0.975):
+        expected = plp_authors_fpr(id_scores, ood_scores, tpr)
+        assert abs(evaluate(id_scores, ood_scores, convention="plp", tpr=tpr).fpr - expected) <= (
+            1e-12
+        ), tpr
+        mirrored = plp_authors_fpr(-ood_scores, -id_scores, tpr)
+        ood_positive = fpr_at_tpr(
+            id_scores, ood_scores, tpr=tpr, positive="ood", rule="interp-sklearn"
+        )
+        assert abs(ood_positive - mirrored) <= 1e-12, tpr
+
+
+def test_plp_rule_differs_from_first_where_the_target_is_hit_on_a_flat_stretch() -> None:
+    # 0.95 * 1000 = 950 exactly: the authors' value is the end of the flat stretch at TPR 0.95.
+    rng = np.random.default_rng(5)
+    id_scores, ood_scores = rng.normal(1.0, 1.0, 1000), rng.normal(0.0, 1.0, 5000)
+    first = fpr_at_tpr(id_scores, ood_scores, rule="first")
+    authors = plp_authors_fpr(id_scores, ood_scores)
+    threshold = np.sort(id_scores)[::-1][949]  # keeps 950 ID
+    next_id = np.sort(id_scores)[::-1][950]
+    assert first == np.mean(ood_scores >= threshold)
+    assert authors == np.mean(ood_scores > next_id)  # every OOD above the next ID score
+    assert authors > first
+    assert evaluate(id_scores, ood_scores, convention="plp").fpr == authors
+
+
+@settings(max_examples=80, deadline=None)
+@given(tied_scores, tied_scores, st.floats(0.01, 1.0))
+def test_interp_sklearn_equals_the_authors_code_on_tied_scores(
+    id_scores: npt.NDArray[np.float64], ood_scores: npt.NDArray[np.float64], tpr: float
+) -> None:
+    value = fpr_at_tpr(id_scores, ood_scores, tpr=tpr, rule="interp-sklearn")
+    assert abs(value - plp_authors_fpr(id_scores, ood_scores, tpr)) <= 1e-12
+
+
+@pytest.mark.parametrize(("n_id", "n_ood"), [(60, 45), (40, 13), (47, 80), (20, 20)])
+def test_plp_bootstrap_replicates_equal_np_interp_on_the_resampled_arrays(
+    n_id: int, n_ood: int
+) -> None:
+    # The count-based replicates against the authors' code on each resample, rebuilt here:
+    # heavy ties, score values absent from a resample, and 0.95 n_id an integer for 60/40/20.
+    rng = np.random.default_rng(n_id * 1000 + n_ood)
+    id_scores = rng.integers(0, 20, n_id).astype(float)
+    ood_scores = rng.integers(-8, 12, n_ood).astype(float)
+    grouping = _Grouping.of(id_scores, ood_scores)
+    n_rows = 40
+    id_indices = rng.integers(0, n_id, (n_rows, n_id))
+    ood_indices = rng.integers(0, n_ood, (n_rows, n_ood))
+    flat_stretch_rows = 0
+    for tpr in (0.95, 0.9, 0.5, 1.0, 0.05):
+        for name in ("plp", "clipn"):
+            fpr = _replicate_metrics(grouping, id_indices, ood_indices, CONVENTIONS[name], tpr)[
+                "fpr"
+            ]
+            for row in range(n_rows):
+                resampled = id_scores[id_indices[row]], ood_scores[ood_indices[row]]
+                expected = plp_authors_fpr(*resampled, tpr)
+                assert abs(fpr[row] - expected) <= 1e-12, (name, tpr, row)
+                if tpr == 0.95 and expected != fpr_at_tpr(*resampled, rule="interpolate"):
+                    flat_stretch_rows += 1
+    if n_id % 20 == 0:
+        assert flat_stretch_rows > 0  # the case that separates the rules did occur
+    # OOD positive goes through the mirrored counts.
+    mine = MetricConvention("ood-interp", "ood", "interp-sklearn", "average_precision")
+    fpr = _replicate_metrics(grouping, id_indices, ood_indices, mine, 0.95)["fpr"]
+    for row in range(n_rows):
+        resampled = id_scores[id_indices[row]], ood_scores[ood_indices[row]]
+        expected = plp_authors_fpr(-resampled[1], -resampled[0])
+        assert abs(fpr[row] - expected) <= 1e-12, row
+
+
+def test_plp_bootstrap_interval_brackets_the_authors_value() -> None:
+    rng = np.random.default_rng(8)
+    id_scores, ood_scores = np.round(rng.normal(1, 1, 400), 1), np.round(rng.normal(0, 1, 300), 1)
+    result = evaluate(id_scores, ood_scores, convention="plp", bootstrap=300, seed=1)
+    low, high = result.intervals["fpr"]
+    assert result.fpr == plp_authors_fpr(id_scores, ood_scores)
+    assert low <= result.fpr <= high

@@ -9,9 +9,11 @@ convention next to the numbers.
 
 The curves come from ``sklearn.metrics`` (``roc_curve(..., drop_intermediate=False)``: the
 default drops collinear points and, on tied scores, skips the first point that reaches the target
-TPR). Bootstrap replicates are computed from resampling *counts* over the distinct score values,
-so 1000 resamples of 10k + 10k scores take about 1.5 s on one CPU core, not a minute of sorts;
-tests check that each replicate equals the scikit-learn value on the resampled arrays.
+TPR), except for the ``interp-sklearn`` rule of the ``plp`` convention, which is the PLP authors'
+code: ``np.interp(0.95, tpr, fpr)`` on ``roc_curve(labels, scores)`` with its defaults.
+Bootstrap replicates are computed from resampling *counts* over the distinct score values, so
+1000 resamples of 10k + 10k scores take about 1.5 s on one CPU core, not a minute of sorts; tests
+check that each replicate equals the scikit-learn value on the resampled arrays.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ __all__ = [
 ]
 
 Positive: TypeAlias = Literal["id", "ood"]
-FprRule: TypeAlias = Literal["first", "nearest", "interpolate", "quantile"]
+FprRule: TypeAlias = Literal["first", "nearest", "interpolate", "interp-sklearn", "quantile"]
 AuprMethod: TypeAlias = Literal["average_precision", "trapezoid"]
 _Floats: TypeAlias = npt.NDArray[np.float64]
 _Ints: TypeAlias = npt.NDArray[np.int64]
@@ -58,7 +60,7 @@ _Ints: TypeAlias = npt.NDArray[np.int64]
 POSITIVE_CLASSES: tuple[str, ...] = ("id", "ood")
 """``id``: ID is the positive class (FPR = share of OOD accepted). ``ood``: OOD is positive
 (FPR = share of ID rejected); scores are negated so that higher = more OOD."""
-FPR_RULES: tuple[str, ...] = ("first", "nearest", "interpolate", "quantile")
+FPR_RULES: tuple[str, ...] = ("first", "nearest", "interpolate", "interp-sklearn", "quantile")
 """How the operating point at the target TPR is picked; see :func:`fpr_at_tpr`."""
 AUPR_METHODS: tuple[str, ...] = ("average_precision", "trapezoid")
 """``average_precision``: step sum (``sklearn.metrics.average_precision_score``).
@@ -160,8 +162,18 @@ def fpr_at_tpr(
     - ``nearest``: the ROC point whose TPR is nearest ``tpr``; among equally near points the one
       with the largest FPR, and none past the first point with TPR = 1 — as the MCM / energy /
       outlier-exposure reference code (``fpr_and_fdr_at_recall``) does.
-    - ``interpolate``: linear interpolation of the ROC at ``tpr`` (the PLP paper, CLIPN). Equal
-      to ``first`` unless tied scores make a diagonal ROC segment around the target.
+    - ``interpolate``: linear interpolation of the full ROC at ``tpr``; where the curve reaches
+      ``tpr`` exactly, the first (lowest-FPR) point there. Equal to ``first`` unless tied scores
+      make a diagonal ROC segment around the target.
+    - ``interp-sklearn``: the PLP authors' ``fpr95_score`` (also CLIPN's): ``np.interp(tpr,
+      tpr_curve, fpr_curve)`` on ``sklearn.metrics.roc_curve`` with its default
+      ``drop_intermediate=True``. Where the curve is flat at exactly ``tpr`` (OOD scores between
+      two ID scores; possible only when ``tpr * n_pos`` is an integer, as 9500 of 10,000),
+      ``np.interp`` returns the *last* point there, the highest FPR at that TPR; elsewhere it
+      equals ``interpolate``. On ID 0..19 and OOD {0.5, 0.6, 0.7, 30} it gives 1.0 where
+      ``first`` and ``interpolate`` give 0.25 (reference/METRICS.md); at ``tpr=1`` it gives 1.0
+      (the curve's end). Their code's two guards (0 when no point reaches ``tpr``, the smallest
+      FPR when all do) are kept; they cannot fire, as sklearn's curve runs from (0, 0) to TPR 1.
     - ``quantile``: threshold = the ``round((1 - tpr) * n_pos)``-th smallest positive score; FPR =
       share of negatives strictly above it (Deep k-NN, Sun et al., ICML 2022).
 
@@ -174,10 +186,24 @@ def fpr_at_tpr(
         m = min(round((1.0 - target) * positive_scores.size), positive_scores.size - 1)
         threshold = np.partition(positive_scores, m)[m]
         return float(np.count_nonzero(negative_scores > threshold) / negative_scores.size)
+    if rule == "interp-sklearn":
+        return _authors_fpr(positive_scores, negative_scores, target)
     fpr, tpr_curve, _ = roc_curve(
         *_labelled(positive_scores, negative_scores), drop_intermediate=False
     )
     return float(_pick_fpr(fpr[None, :], tpr_curve[None, :], target, rule)[0])
+
+
+def _authors_fpr(positive_scores: Scores, negative_scores: Scores, target: float) -> float:
+    """The PLP authors' ``fpr95_score`` with ``target`` for 0.95: their number, bit for bit."""
+    # roc_curve's default drop_intermediate=True, as they call it (it cannot change np.interp's
+    # value beyond rounding, but this keeps their floats bit for bit).
+    fpr, tpr_curve, _ = roc_curve(*_labelled(positive_scores, negative_scores))
+    if np.all(tpr_curve < target):
+        return 0.0
+    if np.all(tpr_curve >= target):
+        return float(fpr[tpr_curve >= target].min())
+    return float(np.interp(target, tpr_curve, fpr))
 
 
 def _pick_fpr(fpr: _Floats, tpr: _Floats, target: float, rule: str) -> _Floats:
@@ -187,6 +213,8 @@ def _pick_fpr(fpr: _Floats, tpr: _Floats, target: float, rule: str) -> _Floats:
     returns the same value with or without such repeats.
     """
     rows = np.arange(fpr.shape[0])
+    if rule == "interp-sklearn":
+        return _interp_like_numpy(fpr, tpr, target)
     first = np.argmax(tpr >= target, axis=1)  # exists: the last point has TPR = 1 >= target
     if rule == "first":
         return fpr[rows, first]
@@ -206,6 +234,27 @@ def _pick_fpr(fpr: _Floats, tpr: _Floats, target: float, rule: str) -> _Floats:
     distance = np.where(valid, distance, np.inf)
     last_nearest = fpr.shape[1] - 1 - np.argmin(distance[:, ::-1], axis=1)
     return fpr[rows, last_nearest]
+
+
+def _interp_like_numpy(fpr: _Floats, tpr: _Floats, target: float) -> _Floats:
+    """``np.interp(target, tpr[b], fpr[b])`` for every row ``b``, with numpy's own arithmetic.
+
+    numpy takes ``j`` = the last index with ``tpr[j] <= target``: ``fpr[j]`` when ``tpr[j]`` equals
+    the target (so a flat stretch at the target gives its *end*), else the line through ``j`` and
+    ``j + 1``. Repeated points do not change ``j``'s values. Points that sklearn's
+    ``drop_intermediate`` removes are collinear with their neighbours, so the line is the same
+    one; only rounding (~1e-16) can differ from the authors' dropped curve.
+    """
+    rows = np.arange(fpr.shape[0])
+    n_points = fpr.shape[1]
+    last = n_points - 1 - np.argmax((tpr <= target)[:, ::-1], axis=1)  # tpr[:, 0] = 0 <= target
+    following = np.minimum(last + 1, n_points - 1)
+    tpr_0, tpr_1 = tpr[rows, last], tpr[rows, following]
+    fpr_0, fpr_1 = fpr[rows, last], fpr[rows, following]
+    exact = (tpr_0 == target) | (last == n_points - 1)
+    span = np.where(exact, 1.0, tpr_1 - tpr_0)  # > 0 wherever it is used
+    slope = (fpr_1 - fpr_0) / span
+    return np.where(exact, fpr_0, slope * (target - tpr_0) + fpr_0)
 
 
 def aupr(
@@ -267,11 +316,11 @@ _PRESETS = (
      "pytorch-ood OODMetrics: OOD positive, first threshold with TPR >= tpr, trapezoid AUPR"),
     ("mcm", "id", "nearest", "average_precision",
      "MCM / NegLabel / energy-OOD code: ID positive, recall nearest tpr, average precision"),
-    ("plp", "id", "interpolate", "average_precision",
-     "PLP paper: ID positive, ROC linearly interpolated at tpr (AUPR not reported; "
-     "average precision here)"),
-    ("clipn", "id", "interpolate", "average_precision",
-     "CLIPN: ID positive, ROC linearly interpolated at tpr (as plp)"),
+    ("plp", "id", "interp-sklearn", "average_precision",
+     "PLP paper (authors' code): ID positive, np.interp(tpr, tpr_curve, fpr_curve) on sklearn's "
+     "default roc_curve (AUPR not reported; average precision here)"),
+    ("clipn", "id", "interp-sklearn", "average_precision",
+     "CLIPN: ID positive, np.interp on sklearn's default roc_curve (as plp)"),
     ("deep-knn", "id", "quantile", "average_precision",
      "Deep k-NN (Sun et al. 2022): threshold = (1 - tpr) quantile of ID scores, OOD strictly "
      "above it accepted (their AUPR code differs; average precision here)"),
@@ -284,11 +333,14 @@ CONVENTIONS: Mapping[str, MetricConvention] = MappingProxyType(
 detector *accepts*, the number a deployment that keeps 95 % of ID cares about — with the ``first``
 rule, because it reports a threshold that exists: the FPR a deployed detector calibrated at that
 ID acceptance rate would really show. It is the hand-checkable rule of reference/METRICS.md
-(0.45 on its exact vector) and equals the paper's interpolation whenever scores have no ties
-(``plp`` applies the paper's interpolation). Average precision does not interpolate linearly between
-PR points, so it does not overstate AUPR on small sets.
+(0.45 on its exact vector). Without tied scores it equals the PLP authors' rule (``plp``) unless
+``tpr * n_id`` is an integer; then theirs takes the far end of the flat stretch at that TPR (all
+OOD scores between that ID score and the next one accepted, see :func:`fpr_at_tpr`). Average
+precision does not interpolate linearly between PR points, so it does not overstate AUPR on small
+sets.
 
-Known tie effects in the peers' own code, which the presets follow only on tie-free scores:
+``plp`` and ``clipn`` run the authors' code itself, ties included. Known tie effects in the
+other peers' code, which their presets follow only on tie-free scores:
 OpenOOD v1.5 calls ``roc_curve`` with its default ``drop_intermediate=True`` (0.50 instead of
 0.45 on the exact vector); OpenOOD v1.0 thresholds at the ⌊0.95 n⌋-th largest ID score and
 counts OOD strictly above it (0.44; its TPR is ⌊0.95 n⌋/n, not ⌈0.95 n⌉/n, if 0.95 n is
