@@ -18,7 +18,7 @@ from oodprobe.data.arrays import (
     stable_keys,
     stratified_split,
 )
-from oodprobe.data.base import ImageDataset, SkippedImage, SubsetDataset
+from oodprobe.data.base import ImageDataset, SkippedImage, SubsetDataset, printable_path
 from oodprobe.data.builtin import data_home
 from oodprobe.data.cifar import RestrictedUnpickler, load_cifar
 from oodprobe.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
@@ -32,6 +32,7 @@ from oodprobe.data.select import (
     format_class_selection,
     parse_class_selection,
     select_images,
+    split_dataset,
 )
 from oodprobe.errors import DataError, InvalidParameterError, UnknownNameError
 
@@ -55,9 +56,11 @@ __all__ = [
     "list_datasets",
     "load_cifar",
     "parse_class_selection",
+    "printable_path",
     "read_class_names_file",
     "sample_per_class",
     "select_images",
+    "split_dataset",
     "stable_keys",
     "stratified_split",
 ]
@@ -216,7 +219,8 @@ def _from_path(spec: str, class_names_file: str | None) -> ImageDataset:
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(
-            f"{spec} does not exist; pass an image folder, a .txt list of image paths, or a "
+            f"{printable_path(spec)} does not exist; pass an image folder, a .txt list of image "
+            "paths, or a "
             f"built-in dataset ({', '.join(DATASETS)})"
         )
     if path.is_dir():
@@ -227,8 +231,8 @@ def _from_path(spec: str, class_names_file: str | None) -> ImageDataset:
     if path.suffix.lower() == ".txt":
         return FileListDataset(path, name=spec)
     raise DataError(
-        f"{spec} is a file; pass an image folder or a .txt file listing image paths "
-        "(one per line, optional integer label)"
+        f"{printable_path(spec)} is a file; pass an image folder or a .txt file listing image "
+        "paths (one per line, optional integer label)"
     )
 
 
@@ -261,7 +265,7 @@ def create_dataset(
         label = name if split == "all" else f"{name}:{split}"
     elif os.sep in spec or "/" in spec or spec.endswith(".txt") or Path(spec).exists():
         dataset = _from_path(spec, class_names_file)
-        label = spec
+        label = printable_path(spec)
     else:
         raise UnknownNameError("dataset", name, DATASETS)
     return select_images(

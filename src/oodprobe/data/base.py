@@ -39,12 +39,14 @@ def printable_path(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) ->
     leading dashes and non-ASCII letters included, is kept as it is. Display text only: open
     files by their real path, never by this string.
     """
-    raw = os.fspath(path)
-    if isinstance(raw, str):
+    name = os.fspath(path)
+    if isinstance(name, str):
         try:
-            raw = os.fsencode(raw)
+            raw = os.fsencode(name)
         except UnicodeEncodeError:  # surrogates that surrogateescape did not make
-            raw = raw.encode("utf-8", "surrogatepass")
+            raw = name.encode("utf-8", "surrogatepass")
+    else:
+        raw = name
     text = raw.decode("utf-8", "backslashreplace")
     if text.isprintable():
         return text

@@ -1,14 +1,16 @@
-"""Choosing images from a dataset: class selections, seeded per-class samples, limits."""
+"""Choosing images from a dataset: class selections, seeded per-class samples, limits, splits."""
 
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 import re
 from collections.abc import Sequence
 
 import numpy as np
 
-from oodprobe.data.arrays import sample_per_class
+from oodprobe.data.arrays import sample_per_class, stable_keys
 from oodprobe.data.base import ImageDataset
 from oodprobe.errors import DataError, InvalidParameterError
 
@@ -146,3 +148,61 @@ def select_images(
     selected = dataset.subset(indices)
     selected.name = label
     return selected
+
+
+def _test_count(n_images: int, test_fraction: float) -> int:
+    """``round(n * test_fraction)`` (halves up) within ``1 .. n - 1``: both parts get one."""
+    return min(max(math.floor(n_images * test_fraction + 0.5), 1), n_images - 1)
+
+
+def split_dataset(
+    dataset: ImageDataset, test_fraction: float, *, seed: int = 0
+) -> tuple[ImageDataset, ImageDataset]:
+    """Split ``dataset`` into disjoint ``(train, test)`` parts, seeded and stratified by label.
+
+    Labelled: each class of ``n >= 2`` images gives ``round(n * test_fraction)`` of them (halves
+    round up), but at least 1 and at most ``n - 1``, to ``test``, so every such class has images
+    in both parts; a class of a single image goes to ``train`` only (``test`` then lacks that
+    class). Unlabelled: the same rule over the whole dataset; a dataset of fewer than 2 images
+    is a DataError. Which images go to ``test`` depends only on ``seed`` and the labels
+    (SplitMix64 keys, the same on every platform and NumPy version), so a split is reproducible
+    and its cached features are reused. Both parts keep the dataset's order, labels (original
+    indices) and class names; together they hold every image once. What the dataset's scan left
+    out (``scan_skipped``) is listed once, with ``train``. Names record the split, e.g.
+    ``pets (train, test_fraction=0.2, seed=0)``.
+    """
+    if (
+        not isinstance(test_fraction, numbers.Real)
+        or isinstance(test_fraction, bool)
+        or not 0.0 < float(test_fraction) < 1.0
+    ):
+        raise InvalidParameterError(
+            f"test_fraction must be a number between 0 and 1 (both excluded), got {test_fraction!r}"
+        )
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise InvalidParameterError(f"seed must be an integer, got {seed!r}")
+    fraction, seed = float(test_fraction), int(seed)
+    n_images = len(dataset)
+    if n_images < 2:
+        raise DataError(
+            f"cannot split {dataset.name!r} into train and test: it has {n_images} image(s), "
+            "at least 2 are needed"
+        )
+    keys = stable_keys(n_images, seed, salt=3)
+    groups = (
+        [np.arange(n_images)]
+        if dataset.labels is None
+        else [np.flatnonzero(dataset.labels == label) for label in np.unique(dataset.labels)]
+    )
+    is_test = np.zeros(n_images, dtype=bool)
+    for members in groups:
+        if len(members) >= 2:
+            order = members[np.argsort(keys[members], kind="stable")]
+            is_test[order[: _test_count(len(members), fraction)]] = True
+    described = f"test_fraction={fraction:g}, seed={seed}"
+    train = dataset.subset(np.flatnonzero(~is_test))
+    test = dataset.subset(np.flatnonzero(is_test))
+    train.name = f"{dataset.name} (train, {described})"
+    test.name = f"{dataset.name} (test, {described})"
+    train.scan_skipped, test.scan_skipped = dataset.scan_skipped, ()
+    return train, test
