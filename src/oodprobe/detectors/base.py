@@ -104,6 +104,45 @@ def create_detector(name: str, **params: Any) -> Detector:
 
 
 # -- save / load --------------------------------------------------------------------------------
+#
+# A detector file is one safetensors file: the arrays (``param.NAME``, ``state.NAME``) and, in
+# the safetensors metadata, a JSON header (detector name, plain parameters and state, the
+# caller's metadata), its ``sha256`` and, when a key was given, its ``hmac_sha256``.
+#
+# What the two digests guarantee:
+# * ``sha256`` (always) detects *accidental* damage: a truncated copy, a flipped bit. It is no
+#   protection against a deliberate change: anyone who edits the file can recompute it.
+# * ``hmac_sha256`` (with a key) is tamper evidence: HMAC-SHA256 of the same content with a key
+#   only its holders know. Loading *with* the key refuses a file without an HMAC, a file whose
+#   content was changed after signing (even with the sha256 recomputed), and a file signed with
+#   another key. Loading *without* a key checks the sha256 only, so a forged file is accepted.
+#   The HMAC says a key holder wrote this exact file; it does not hide the content, and it does
+#   not stop one signed file from being swapped for another signed with the same key.
+#
+# Whatever the digests say, every loaded value is validated (parameters by the detector class,
+# state names and finiteness, a probe score), so a forged or hand-edited file fails on load in
+# one line, never later at score time. Nothing is ever unpickled.
+
+KEY_ENV = "OODPROBE_DETECTOR_KEY"
+"""Environment variable holding the HMAC key (its UTF-8 bytes) when no ``key`` is passed."""
+
+
+def resolve_detector_key(key: bytes | None) -> bytes | None:
+    """The HMAC key to use: ``key``, else ``$OODPROBE_DETECTOR_KEY`` (UTF-8) if set and non-empty.
+
+    Raises InvalidParameterError for a key that is not non-empty bytes.
+    """
+    if key is None:
+        value = os.environ.get(KEY_ENV)
+        # os.fsencode undoes the surrogate escapes of a non-UTF-8 environment: the raw bytes
+        return os.fsencode(value) if value else None
+    if not isinstance(key, (bytes, bytearray)) or not key:
+        raise InvalidParameterError(
+            f"a detector key must be non-empty bytes, got {type(key).__name__} of length "
+            f"{len(key) if isinstance(key, (bytes, bytearray, str)) else '?'}; pass the bytes of "
+            f"a secret (e.g. Path('key').read_bytes()) or set {KEY_ENV}"
+        )
+    return bytes(key)
 
 
 def _split_arrays(prefix: str, values: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
@@ -125,47 +164,88 @@ def _split_arrays(prefix: str, values: dict[str, Any]) -> tuple[dict[str, np.nda
     return arrays, plain
 
 
-def _digest(arrays: dict[str, np.ndarray], header: str) -> str:
-    digest = hashlib.sha256(header.encode())
+def _feed(update: Callable[[bytes], Any], arrays: dict[str, np.ndarray], header: str) -> None:
+    """Feed the checksummed content (header, then each array's name, dtype, shape and bytes)."""
+    update(header.encode())
     for key in sorted(arrays):
         array = arrays[key]
-        digest.update(f"{key}|{array.dtype.str}|{array.shape}".encode())
-        digest.update(array.tobytes())
+        update(f"{key}|{array.dtype.str}|{array.shape}".encode())
+        update(array.tobytes())
+
+
+def _digest(arrays: dict[str, np.ndarray], header: str) -> str:
+    digest = hashlib.sha256()
+    _feed(digest.update, arrays, header)
     return digest.hexdigest()
 
 
+def _hmac(key: bytes, arrays: dict[str, np.ndarray], header: str) -> str:
+    import hmac
+
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    _feed(mac.update, arrays, header)
+    return mac.hexdigest()
+
+
 def save_detector(
-    detector: Detector, path: str | os.PathLike[str], metadata: dict[str, Any] | None = None
+    detector: Detector,
+    path: str | os.PathLike[str],
+    metadata: dict[str, Any] | None = None,
+    *,
+    key: bytes | None = None,
 ) -> Path:
     """Save a fitted detector atomically to one ``.safetensors`` file (no pickle).
 
-    ``metadata`` (JSON-able, e.g. the encoder and a calibrated threshold) is stored in the
-    checksummed header and returned by :func:`load_detector_with_metadata`.
+    ``metadata`` (JSON-able, finite numbers; e.g. the encoder and a calibrated threshold) is
+    stored in the checksummed header and returned by :func:`load_detector_with_metadata`.
+    The file always carries a sha256 of its content, which detects accidental damage but not a
+    deliberate change (anyone can recompute it). With ``key`` (or ``$OODPROBE_DETECTOR_KEY``)
+    it also carries an HMAC-SHA256 with that key: tamper evidence, checked on load with the key.
     """
     from safetensors.numpy import save_file
     from sklearn.utils.validation import check_is_fitted
 
     check_is_fitted(detector)
+    secret = resolve_detector_key(key)
     path = Path(path)
+    if path.is_dir():
+        raise InvalidParameterError(
+            f"cannot save the detector to {path}: it is a folder; give a file name such as "
+            f"{path / 'detector.safetensors'}"
+        )
     param_arrays, params = _split_arrays("param.", detector.get_params(deep=False))
     state_arrays, state = _split_arrays("state.", detector._get_state())
     arrays = {**param_arrays, **state_arrays}
-    header = json.dumps(
-        {"detector": detector.name, "params": params, "state": state, "metadata": metadata or {}},
-        sort_keys=True,
-    )
-    metadata = {
+    try:
+        header = json.dumps(
+            {
+                "detector": detector.name,
+                "params": params,
+                "state": state,
+                "metadata": metadata or {},
+            },
+            sort_keys=True,
+            allow_nan=False,  # a NaN threshold would reject everything: refuse to write it
+        )
+    except (TypeError, ValueError) as error:
+        raise DetectorFileError(
+            f"cannot save detector {detector.name!r}: its parameters, state or metadata are not "
+            f"plain JSON with finite numbers ({error})"
+        ) from None
+    file_metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
         "header": header,
         "sha256": _digest(arrays, header),
     }
+    if secret is not None:
+        file_metadata["hmac_sha256"] = _hmac(secret, arrays, header)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         # safetensors refuses an empty dict; a marker keeps the format uniform.
-        save_file(arrays or {"_empty": np.zeros(0, np.float32)}, tmp, metadata=metadata)
+        save_file(arrays or {"_empty": np.zeros(0, np.float32)}, tmp, metadata=file_metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -173,29 +253,43 @@ def save_detector(
     return path
 
 
-def load_detector(path: str | os.PathLike[str]) -> Detector:
-    """Load a detector saved by :func:`save_detector`, verifying format, version and checksum."""
-    return load_detector_with_metadata(path)[0]
+def load_detector(path: str | os.PathLike[str], *, key: bytes | None = None) -> Detector:
+    """Load a detector saved by :func:`save_detector`; see :func:`load_detector_with_metadata`."""
+    return load_detector_with_metadata(path, key=key)[0]
 
 
-def load_detector_with_metadata(path: str | os.PathLike[str]) -> tuple[Detector, dict[str, Any]]:
-    """Like :func:`load_detector`, also returning the metadata saved with the detector."""
+def load_detector_with_metadata(
+    path: str | os.PathLike[str], *, key: bytes | None = None
+) -> tuple[Detector, dict[str, Any]]:
+    """Load a detector and the metadata saved with it, verifying and validating everything.
+
+    Checks, each failing with a one-line DetectorFileError naming the file: format and version;
+    the sha256 (accidental damage); with ``key`` (or ``$OODPROBE_DETECTOR_KEY``) the HMAC
+    (tampering: a file without an HMAC, a modified file, another key); then every value: the
+    detector name, its parameters (by the detector class's own checks), state names, finite
+    numbers, and a probe score, so a file missing a state field fails here.
+    Without a key, a file whose content and sha256 were both rewritten is accepted: only the
+    HMAC detects a deliberate change.
+    """
+    import hmac
+
     from safetensors import safe_open
+
+    from oodprobe.errors import OodprobeError
 
     _ensure_registered()
 
+    secret = resolve_detector_key(key)
     path = Path(path)
     if not path.is_file():
         raise DetectorFileError(f"detector file not found: {path}")
     try:
         with safe_open(str(path), framework="np") as handle:
             metadata = handle.metadata() or {}
-            arrays = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except DetectorFileError:
-        raise
+            arrays = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     except Exception as error:  # safetensors raises several types for damaged files
         raise DetectorFileError(
-            f"{path} is not a readable oodprobe detector file ({error}); save it again"
+            f"{path} is not a readable oodprobe detector file ({_one_line(error)}); save it again"
         ) from None
     arrays.pop("_empty", None)
     if metadata.get("format") != FORMAT_NAME:
@@ -208,25 +302,174 @@ def load_detector_with_metadata(path: str | os.PathLike[str]) -> tuple[Detector,
     header = metadata.get("header", "")
     if _digest(arrays, header) != metadata.get("sha256"):
         raise DetectorFileError(f"{path} failed its checksum: the file is damaged or was modified")
-    try:
-        content = json.loads(header)
-        cls = DETECTORS[content["detector"]]
-        params = dict(content["params"])
-        state = dict(content["state"])
-        saved_metadata = dict(content.get("metadata", {}))
-    except (ValueError, KeyError, TypeError) as error:
-        raise DetectorFileError(f"{path} has an invalid header: {error}") from None
-    for key, value in arrays.items():
-        kind, _, attribute = key.partition(".")
+    if secret is not None:
+        recorded = metadata.get("hmac_sha256")
+        if recorded is None:
+            raise DetectorFileError(
+                f"{path} has no HMAC: it was saved without a key, so a key cannot verify it; "
+                f"save it again with the key, or load it without one (checksum only)"
+            )
+        expected = _hmac(secret, arrays, header)
+        if not hmac.compare_digest(expected.encode(), recorded.encode("utf-8", "replace")):
+            raise DetectorFileError(
+                f"{path} failed its HMAC check: modified, or signed with another key"
+            )
+    cls, params, state, saved_metadata = _parse_header(path, header)
+    for name, value in arrays.items():
+        kind, _, attribute = name.partition(".")
+        if kind not in ("param", "state") or not attribute:
+            raise DetectorFileError(f"{path} has an unexpected array {name!r}; save it again")
         (params if kind == "param" else state)[attribute] = value
+    _check_loaded_params(path, cls, params)
+    _check_loaded_state(path, cls, state)
     try:
         detector = cls(**params)
-    except TypeError as error:
+        detector._set_state(state)
+    except OodprobeError as error:
+        raise DetectorFileError(f"{path} holds an invalid {cls.name} detector: {error}") from None
+    except (TypeError, ValueError) as error:
         raise DetectorFileError(
-            f"{path} has parameters {cls.name!r} does not accept: {error}"
+            f"{path} holds an invalid {cls.name} detector: {_one_line(error)}"
         ) from None
-    detector._set_state(state)
+    _probe(path, detector, state)
     return detector, saved_metadata
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _parse_header(
+    path: Path, header: str
+) -> tuple[type[Detector], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(class, plain params, plain state, metadata) from the header, each of the right type."""
+    try:
+        content = json.loads(header)
+    except ValueError as error:
+        raise DetectorFileError(f"{path} has an invalid header: {error}") from None
+    if not isinstance(content, dict):
+        raise DetectorFileError(f"{path} has an invalid header: not a JSON object")
+    for field, kind in (("detector", str), ("params", dict), ("state", dict), ("metadata", dict)):
+        if not isinstance(content.get(field), kind):
+            raise DetectorFileError(
+                f"{path} has an invalid header: {field!r} must be a JSON "
+                f"{'string' if kind is str else 'object'}, got {content.get(field)!r:.60}"
+            )
+    cls = DETECTORS.get(content["detector"])
+    if cls is None:
+        raise DetectorFileError(
+            f"{path} holds a detector {content['detector']!r} this oodprobe does not have; "
+            f"choose from: {', '.join(sorted(DETECTORS))}"
+        )
+    return cls, dict(content["params"]), dict(content["state"]), dict(content["metadata"])
+
+
+def _check_loaded_params(path: Path, cls: type[Detector], params: dict[str, Any]) -> None:
+    """Exactly the class's parameters, valid by its own checks; runner arrays finite."""
+    expected = set(cls._get_param_names())
+    missing, unknown = sorted(expected - set(params)), sorted(set(params) - expected)
+    if missing or unknown:
+        problem = "; ".join(
+            text
+            for text in (
+                f"missing parameter(s) {', '.join(missing)}" if missing else "",
+                f"unknown parameter(s) {', '.join(unknown)}" if unknown else "",
+            )
+            if text
+        )
+        raise DetectorFileError(
+            f"{path} does not hold a valid {cls.name} detector: {problem}; refit and save it"
+        )
+    runner = frozenset(getattr(cls, "runner_params", frozenset()))
+    for name in sorted(runner & set(params)):
+        value = params[name]
+        if value is not None and not (isinstance(value, np.ndarray) and _finite(value)):
+            raise DetectorFileError(
+                f"{path} holds an invalid {cls.name} detector: parameter {name} must be a finite "
+                f"array, got {_describe(value)}"
+            )
+    from oodprobe.errors import OodprobeError
+
+    check_params = getattr(cls, "check_params", None)  # Detector.check_params, the one home
+    if check_params is None:
+        return
+    try:
+        check_params(params, runner=True)  # the class's own checks, as for a user's params
+    except OodprobeError as error:
+        raise DetectorFileError(f"{path} holds an invalid {cls.name} detector: {error}") from None
+
+
+def _check_loaded_state(path: Path, cls: type[Detector], state: dict[str, Any]) -> None:
+    """State names are fitted-attribute names the class does not define; numbers are finite."""
+    for name, value in state.items():
+        if (
+            not name.isidentifier()
+            or not name.endswith("_")
+            or name.startswith("_")
+            or hasattr(cls, name)
+        ):
+            raise DetectorFileError(
+                f"{path} holds an invalid {cls.name} detector: {name!r} is not a state field"
+            )
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            continue
+        if isinstance(value, float) and not np.isfinite(value):
+            raise DetectorFileError(
+                f"{path} holds an invalid {cls.name} detector: state field {name} is {value}"
+            )
+        if isinstance(value, np.ndarray) and not _finite(value):
+            raise DetectorFileError(
+                f"{path} holds an invalid {cls.name} detector: state field {name} has non-finite "
+                f"values (NaN or infinity)"
+            )
+    n_dims = state.get("n_dims_")
+    if n_dims is None:
+        raise DetectorFileError(
+            f"{path} holds an invalid {cls.name} detector: missing state field n_dims_; refit "
+            f"and save it"
+        )
+    if isinstance(n_dims, bool) or not isinstance(n_dims, int) or n_dims < 1:
+        raise DetectorFileError(
+            f"{path} holds an invalid {cls.name} detector: state field n_dims_ must be an "
+            f"integer >= 1, got {n_dims!r}"
+        )
+
+
+def _probe(path: Path, detector: Detector, state: dict[str, Any]) -> None:
+    """Score two rows now, so a missing or misshapen state field fails on load, not later."""
+    import warnings
+
+    probe = np.ones((2, int(state["n_dims_"])), dtype=np.float32)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scores = np.asarray(detector.score_samples(probe))
+    except AttributeError as error:
+        field = f"state field {error.name}" if error.name else _one_line(error)
+        raise DetectorFileError(
+            f"{path} holds an invalid {detector.name} detector: missing {field}; refit and save it"
+        ) from None
+    except Exception as error:  # any failure here is the file's: its state does not fit
+        raise DetectorFileError(
+            f"{path} holds an invalid {detector.name} detector: its state does not score "
+            f"({type(error).__name__}: {_one_line(error)}); refit and save it"
+        ) from None
+    if scores.shape != (2,):
+        raise DetectorFileError(
+            f"{path} holds an invalid {detector.name} detector: it scores 2 rows as an array of "
+            f"shape {scores.shape}; refit and save it"
+        )
+
+
+def _finite(array: np.ndarray) -> bool:
+    """Whether a numeric array holds no NaN or infinity (integer and byte arrays always do)."""
+    return not np.issubdtype(array.dtype, np.inexact) or bool(np.isfinite(array).all())
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array with non-finite values"
+    return f"{type(value).__name__} {value!r:.40}"
 
 
 def detector_names(predicate: Callable[[type[Detector]], bool] | None = None) -> list[str]:
