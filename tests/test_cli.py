@@ -72,14 +72,87 @@ def test_help_lists_the_commands_without_importing_torch() -> None:
         assert command in result.stdout
 
 
-def test_detectors_lists_every_registered_detector(capsys: pytest.CaptureFixture[str]) -> None:
+def _help_options(out: str) -> dict[str, str]:
+    """``--option`` -> its line in a command's --help (rich panel rows start with '│')."""
+    options = {}
+    for line in out.splitlines():
+        names = [token for token in line.split() if token.startswith("--")]
+        if line.startswith("│") and names:
+            options[names[0]] = line
+    return options
+
+
+def test_help_shows_choices_as_choices(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from oodprobe.benchmark_spec import benchmark_names
+    from oodprobe.metrics import CONVENTIONS
+
+    monkeypatch.setenv("COLUMNS", "250")  # one line per option: the choices stay whole
+    code, out, _ = _run(capsys, "bench", "--help")
+    assert code == 0
+    lines = _help_options(out)
+    assert f"<{'|'.join(benchmark_names())}>" in lines["--preset"]
+    assert f"<{'|'.join(CONVENTIONS)}>" in lines["--convention"]
+    assert "<ensemble|single>" in lines["--prompts"]
+    assert "[auto|cpu|cuda|cuda:N|mps]" in lines["--device"]
+    assert "<auto|fp32|fp16|bf16>" in lines["--precision"]
+    for option in ("--seed", "--workers", "--bootstrap"):
+        assert option in lines
+    code, out, _ = _run(capsys, "extract", "--help")
+    assert code == 0 and "<skip|raise>" in out
+    for command in ("fit", "score"):
+        code, out, _ = _run(capsys, command, "--help")
+        options = _help_options(out)
+        assert "<ensemble|single>" in options.get("--prompts", "<ensemble|single>")
+        for option in ("--download", "--workers", "--precision", "--key-file", "--device"):
+            assert option in options, (command, option)
+    assert {"--class-names", "--prompts"} <= set(_help_options(_run(capsys, "fit", "--help")[1]))
+
+
+def test_the_choices_in_help_are_the_librarys() -> None:
+    """The CLI spells some names (building --help must not import torch); they must agree."""
+    from typing import get_args
+
+    from oodprobe import cli
+    from oodprobe.benchmark_spec import benchmark_names
+    from oodprobe.encoders.text import PROMPT_SETS
+    from oodprobe.features import OnError, Precision
+    from oodprobe.metrics import CONVENTIONS
+
+    assert get_args(Precision) == cli.PRECISIONS
+    assert get_args(OnError) == cli.ON_ERROR
+    assert tuple(CONVENTIONS) == cli.CONVENTION_NAMES
+    assert tuple(PROMPT_SETS) == cli.PROMPT_SET_NAMES
+    assert get_args(cli.PresetName) == tuple(benchmark_names())
+
+
+def test_detectors_lists_each_detector_with_its_parameters(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from oodprobe.detectors import DETECTORS
 
     code, out, _ = _run(capsys, "detectors")
     assert code == 0
-    for name in DETECTORS:
-        assert name in out
-    assert "offline-default" in out
+    blocks = {
+        block.splitlines()[0].split(":")[0]: block.splitlines() for block in out.split("\n\n")[1:-1]
+    }
+    assert list(blocks) == list(DETECTORS)
+    for name, cls in DETECTORS.items():
+        params = cls.param_info()
+        lines = blocks[name][2:]  # after the summary and the "needs: …; scores: …" line
+        assert len(lines) == max(1, len(params)), lines
+        for line, info in zip(lines, params, strict=False):
+            # one whole line per parameter, "    name=default   allowed": nothing folds
+            setting, _, allowed = line.strip().partition(" ")
+            assert setting.partition("=")[0] == info.name
+            assert allowed.strip() == info.allowed
+            assert info.name not in cls.runner_params
+    knn = {line.split("=")[0].strip(): line for line in blocks["knn"][2:]}
+    assert knn["k"].startswith(f"    k={DETECTORS['knn']().k} ")  # the constructor's default
+    assert out.splitlines()[-1].startswith(
+        "benchmark presets (oodprobe bench --preset NAME): offline-default"
+    )
 
 
 def test_extract_prints_path_and_shape_then_reads_the_cache(
@@ -132,10 +205,47 @@ def test_extract_lists_skipped_files(
         (["extract", "/no/such/folder"], "/no/such/folder"),
         (["extract", "mnist-5k", "--encoder", "nope"], "unknown encoder 'nope'"),
         (["extract", "no-such-dataset"], "no-such-dataset"),
-        (["bench", "--preset", "nope"], "unknown benchmark preset 'nope'"),
+        (
+            ["bench", "--preset", "nope"],
+            "error: Invalid value for '--preset': 'nope' is not one of 'offline-default', "
+            "'cifar10', 'cifar100', 'imagenet'. (see 'oodprobe bench --help')",
+        ),
+        (
+            ["extract", "mnist-5k", "--device", "gpu"],
+            "error: Invalid value for '--device': 'gpu' is not one of auto, cpu, cuda, cuda:N, "
+            "mps (see 'oodprobe extract --help')",
+        ),
+        (
+            ["extract", "mnist-5k", "--precision", "fp8"],
+            "error: Invalid value for '--precision': 'fp8' is not one of 'auto', 'fp32', "
+            "'fp16', 'bf16'. (see 'oodprobe extract --help')",
+        ),
+        (
+            ["extract", "mnist-5k", "--on-error", "keep"],
+            "error: Invalid value for '--on-error': 'keep' is not one of 'skip', 'raise'. "
+            "(see 'oodprobe extract --help')",
+        ),
+        (
+            ["bench", "--workers", "-1"],
+            "error: Invalid value for '--workers': Input should be greater than or equal to 0 "
+            "(see 'oodprobe bench --help')",
+        ),
+        (
+            ["bench", "--prompts", "many"],
+            "error: Invalid value for '--prompts': 'many' is not one of 'ensemble', 'single'. "
+            "(see 'oodprobe bench --help')",
+        ),
+        (
+            ["fit", "mnist-5k", "-o", "d.safetensors", "--key-file", "/no/key"],
+            "error: cannot read --key-file /no/key: No such file or directory",
+        ),
         (["bench", "/no/such.toml"], "benchmark config not found: /no/such.toml"),
         (["bench", "--detector", "knnn"], "unknown detector 'knnn'; choose from:"),
-        (["bench", "--convention", "mine"], "unknown"),
+        (
+            ["bench", "--convention", "mine"],
+            "error: Invalid value for '--convention': 'mine' is not one of 'oodprobe', 'openood', "
+            "'openood-v1', 'pytorch-ood', 'mcm', 'plp', 'clipn', 'deep-knn'. (see 'oodprobe bench --help')",
+        ),
         (
             ["score", "mnist-5k", "--detector-file", "/no/file.safetensors"],
             "detector file not found: /no/file.safetensors",
@@ -147,7 +257,126 @@ def test_user_errors_are_one_line_with_exit_code_1(
 ) -> None:
     code, _, err = _run(capsys, *args)
     assert code == 1
-    assert message in _one_error_line(err)
+    line = _one_error_line(err)
+    assert line == message if message.startswith("error: ") else message in line
+
+
+def test_an_output_that_is_a_folder_is_refused_before_any_work(
+    capsys: pytest.CaptureFixture[str], digit_folders: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    cache = tmp_path / "cache"
+    code, _, err = _run(
+        capsys, "fit", str(digit_folders["fit"]), "-o", str(folder), "--cache-dir", str(cache)
+    )
+    assert code == 1
+    assert _one_error_line(err) == (
+        f"error: --output {folder} is a directory; give a file path, e.g. "
+        f"{folder / 'detector.safetensors'}"
+    )
+    code, _, err = _run(
+        capsys,
+        "score",
+        str(digit_folders["ood"]),
+        "-d",
+        str(tmp_path / "detector.safetensors"),
+        "-o",
+        str(folder),
+        "--cache-dir",
+        str(cache),
+    )
+    assert code == 1
+    assert _one_error_line(err) == (
+        f"error: --output {folder} is a directory; give a file path, e.g. {folder / 'scores.csv'}"
+    )
+    assert not cache.exists()  # nothing was extracted
+
+
+def test_an_empty_key_file_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("\n")
+    code, _, err = _run(
+        capsys,
+        "score",
+        "mnist-5k",
+        "-d",
+        str(tmp_path / "d.safetensors"),
+        "--key-file",
+        str(key_file),
+    )
+    assert code == 1
+    assert _one_error_line(err) == (
+        f"error: --key-file {key_file} is empty; write a secret into it, e.g. "
+        f"'openssl rand -hex 32 > {key_file}'"
+    )
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU"
+)
+def test_a_missing_gpu_is_one_line_before_any_work(
+    capsys: pytest.CaptureFixture[str], digit_folders: dict[str, Path], tmp_path: Path
+) -> None:
+    for command in (
+        ["extract", str(digit_folders["flat"])],
+        ["bench"],
+        ["fit", str(digit_folders["fit"]), "-o", str(tmp_path / "d.safetensors")],
+        ["score", str(digit_folders["flat"]), "-d", str(tmp_path / "d.safetensors")],
+    ):
+        code, _, err = _run(
+            capsys, *command, "--device", "cuda", "--cache-dir", str(tmp_path / "cache")
+        )
+        assert code == 1, command
+        assert _one_error_line(err) == (
+            "error: device 'cuda' was requested but no CUDA GPU is available; use --device "
+            "auto or cpu"
+        )
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_library_error_while_options_are_parsed_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import oodprobe.pipeline
+    from oodprobe.errors import InvalidParameterError
+
+    def refuse(device: str) -> str:
+        raise InvalidParameterError(f"device {device!r} is busy")
+
+    monkeypatch.setattr(oodprobe.pipeline, "check_device", refuse)
+    code, _, err = _run(capsys, "extract", "mnist-5k", "--device", "cpu")
+    assert (code, _one_error_line(err)) == (1, "error: device 'cpu' is busy")
+
+
+def test_warnings_are_one_line_each_and_shown_once(capsys: pytest.CaptureFixture[str]) -> None:
+    import warnings
+
+    from oodprobe.cli import _one_line_warnings
+
+    before = warnings.showwarning
+    with _one_line_warnings():
+        for _ in range(3):
+            warnings.warn("class 'cat' lost 2 images", stacklevel=1)
+        warnings.warn("a second\nmessage  spread out", RuntimeWarning, stacklevel=1)
+        warnings.warn("old API", DeprecationWarning, stacklevel=1)  # hidden, as by default
+    assert warnings.showwarning is before
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: class 'cat' lost 2 images",
+        "warning: a second message spread out",
+    ]
+
+
+def test_class_names_come_from_a_list_or_a_file(tmp_path: Path) -> None:
+    from oodprobe.cli import _class_names
+    from oodprobe.errors import InvalidParameterError
+
+    assert _class_names("cat, dog ,bird") == ["cat", "dog", "bird"]
+    names = tmp_path / "names.txt"
+    names.write_text("tench\ngoldfish, Carassius auratus\n\n")
+    assert _class_names(str(names)) == ["tench", "goldfish, Carassius auratus"]
+    with pytest.raises(InvalidParameterError, match="holds no names"):
+        _class_names(" , ")
 
 
 def _write_config(path: Path, body: str) -> Path:

@@ -7,14 +7,19 @@ is a bug and shows its traceback.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
+import re
 import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
-from oodprobe.errors import DataError, OodprobeError
+from oodprobe.errors import DataError, InvalidParameterError, OodprobeError
 
 app = typer.Typer(
     name="oodprobe",
@@ -23,6 +28,90 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+# Choices shown in --help. Building the app (as `oodprobe --help` does) must not import torch or
+# scikit-learn, so the names of heavy modules are spelled here and a test keeps them equal to
+# the library's (oodprobe.features.Precision/OnError, metrics.CONVENTIONS, text.PROMPT_SETS);
+# the presets come from their light registry.
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+ON_ERROR = ("skip", "raise")
+CONVENTION_NAMES = (
+    "oodprobe",
+    "openood",
+    "openood-v1",
+    "pytorch-ood",
+    "mcm",
+    "plp",
+    "clipn",
+    "deep-knn",
+)
+PROMPT_SET_NAMES = ("ensemble", "single")
+if TYPE_CHECKING:
+    Precision = str
+    OnError = str
+    ConventionName = str
+    PresetName = str
+    PromptSetName = str
+else:
+    from oodprobe.benchmark_spec import benchmark_names
+
+    Precision = Literal[PRECISIONS]
+    OnError = Literal[ON_ERROR]
+    ConventionName = Literal[CONVENTION_NAMES]
+    PresetName = Literal[tuple(benchmark_names())]
+    PromptSetName = Literal[PROMPT_SET_NAMES]
+
+SKIPPED_SHOWN = 5
+"""How many skipped images fit/score/bench list by path (extract lists more, and has --json)."""
+DEVICE_CHOICES = "[auto|cpu|cuda|cuda:N|mps]"
+
+
+def _check_device(device: str) -> str:
+    """``--device``: refused while the options are parsed (before any work) if malformed or
+    absent from this machine."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", device):
+        raise typer.BadParameter(f"{device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    from oodprobe.pipeline import check_device
+
+    return check_device(device)
+
+
+DeviceOption = Annotated[
+    str,
+    typer.Option(
+        metavar=DEVICE_CHOICES,
+        callback=_check_device,
+        help="Where the encoder runs (auto: cuda, else mps, else cpu)",
+    ),
+]
+PrecisionOption = Annotated[Precision, typer.Option(help="Encoder precision (auto: fp16 on a GPU)")]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(min=0, help="Image-decoding worker processes (default: spare cores; 0: none)"),
+]
+PromptsOption = Annotated[
+    PromptSetName | None,
+    typer.Option(
+        help="Prompt templates for text detectors (default: the config's, else ensemble)",
+    ),
+]
+ClassNamesOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Class names for text detectors, in label order: a file with one name per line, "
+        "or a comma-separated list (default: the dataset's names)"
+    ),
+]
+DownloadOption = Annotated[
+    bool, typer.Option(help="Allow downloading a built-in dataset that is not on disk")
+]
+KeyFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="File holding a secret key: the detector file gets (fit) or must carry (score) a "
+        "matching HMAC-SHA256 tamper-evidence tag; default: $OODPROBE_DETECTOR_KEY if set"
+    ),
+]
 
 
 def _console(stderr: bool = False) -> Any:
@@ -33,6 +122,91 @@ def _console(stderr: bool = False) -> Any:
         # piped or redirected: rich would assume 80 columns and fold the results table
         console = Console(stderr=stderr, highlight=False, width=200)
     return console
+
+
+def _print_skipped(
+    console: Any, skipped: Sequence[Any], where: str = "", shown: int = SKIPPED_SHOWN
+) -> None:
+    """``skipped N undecodable image(s)[ of WHERE]:`` and the first ``shown``, one per line."""
+    from rich.markup import escape
+
+    if not skipped:
+        return
+    of = f" of {escape(where)}" if where else ""
+    console.print(f"[yellow]skipped {len(skipped)} undecodable image(s){of}:[/]")
+    for item in skipped[:shown]:
+        # soft_wrap: a long path stays on one line when piped; escape: '[...]' in a file name
+        console.print(f"  {escape(item.source)}: {escape(item.reason)}", soft_wrap=True)
+    if len(skipped) > shown:
+        console.print(f"  … and {len(skipped) - shown} more", soft_wrap=True)
+
+
+def _check_output_file(path: Path, example: str) -> None:
+    """Refuse an output that is a folder before any work (the command writes one file)."""
+    if path.is_dir():
+        raise InvalidParameterError(
+            f"--output {path} is a directory; give a file path, e.g. {path / example}"
+        )
+
+
+def _class_names(value: str | None) -> list[str] | None:
+    """``--class-names``: an existing file holds one name per line; otherwise a comma list."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise InvalidParameterError(f"cannot read --class-names {path}: {error}") from None
+        names = [line.strip() for line in lines if line.strip()]
+    else:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise InvalidParameterError(
+            f"--class-names {value!r} holds no names; give a comma-separated list or a file "
+            "with one name per line"
+        )
+    return names
+
+
+def _read_key(path: Path | None) -> bytes | None:
+    """The secret of ``--key-file`` (trailing newline dropped); None: the library's default."""
+    if path is None:
+        return None
+    try:
+        key = path.read_bytes().rstrip(b"\r\n")
+    except OSError as error:
+        raise InvalidParameterError(
+            f"cannot read --key-file {path}: {error.strerror or error}"
+        ) from None
+    if not key:
+        raise InvalidParameterError(
+            f"--key-file {path} is empty; write a secret into it, e.g. "
+            f"'openssl rand -hex 32 > {path}'"
+        )
+    return key
+
+
+def _call(function: Callable[..., Any], *args: Any, **options: Any) -> Any:
+    """``function(*args, **options)``, leaving out options it does not take yet.
+
+    Transitional: the library gains some options in this change (precision, num_workers, key,
+    …). An option left at its default is dropped quietly; one the user set is refused in one
+    line rather than ignored.
+    """
+    accepted = inspect.signature(function).parameters
+    passed = {name: value for name, value in options.items() if name in accepted}
+    refused = [
+        name
+        for name, value in options.items()
+        if name not in accepted and value not in (None, False, "auto", "ensemble")
+    ]
+    if refused:
+        raise InvalidParameterError(
+            f"{', '.join(refused)} not supported by {function.__name__} in this version"
+        )
+    return function(*args, **passed)
 
 
 @app.command()
@@ -51,20 +225,16 @@ def extract(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Keep only the first N images")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 64,
-    workers: Annotated[
-        int | None, typer.Option(help="Decoding worker processes (default: spare cores)")
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (fp16 on GPU), fp32, fp16, bf16")] = "auto",
+    workers: WorkersOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     cache_dir: Annotated[
         Path | None, typer.Option(help="Feature cache root (default $OODPROBE_CACHE or ~/.cache)")
     ] = None,
     on_error: Annotated[
-        str, typer.Option(help="Undecodable images: 'skip' (and list) or 'raise'")
+        OnError, typer.Option(help="Undecodable images: skip (and list them) or raise")
     ] = "skip",
-    download: Annotated[
-        bool, typer.Option(help="Allow downloading a built-in dataset that is not on disk")
-    ] = False,
+    download: DownloadOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary")] = False,
 ) -> None:
     """Extract features of SOURCE with an encoder (cached; a rerun reads the cache)."""
@@ -113,12 +283,7 @@ def extract(
     )
     console.print(f"[bold]{result.dataset_name}[/] · {result.encoder_name}: {shapes} ({origin})")
     console.print(f"features: {result.path}  (plain .npy files; np.load works)")
-    if result.skipped:
-        console.print(f"[yellow]skipped {len(result.skipped)} undecodable image(s):[/]")
-        for item in result.skipped[:20]:
-            console.print(f"  {item.source}: {item.reason}")
-        if len(result.skipped) > 20:
-            console.print(f"  … and {len(result.skipped) - 20} more (see --json)")
+    _print_skipped(console, result.skipped, shown=20)
 
 
 @app.command()
@@ -182,17 +347,23 @@ def datasets() -> None:
     _console().print(table)
 
 
+def _format_default(value: Any) -> str:
+    """A default as the user would type it after ``NAME:key=`` (TOML scalars)."""
+    if value is None or value is inspect.Parameter.empty:
+        return "(none)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 @app.command()
 def detectors() -> None:
-    """List the detectors, what each needs, and the built-in benchmark presets."""
-    from rich.table import Table
-
+    """List the detectors: what each needs, its parameters with defaults, and the presets."""
     from oodprobe.benchmark_spec import benchmark_names
     from oodprobe.detectors import DETECTORS
 
-    table = Table(title="detectors (use as --detector NAME or NAME:key=value,…)")
-    for column in ("name", "needs", "scores", "what"):
-        table.add_column(column)
+    # Plain indented text, not a table: nothing folds when piped, and grep finds a parameter.
+    lines = ["detectors (use as --detector NAME or NAME:key=value,…; TOML: params = {…})", ""]
     for name, cls in DETECTORS.items():
         needs = [
             need
@@ -200,11 +371,20 @@ def detectors() -> None:
             if required
         ]
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        table.add_row(name, ", ".join(needs) or "nothing", cls.input_array, summary)
-    console = _console()
-    console.print(table)
-    presets = ", ".join(benchmark_names())
-    console.print(f"benchmark presets (oodprobe bench --preset NAME): {presets}")
+        lines.append(f"{name}: {summary}" if summary else name)
+        lines.append(f"    needs: {', '.join(needs) or 'nothing'}; scores: {cls.input_array}")
+        params = cls.param_info()
+        if not params:
+            lines.append("    no parameters")
+        width = max((len(f"{p.name}={_format_default(p.default)}") for p in params), default=0)
+        for info in params:
+            setting = f"{info.name}={_format_default(info.default)}"
+            lines.append(f"    {setting:<{width}}  {info.allowed}".rstrip())
+        lines.append("")
+    lines.append(
+        f"benchmark presets (oodprobe bench --preset NAME): {', '.join(benchmark_names())}"
+    )
+    typer.echo("\n".join(lines))
 
 
 def _print_results(run: Any, console: Any) -> None:
@@ -252,10 +432,7 @@ def bench(
     config: Annotated[
         Path | None, typer.Argument(help="Benchmark TOML file (default: the offline preset)")
     ] = None,
-    preset: Annotated[
-        str | None,
-        typer.Option(help="Built-in preset: offline-default, cifar10, cifar100, imagenet"),
-    ] = None,
+    preset: Annotated[PresetName | None, typer.Option(help="Built-in preset")] = None,
     encoder: Annotated[
         list[str] | None, typer.Option("--encoder", "-e", help="Encoder(s) replacing the config's")
     ] = None,
@@ -265,15 +442,23 @@ def bench(
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder")] = None,
     bootstrap: Annotated[
-        int | None, typer.Option(help="Bootstrap resamples for confidence intervals (0: none)")
+        int | None,
+        typer.Option(min=0, help="Bootstrap resamples for confidence intervals (0: none)"),
     ] = None,
     convention: Annotated[
-        str | None, typer.Option(help="Metric convention: oodprobe, openood, pytorch-ood, …")
+        ConventionName | None, typer.Option(help="Metric convention (default: the config's)")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 64,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Seed of subsampling, bootstrap and probes (default: config's)"),
+    ] = None,
+    prompts: PromptsOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass")] = 64,
+    workers: WorkersOption = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root")] = None,
-    download: Annotated[bool, typer.Option(help="Allow downloading built-in datasets")] = False,
+    download: DownloadOption = False,
 ) -> None:
     """Run a benchmark (no arguments: the built-in offline default) and write a report."""
     from dataclasses import replace
@@ -283,17 +468,25 @@ def bench(
     from oodprobe.presets import DEFAULT_BENCHMARK
 
     if config is not None and preset is not None:
-        raise OodprobeError("give either a CONFIG file or --preset, not both")
+        raise InvalidParameterError("give either a CONFIG file or --preset, not both")
     spec = (
         load_benchmark(config)
         if config is not None
         else create_benchmark(preset or DEFAULT_BENCHMARK)
     )
-    spec = spec.with_overrides(encoders=encoder, detectors=detector)
-    if bootstrap is not None:
-        spec = validate(replace(spec, bootstrap=bootstrap))
-    if convention is not None:
-        spec = validate(replace(spec, convention=convention))
+    overrides = {"seed": seed, "bootstrap": bootstrap, "convention": convention}
+    taken = inspect.signature(spec.with_overrides).parameters
+    spec = spec.with_overrides(
+        encoders=encoder,
+        detectors=detector,
+        **{name: value for name, value in overrides.items() if name in taken},
+    )
+    # Fallback until with_overrides takes seed/bootstrap/convention (coordinator).
+    rest = {k: v for k, v in overrides.items() if k not in taken and v is not None}
+    if prompts is not None:
+        rest["prompts"] = prompts
+    if rest:
+        spec = validate(replace(spec, **rest))
     console = _console()
     output_dir = output or Path("oodprobe-results") / spec.name
     console.print(
@@ -301,12 +494,15 @@ def bench(
         f"{len(spec.detectors)} detector(s), {len(spec.ood)} OOD set(s)"
     )
     try:
-        run = run_benchmark(
+        run = _call(
+            run_benchmark,
             spec,
             output_dir,
             cache_root=cache_dir,
             device=device,
+            precision=precision,
             batch_size=batch_size,
+            num_workers=workers,
             download=download,
             log=lambda message: console.print(message, style="dim"),
         )
@@ -316,6 +512,9 @@ def bench(
         # a preset's data lives where the preset looks: say where that is
         raise DataError(f"{error} (preset {spec.name}: {spec.description})") from error
     _print_results(run, console)
+    # BenchmarkRun.skipped: {data set label: [SkippedImage, …]} (coordinator)
+    for label, skipped in (getattr(run, "skipped", None) or {}).items():
+        _print_skipped(console, skipped, where=label)
     console.print(f"finished in {run.seconds:.0f} s")
     console.print(f"results: {run.files['json']}  {run.files['csv']}")
     console.print(f"report:  [bold]{run.files['report']}[/]")
@@ -333,36 +532,56 @@ def fit(
     holdout: Annotated[float, typer.Option(help="Fraction held out for calibration")] = 0.2,
     classes: Annotated[str | None, typer.Option(help="Keep these classes, e.g. '0-4'")] = None,
     per_class: Annotated[int | None, typer.Option(help="Images per class")] = None,
+    class_names: ClassNamesOption = None,
+    prompts: PromptsOption = None,
     seed: Annotated[int, typer.Option(help="Seed of the hold-out split")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps")] = "auto",
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    workers: WorkersOption = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root")] = None,
+    download: DownloadOption = False,
+    key_file: KeyFileOption = None,
 ) -> None:
     """Fit a detector on ID images and save it with a threshold calibrated on held-out images."""
     from oodprobe.benchmark_spec import DataSpec, parse_detector_option
     from oodprobe.data import parse_class_selection
     from oodprobe.deploy import fit_deployment
 
+    _check_output_file(output, "detector.safetensors")
+    key = _read_key(key_file)
     data = DataSpec(
         source,
         classes=tuple(parse_class_selection(classes)) if classes else None,
         per_class=per_class,
     )
-    deployment = fit_deployment(
+    deployment = _call(
+        fit_deployment,
         data,
         encoder,
         parse_detector_option(detector),
         keep=keep,
         holdout=holdout,
         seed=seed,
+        class_names=_class_names(class_names),
+        prompts=prompts,
         cache_root=cache_dir,
         device=device,
+        precision=precision,
+        num_workers=workers,
+        download=download,
+        key=key,
     )
-    path = deployment.save(output)
+    console = _console()
+    # Deployment.skipped: the ID images left out (helper B)
+    _print_skipped(console, getattr(deployment, "skipped", None) or [], where=data.label)
+    path = _call(deployment.save, output, key=key)
     meta = deployment.metadata
-    _console().print(
+    console.print(
         f"saved {path}: {meta['detector_label']} on {meta['encoder']}, fitted on {meta['n_fit']} "
         f"images; threshold {deployment.threshold:.6g} accepts "
-        f"{100 * meta['calibration_acceptance']:.1f}% of {meta['n_calibration']} held-out ID images"
+        f"{100 * meta['calibration_acceptance']:.1f}% of {meta['n_calibration']} held-out ID "
+        "images",
+        soft_wrap=True,
     )
 
 
@@ -372,36 +591,111 @@ def score(
     detector_file: Annotated[
         Path, typer.Option("--detector-file", "-d", help="From 'oodprobe fit'")
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="CSV of scores and decisions")] = (
-        Path("scores.csv")
-    ),
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="CSV of scores and decisions (replaced only when complete)",
+        ),
+    ] = Path("scores.csv"),
     threshold: Annotated[
         float | None, typer.Option(help="Override the calibrated threshold")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps")] = "auto",
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    workers: WorkersOption = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root")] = None,
+    download: DownloadOption = False,
+    key_file: KeyFileOption = None,
 ) -> None:
     """Score images with a saved detector; write scores and accept/reject decisions to a CSV."""
     from oodprobe.benchmark_spec import DataSpec
     from oodprobe.deploy import score_with_deployment
+    from oodprobe.report.atomic import atomic_write
 
-    scored = score_with_deployment(
-        detector_file, DataSpec(source), threshold=threshold, cache_root=cache_dir, device=device
+    _check_output_file(output, "scores.csv")
+    key = _read_key(key_file)
+    data = DataSpec(source)
+    scored = _call(
+        score_with_deployment,
+        detector_file,
+        data,
+        threshold=threshold,
+        cache_root=cache_dir,
+        device=device,
+        precision=precision,
+        num_workers=workers,
+        download=download,
+        key=key,
     )
-    path = scored.write_csv(output)
+    # written beside the old CSV and moved over it only once complete
+    path = atomic_write(output, scored.write_csv)
     accepted = int(scored.accepted.sum())
-    _console().print(
+    console = _console()
+    _print_skipped(console, scored.skipped, where=data.label)
+    console.print(
         f"{len(scored.scores)} images scored: {accepted} accepted as in-distribution, "
         f"{len(scored.scores) - accepted} rejected (threshold {scored.threshold:.6g})"
-        + (f", {len(scored.skipped)} skipped" if scored.skipped else "")
+        + (f", {len(scored.skipped)} skipped (listed in the CSV)" if scored.skipped else ""),
+        soft_wrap=True,
     )
-    _console().print(f"scores: {path}")
+    console.print(f"scores: {path}", soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Show each warning of the run as one ``warning: <message>`` line on stderr, once.
+
+    No source path, line number or code line (they mean nothing to a user); identical messages
+    are shown once. Python's default filters are kept (deprecations stay hidden) unless the user
+    chose others with ``-W`` or ``PYTHONWARNINGS``; within them every warning is shown, whichever
+    code raised it (not once per location), and deduplicated here. Restored on exit.
+    """
+    seen: set[tuple[str, str]] = set()
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
+        text = " ".join(str(message).split())
+        if (category.__name__, text) in seen:
+            return
+        seen.add((category.__name__, text))
+        # sys.stderr at call time: a live progress bar redirects it to print above itself
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        if not sys.warnoptions:
+            warnings.simplefilter("always")
+            for category in (
+                DeprecationWarning,
+                PendingDeprecationWarning,
+                ImportWarning,
+                ResourceWarning,
+            ):
+                warnings.simplefilter("ignore", category)
+        warnings.showwarning = show
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: run the app, print user errors in one line, return the exit code."""
+    """Console entry point: run the app, print user errors in one line, return the exit code.
+
+    Errors raised while the options are parsed (in a callback) are handled like those of a
+    command's body; warnings are printed by :func:`_one_line_warnings`.
+    """
+    with _one_line_warnings():
+        return _run(argv)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
-        result = app(args=argv, standalone_mode=False)
+        result = app(args=argv, prog_name="oodprobe", standalone_mode=False)
     except OodprobeError as error:
         typer.echo(f"error: {error}", err=True)
         return 1
@@ -416,7 +710,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if hasattr(error, "format_message") and hasattr(error, "exit_code"):
             hint = f" (see '{context.command_path} --help')" if context is not None else ""
-            typer.echo(f"error: {error.format_message()}{hint}", err=True)
+            # typer checks values with pydantic, which prefixes a ValueError's text
+            message = str(error.format_message()).replace("Value error, ", "", 1)
+            typer.echo(f"error: {message}{hint}", err=True)
             return 1
         raise
     return result if isinstance(result, int) else 0
