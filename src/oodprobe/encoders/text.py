@@ -1,16 +1,28 @@
-"""Zero-shot class embeddings from class names: prompt ensembles shared by MCM and PLP."""
+"""Zero-shot class embeddings from class names: prompt ensembles shared by MCM and PLP.
+
+Names go through :func:`oodprobe.classnames.clean_class_names` (re-exported here), the one home
+of name cleaning: underscores → spaces, ImageNet-1k synset ids → curated names, duplicates
+(ignoring case) numbered with a warning.
+"""
 
 from __future__ import annotations
 
-import warnings
-from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from oodprobe.classnames import clean_class_names
 from oodprobe.encoders.base import TextImageEncoder
 from oodprobe.errors import InvalidParameterError
+
+__all__ = [
+    "PROMPT_ENSEMBLE",
+    "PROMPT_SETS",
+    "SINGLE_PROMPT",
+    "clean_class_names",
+    "compute_class_embeddings",
+]
 
 # Adaloglou et al. (TMLR 2024) average these five; MCM (Ming et al., 2022) uses the first alone.
 PROMPT_ENSEMBLE: tuple[str, ...] = (
@@ -24,30 +36,6 @@ SINGLE_PROMPT: tuple[str, ...] = ("a photo of a {}",)
 PROMPT_SETS: dict[str, tuple[str, ...]] = {"ensemble": PROMPT_ENSEMBLE, "single": SINGLE_PROMPT}
 
 
-def clean_class_names(class_names: Sequence[str]) -> list[str]:
-    """Underscores → spaces, stripped; duplicates are disambiguated with a warning.
-
-    ImageNet's standard list names two classes "crane" and two "maillot": identical text
-    embeddings would make those classes indistinguishable, so the second gets " (2)".
-    """
-    cleaned = [" ".join(name.replace("_", " ").split()) for name in class_names]
-    if any(not name for name in cleaned):
-        raise InvalidParameterError("class names must not be empty")
-    counts = Counter(cleaned)
-    duplicates = sorted(name for name, count in counts.items() if count > 1)
-    if duplicates:
-        warnings.warn(
-            f"duplicate class names {duplicates} were disambiguated with a numeric suffix",
-            stacklevel=2,
-        )
-        seen: Counter[str] = Counter()
-        for index, name in enumerate(cleaned):
-            seen[name] += 1
-            if counts[name] > 1 and seen[name] > 1:
-                cleaned[index] = f"{name} ({seen[name]})"
-    return cleaned
-
-
 def compute_class_embeddings(
     encoder: TextImageEncoder,
     class_names: Sequence[str],
@@ -57,7 +45,9 @@ def compute_class_embeddings(
 ) -> np.ndarray:
     """(C, E) float32 class embeddings ``t_c = normalize(mean_p normalize(text(prompt_p(c))))``.
 
-    Each prompt must contain ``{}`` where the (cleaned) class name goes.
+    Each prompt must contain ``{}`` where the class name goes; names are cleaned first
+    (:func:`clean_class_names`: ``n01440764`` → ``tench``, ``great_white_shark`` → ``great white
+    shark``, a duplicate → ``crane (2)`` with a warning).
     """
     if not prompts or any("{}" not in prompt for prompt in prompts):
         raise InvalidParameterError(f"each prompt needs a '{{}}' for the class name, got {prompts}")
