@@ -9,8 +9,11 @@ Layout of an entry ``<root>/features/<key[:2]>/<key>/``:
   plus ``indices.npy`` (dataset index of each row), and ``meta.json`` written last with the
   sha256 of every file. Users can ``np.load`` the arrays directly (``mmap_mode="r"`` works).
 
-A damaged entry (missing file, wrong size, checksum mismatch, unreadable JSON) raises
+A damaged entry of any kind (missing or truncated file, checksum mismatch, unreadable JSON,
+``meta.json`` of the wrong structure, a shard of the wrong shape or dtype) raises
 :class:`CacheError`; the extractor then deletes and rebuilds it, never using it silently.
+Skip records (undecodable images: index, source, reason, full error message) are stored in
+each shard and in ``meta.json``, so a warm read reports the same skips as the cold run.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
+def _one_line(error: BaseException) -> str:
+    """An exception's text on one line (library errors about damaged files can span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def default_cache_root() -> Path:
     """``$OODPROBE_CACHE``, else ``$XDG_CACHE_HOME/oodprobe``, else ``~/.cache/oodprobe``."""
     if env := os.environ.get("OODPROBE_CACHE"):
@@ -54,18 +62,26 @@ def entry_dir(root: Path, key: str) -> Path:
     return root / "features" / key[:2] / key
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over."""
+def _temporary_beside(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    tmp = Path(name)
+    return Path(name)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; cache files are shareable
+    os.replace(tmp, path)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over."""
+    tmp = _temporary_beside(path)
     try:
         write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; cache files are shareable
-        os.replace(tmp, path)
+        _commit(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -116,8 +132,32 @@ def write_shard(
     atomic_write(shard_path(directory, shard), lambda tmp: save_file(arrays, tmp, metadata))
 
 
+def _check_skipped(records: Any, where: object) -> list[list[Any]]:
+    """Skip records as ``[index, source, reason, message]`` lists; CacheError if malformed."""
+    if not isinstance(records, list):
+        raise CacheError(f"{where} has skip records of type {type(records).__name__}")
+    checked = []
+    for record in records:
+        if (
+            not isinstance(record, list)
+            or len(record) not in (3, 4)
+            or not isinstance(record[0], int)
+            or isinstance(record[0], bool)
+            or not all(isinstance(item, str) for item in record[1:])
+        ):
+            raise CacheError(f"{where} has a malformed skip record {str(record)[:80]}")
+        if len(record) == 3:  # written before messages were stored
+            record = [*record, f"cannot decode {record[1]}: {record[2]}"]
+        checked.append(record)
+    return checked
+
+
 def read_shard(directory: Path, shard: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read and verify one shard; CacheError if it is unreadable or fails its checksum."""
+    """Read and verify one shard; CacheError if it is unreadable or fails its checksum.
+
+    The ``extra`` metadata returned is a dict whose ``skipped`` (if present) is a list of
+    well-formed skip records.
+    """
     from safetensors import safe_open
 
     path = shard_path(directory, shard)
@@ -127,50 +167,104 @@ def read_shard(directory: Path, shard: int) -> tuple[dict[str, np.ndarray], dict
             arrays = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
         extra = json.loads(metadata["extra"])
     except Exception as error:  # safetensors raises several error types on damaged files
-        raise CacheError(f"shard {path} is unreadable: {error}") from None
+        raise CacheError(f"shard {path} is unreadable: {_one_line(error)}") from None
     if arrays_sha256(arrays) != metadata.get("sha256"):
         raise CacheError(f"shard {path} failed its checksum")
+    if not isinstance(extra, dict):
+        raise CacheError(f"shard {path} has metadata of the wrong structure")
+    extra["skipped"] = _check_skipped(extra.get("skipped", []), f"shard {path}")
     return arrays, extra
+
+
+def shard_layout(directory: Path, shard: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (dtype string, shape)}`` of a shard's arrays, read from its header only."""
+    from safetensors import safe_open
+
+    path = shard_path(directory, shard)
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            layout = {}
+            for name in handle.keys():  # noqa: SIM118
+                view = handle.get_slice(name)
+                layout[name] = (view.get_dtype(), tuple(view.get_shape()))
+    except Exception as error:  # safetensors raises several error types on damaged files
+        raise CacheError(f"shard {path} is unreadable: {_one_line(error)}") from None
+    return layout
 
 
 # -- complete entries ---------------------------------------------------------------------------
 
 
 def write_entry(directory: Path, n_shards: int, meta: dict[str, Any]) -> dict[str, Any]:
-    """Join verified shards into ``<name>.npy`` files (streaming), then write ``meta.json``.
+    """Join verified shards into ``<name>.npy`` files, then write ``meta.json``.
 
-    Returns the completed meta (with files, shapes, checksums and the skipped list).
+    One pass over the shards' headers (row counts, shapes) and one over their data, each shard
+    read and verified once and copied into every output file. Returns the completed meta (with
+    files, shapes, checksums and the skipped list). CacheError if the shards disagree on their
+    arrays' names, dtypes or row shapes.
     """
-    first, _ = read_shard(directory, 0)
-    names = sorted(first)
-    counts, skipped = [], []
-    for shard in range(n_shards):
-        arrays, extra = read_shard(directory, shard)
-        counts.append(len(arrays["indices"]))
-        skipped.extend(extra["skipped"])
+    layouts = [shard_layout(directory, shard) for shard in range(n_shards)]
+    names = sorted(layouts[0])
+    counts = []
+    for shard, layout in enumerate(layouts):
+        if (
+            sorted(layout) != names
+            or "indices" not in layout
+            or any(
+                not layout[name][1]
+                or layout[name][0] != layouts[0][name][0]
+                or layout[name][1][1:] != layouts[0][name][1][1:]
+                or layout[name][1][0] != layout["indices"][1][0]
+                for name in names
+            )
+        ):
+            raise CacheError(
+                f"shard {shard_path(directory, shard)} does not match shard 0: {layout} vs "
+                f"{layouts[0]}"
+            )
+        counts.append(layout["indices"][1][0])
     total = sum(counts)
-    files: dict[str, Any] = {}
-    for name in names:
-        shape = (total, *first[name].shape[1:])
-        target = directory / f"{name}.npy"
-
-        def write(tmp: Path, name: str = name, shape: tuple[int, ...] = shape) -> None:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=first[name].dtype, shape=shape)
-            row = 0
-            for shard in range(n_shards):
-                block = read_shard(directory, shard)[0][name]
-                out[row : row + len(block)] = block
-                row += len(block)
-            out.flush()
-            del out
-
-        atomic_write(target, write)
-        files[name] = {
-            "shape": list(shape),
-            "dtype": first[name].dtype.str,
-            "bytes": target.stat().st_size,
-            "sha256": file_sha256(target),
+    first_arrays, first_extra = read_shard(directory, 0)
+    dtypes = {name: first_arrays[name].dtype for name in names}
+    shapes = {name: (total, *first_arrays[name].shape[1:]) for name in names}
+    targets = {name: directory / f"{name}.npy" for name in names}
+    temporaries = {name: _temporary_beside(target) for name, target in targets.items()}
+    skipped: list[list[Any]] = []
+    try:
+        outputs = {
+            name: np.lib.format.open_memmap(
+                temporaries[name], mode="w+", dtype=dtypes[name], shape=shapes[name]
+            )
+            for name in names
         }
+        row = 0
+        for shard in range(n_shards):
+            arrays, extra = (
+                (first_arrays, first_extra) if shard == 0 else read_shard(directory, shard)
+            )
+            skipped.extend(extra["skipped"])
+            for name in names:
+                if arrays[name].shape != (counts[shard], *shapes[name][1:]):
+                    raise CacheError(f"shard {shard_path(directory, shard)} changed while read")
+                outputs[name][row : row + counts[shard]] = arrays[name]
+            row += counts[shard]
+        for output in outputs.values():
+            output.flush()
+        del outputs
+        for name in names:
+            _commit(temporaries[name], targets[name])
+    finally:
+        for tmp in temporaries.values():
+            tmp.unlink(missing_ok=True)
+    files: dict[str, Any] = {
+        name: {
+            "shape": list(shapes[name]),
+            "dtype": dtypes[name].str,
+            "bytes": targets[name].stat().st_size,
+            "sha256": file_sha256(targets[name]),
+        }
+        for name in names
+    }
     meta = {
         **meta,
         "format": CACHE_FORMAT_VERSION,
@@ -188,22 +282,60 @@ def write_entry(directory: Path, n_shards: int, meta: dict[str, Any]) -> dict[st
     return meta
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_meta(meta: Any, meta_path: Path, key: str | None) -> dict[str, Any]:
+    """The parsed ``meta.json`` if it has the structure :func:`write_entry` writes."""
+    if not isinstance(meta, dict):
+        raise CacheError(f"{meta_path} holds a {type(meta).__name__}, not an object")
+    if meta.get("format") != CACHE_FORMAT_VERSION:
+        raise CacheError(f"{meta_path.parent} has cache format {meta.get('format')!r}")
+    if key is not None and meta.get("key") != key:
+        raise CacheError(f"{meta_path} belongs to another cache key")
+    files = meta.get("files")
+    if not isinstance(files, dict) or "indices" not in files or "features" not in files:
+        raise CacheError(f"{meta_path} does not list the features and indices files")
+    n_rows = meta.get("n_rows")
+    if not _is_count(n_rows):
+        raise CacheError(f"{meta_path} has n_rows {n_rows!r}")
+    for name, info in files.items():
+        if (
+            not isinstance(name, str)
+            or not name.isidentifier()
+            or not isinstance(info, dict)
+            or not isinstance(info.get("shape"), list)
+            or not info["shape"]
+            or not all(_is_count(size) for size in info["shape"])
+            or info["shape"][0] != n_rows
+            or not isinstance(info.get("dtype"), str)
+            or not _is_count(info.get("bytes"))
+            or not isinstance(info.get("sha256"), str)
+        ):
+            raise CacheError(f"{meta_path} has a malformed entry for {str(name)[:40]!r}")
+    if files["indices"]["shape"] != [n_rows] or files["indices"]["dtype"] != "<i8":
+        raise CacheError(f"{meta_path} describes indices of the wrong shape or dtype")
+    meta["skipped"] = _check_skipped(meta.get("skipped"), meta_path)
+    return meta
+
+
 def read_entry(
-    directory: Path, *, verify: bool = True, mmap: bool = False
+    directory: Path, *, verify: bool = True, mmap: bool = False, key: str | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Load a complete entry's arrays and meta; CacheError if anything is missing or damaged."""
+    """Load a complete entry's arrays and meta; CacheError if anything is missing or damaged.
+
+    Checked: the structure of ``meta.json`` (and its ``key``, when given), each file's size,
+    checksum (``verify``), shape and dtype.
+    """
     meta_path = directory / "meta.json"
     try:
-        meta = json.loads(meta_path.read_text())
-        files = meta["files"]
-        if meta.get("format") != CACHE_FORMAT_VERSION:
-            raise CacheError(f"{directory} has cache format {meta.get('format')!r}")
-    except CacheError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CacheError(f"{meta_path} is unreadable: {error}") from None
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CacheError(f"{meta_path} is unreadable: {_one_line(error)}") from None
+    meta = _check_meta(meta, meta_path, key)
     arrays: dict[str, np.ndarray] = {}
-    for name, info in files.items():
+    for name, info in meta["files"].items():
         path = directory / f"{name}.npy"
         if not path.is_file() or path.stat().st_size != info["bytes"]:
             raise CacheError(f"{path} is missing or has the wrong size")
@@ -211,10 +343,13 @@ def read_entry(
             raise CacheError(f"{path} failed its checksum")
         try:
             arrays[name] = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise CacheError(f"{path} is unreadable: {error}") from None
-        if list(arrays[name].shape) != info["shape"]:
-            raise CacheError(f"{path} has shape {arrays[name].shape}, expected {info['shape']}")
+        except (OSError, ValueError, EOFError, TypeError) as error:
+            raise CacheError(f"{path} is unreadable: {_one_line(error)}") from None
+        if list(arrays[name].shape) != info["shape"] or arrays[name].dtype.str != info["dtype"]:
+            raise CacheError(
+                f"{path} has shape {arrays[name].shape} and dtype {arrays[name].dtype.str}, "
+                f"expected {tuple(info['shape'])} and {info['dtype']}"
+            )
     return arrays, meta
 
 

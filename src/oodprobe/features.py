@@ -4,7 +4,8 @@
 transformed in DataLoader workers while the main process runs the model, under
 ``torch.inference_mode`` on the best device (cuda, mps, cpu) and, on a GPU, in fp16/bf16.
 Results go to the sharded cache (:mod:`oodprobe.cache`): a rerun reads them without a forward
-pass, and a run killed half way resumes at the first missing shard.
+pass, and a run killed half way resumes with the missing shards (each shard on disk is
+validated once). The caller's encoder is left as it was found (device, memory layout, mode).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 
 from oodprobe import cache
-from oodprobe.data.base import ImageDataset, SkippedImage
+from oodprobe.data.base import SCAN_INDEX, ImageDataset, SkippedImage
+from oodprobe.data.decode import DecodeError
 from oodprobe.encoders import ImageEncoder, create_encoder
 from oodprobe.errors import CacheError, DataError, InvalidParameterError
 
@@ -41,6 +43,9 @@ class FeatureSet:
     ``arrays["features"]`` is (n_rows, D) float32; classifiers add ``arrays["logits"]``.
     ``indices[i]`` is the dataset index of row ``i`` (images that failed to decode are left out
     and listed in ``skipped``); ``labels`` are those rows' labels, if the dataset has any.
+    ``skipped`` lists first what the dataset's scan left out (``index == -1``: symbolic-link
+    loops, dangling links, duplicates; see ``ImageDataset.scan_skipped``), then the undecodable
+    images in index order. It is the same whether the features come from the cache or not.
     """
 
     arrays: dict[str, np.ndarray]
@@ -67,23 +72,67 @@ class FeatureSet:
         return len(self.indices)
 
 
-def select_device(device: str = "auto") -> torch.device:
-    """``auto`` → cuda if available, else mps, else cpu; otherwise the named device."""
-    if device != "auto":
-        try:
-            return torch.device(device)
-        except RuntimeError as error:
-            raise InvalidParameterError(f"unknown device {device!r}: {error}") from None
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+_DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
+
+
+def select_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` → cuda if available, else mps, else cpu; otherwise the named device, checked.
+
+    A device this machine does not have (``cuda`` without a CUDA GPU, ``cuda:3`` on a machine
+    with fewer GPUs, ``mps`` off Apple silicon), a malformed name (``gpu``) or an unsupported
+    device type is an InvalidParameterError of one line. Cheap (no CUDA context is created):
+    call it when a run is set up, before any extraction.
+    """
+    text = str(device) if isinstance(device, torch.device) else device
+    if not isinstance(text, str):
+        raise InvalidParameterError(f"device must be one of {_DEVICE_CHOICES}, got {device!r}")
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise InvalidParameterError(
+            f"unknown device {text!r}; choose from: {_DEVICE_CHOICES}"
+        ) from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidParameterError(
+                f"device {text!r} was requested but no CUDA GPU is available; "
+                "use --device auto or cpu"
+            )
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise InvalidParameterError(
+                f"device {text!r} was requested but this machine has {count} CUDA GPU(s) "
+                f"(cuda:0 to cuda:{count - 1}); use --device auto, cuda or cpu"
+            )
+        return parsed
+    if parsed.type == "mps":
+        if not _mps_available():
+            raise InvalidParameterError(
+                f"device {text!r} was requested but MPS (Apple GPU) is not available; "
+                "use --device auto or cpu"
+            )
+        return parsed
+    raise InvalidParameterError(f"device {text!r} is not supported; choose from: {_DEVICE_CHOICES}")
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` → fp16 on cuda/mps, fp32 on cpu; fp16 on cpu is refused (slow and lossy)."""
-    if precision not in ("auto", "fp32", "fp16", "bf16"):
+    """``auto`` → fp16 on cuda/mps, fp32 on cpu; fp16 on cpu is refused (slow and lossy).
+
+    Anything but ``auto``, ``fp32``, ``fp16``, ``bf16`` is an InvalidParameterError of one line.
+    """
+    if not isinstance(precision, str) or precision not in ("auto", "fp32", "fp16", "bf16"):
         raise InvalidParameterError(
             f"precision must be one of auto, fp32, fp16, bf16, got {precision!r}"
         )
@@ -99,7 +148,11 @@ def default_num_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-class _DecodeDataset(torch.utils.data.Dataset[tuple[int, torch.Tensor | None, str]]):
+# (index, pixels or None, (short reason, full message) of a failure)
+_Item = tuple[int, torch.Tensor | None, tuple[str, str]]
+
+
+class _DecodeDataset(torch.utils.data.Dataset[_Item]):
     """Decodes and transforms images in workers; failures travel back as messages."""
 
     def __init__(self, dataset: ImageDataset, transform: Any) -> None:
@@ -109,18 +162,20 @@ class _DecodeDataset(torch.utils.data.Dataset[tuple[int, torch.Tensor | None, st
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+    def __getitem__(self, index: int) -> _Item:
         try:
-            return index, self.transform(self.dataset.load(index)), ""
+            return index, self.transform(self.dataset.load(index)), ("", "")
+        except DecodeError as error:
+            return index, None, (error.reason, str(error))
         except DataError as error:
-            return index, None, str(error)
+            return index, None, (_short_reason(str(error)), str(error))
 
 
 def _collate(
-    items: list[tuple[int, torch.Tensor | None, str]],
-) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    items: list[_Item],
+) -> tuple[list[int], torch.Tensor | None, list[tuple[int, tuple[str, str]]]]:
     good = [(index, pixels) for index, pixels, _ in items if pixels is not None]
-    failed = [(index, reason) for index, pixels, reason in items if pixels is None]
+    failed = [(index, problem) for index, pixels, problem in items if pixels is None]
     batch = torch.stack([pixels for _, pixels in good]) if good else None
     return [index for index, _ in good], batch, failed
 
@@ -188,6 +243,11 @@ def _progress_bar(enabled: bool, total: int, description: str) -> Iterator[Any]:
         yield lambda advance: progress.advance(task, advance)
 
 
+def _check_count(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidParameterError(f"{name} must be >= 1, got {value!r}")
+
+
 def extract_features(
     dataset: ImageDataset,
     encoder: ImageEncoder | str,
@@ -205,20 +265,27 @@ def extract_features(
     """Encode every image of ``dataset``; serve from or fill the feature cache.
 
     ``on_error="skip"`` leaves undecodable images out and lists them in ``FeatureSet.skipped``;
-    ``"raise"`` stops at the first one with a DataError naming its path (the shards written so
-    far are kept, so a rerun resumes). ``use_cache=False`` extracts into a temporary folder.
+    ``"raise"`` stops at the first one (in index order) with a DataError naming its path (the
+    shards written so far are kept, so a rerun resumes); features read from the cache raise the
+    same error. Either way a labelled class, or the whole dataset, left without a single image
+    is a DataError naming it (:func:`check_nothing_lost`). ``use_cache=False`` extracts into a
+    temporary folder. The encoder is put in eval mode, on ``device``, in channels-last layout
+    while it runs, and restored to its own device, layout and mode when extraction ends.
     """
     if on_error not in ("skip", "raise"):
         raise InvalidParameterError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
-        if value < 1:
-            raise InvalidParameterError(f"{name} must be >= 1, got {value}")
+    _check_count("batch_size", batch_size)
+    _check_count("shard_size", shard_size)
+    if num_workers is not None and (
+        not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0
+    ):
+        raise InvalidParameterError(f"num_workers must be >= 0, got {num_workers!r}")
     if len(dataset) == 0:
         raise DataError(f"dataset {dataset.name!r} has no images")
-    if isinstance(encoder, str):
-        encoder = create_encoder(encoder)
     torch_device = select_device(device)
     resolved_precision = resolve_precision(precision, torch_device)
+    if isinstance(encoder, str):
+        encoder = create_encoder(encoder)
     options = {
         "batch_size": batch_size,
         "num_workers": default_num_workers() if num_workers is None else num_workers,
@@ -242,10 +309,55 @@ def extract_features(
             )
             result.arrays = {name: np.array(array) for name, array in result.arrays.items()}
             result.path = None
-            return result
-    root = Path(cache_root) if cache_root is not None else cache.default_cache_root()
-    return _cached_extraction(
-        dataset, encoder, root, key, torch_device, resolved_precision, options
+    else:
+        root = Path(cache_root) if cache_root is not None else cache.default_cache_root()
+        result = _cached_extraction(
+            dataset, encoder, root, key, torch_device, resolved_precision, options
+        )
+    if on_error == "raise":
+        decode_failures = [item for item in result.skipped if item.index != SCAN_INDEX]
+        if decode_failures:  # from the cache: the error the cold run raised
+            raise DataError(result.stats["messages"][decode_failures[0].index])
+    result.stats.pop("messages", None)
+    check_nothing_lost(dataset, result.indices, result.skipped)
+    return result
+
+
+def check_nothing_lost(
+    dataset: ImageDataset, indices: np.ndarray, skipped: Sequence[SkippedImage]
+) -> None:
+    """DataError if extraction kept no image of ``dataset``, or none of one of its classes.
+
+    ``indices`` are the dataset indices of the extracted rows, ``skipped`` the skip records.
+    Classes are those with images in ``dataset.labels`` (a class selection keeps only some).
+    """
+    failures = [item for item in skipped if item.index != SCAN_INDEX]
+
+    def example(records: Sequence[SkippedImage]) -> str:
+        return f"e.g. {records[0].source}: {records[0].reason}" if records else "none listed"
+
+    if len(indices) == 0:
+        raise DataError(
+            f"no image of {dataset.name!r} could be used: all {len(dataset)} were skipped "
+            f"({example(failures)}); fix or replace those files"
+        )
+    if dataset.labels is None:
+        return
+    labels = np.asarray(dataset.labels)
+    present = np.unique(labels)
+    kept = np.unique(labels[indices])
+    lost = np.setdiff1d(present, kept)
+    if len(lost) == 0:
+        return
+    label = int(lost[0])
+    names = dataset.class_names
+    name = names[label] if names is not None and 0 <= label < len(names) else str(label)
+    members = [item for item in failures if int(labels[item.index]) == label]
+    more = f" ({len(lost) - 1} more classes too)" if len(lost) > 1 else ""
+    raise DataError(
+        f"class {name!r} (label {label}) of {dataset.name!r} lost all its "
+        f"{int(np.sum(labels == label))} images: every one was skipped ({example(members)})"
+        f"{more}; fix or replace those files, or leave the class out"
     )
 
 
@@ -269,35 +381,139 @@ def _cached_extraction(
                 )
                 cache.remove_entry(directory)
         started = time.perf_counter()
-        n_encoded = _extract_missing_shards(
-            dataset, encoder, directory, key, device=device, precision=precision, **options
-        )
+        n_shards = -(-len(dataset) // options["shard_size"])
         meta = _provenance(encoder, dataset, device, precision)
         meta["shard_size"] = options["shard_size"]
-        cache.write_entry(directory, -(-len(dataset) // options["shard_size"]), meta)
+        meta["key"] = key
+        n_encoded = 0
+        for attempt in (1, 2):
+            n_encoded += _extract_missing_shards(
+                dataset, encoder, directory, key, device=device, precision=precision, **options
+            )
+            try:
+                cache.write_entry(directory, n_shards, meta)
+                break
+            except CacheError as error:
+                if attempt == 2:
+                    raise
+                # Shards that each pass their checks but disagree with each other (say, written
+                # by another version): start the entry again from nothing.
+                warnings.warn(
+                    f"feature cache entry is damaged ({error}); rebuilding it", stacklevel=3
+                )
+                cache.remove_entry(directory)
         result = _feature_set(directory, dataset, encoder, key, from_cache=False, verify=False)
         elapsed = time.perf_counter() - started
-        result.stats = {
-            "images_encoded": n_encoded,
-            "seconds": elapsed,
-            "images_per_second": n_encoded / elapsed if elapsed > 0 else 0.0,
-        }
+        result.stats.update(
+            {
+                "images_encoded": n_encoded,
+                "seconds": elapsed,
+                "images_per_second": n_encoded / elapsed if elapsed > 0 else 0.0,
+            }
+        )
         return result
 
 
-def _valid_shards(directory: Path, n_shards: int) -> set[int]:
-    """Shards already on disk that pass their checksum; damaged ones are deleted."""
-    valid = set()
-    for shard in range(n_shards):
-        if not cache.shard_path(directory, shard).exists():
+def _valid_shards(
+    directory: Path, dataset_size: int, shard_size: int, key: str, outputs: Sequence[str]
+) -> dict[int, list[list[Any]]]:
+    """``{shard: its skip records}`` of the shards on disk that pass every check, read once each.
+
+    A shard passes if it is readable, matches its checksum and key, holds the encoder's outputs
+    as 2-d float32 arrays and ``indices`` as int64, and its kept and skipped indices together
+    are exactly its range of dataset indices. Failing shards are deleted (with a warning).
+    """
+    n_shards = -(-dataset_size // shard_size)
+    valid: dict[int, list[list[Any]]] = {}
+    expected_names = {*outputs, "indices"}
+    for path in sorted(directory.glob("shard-*.safetensors")) if directory.is_dir() else []:
+        try:
+            shard = int(path.name[len("shard-") : -len(".safetensors")])
+        except ValueError:
+            continue
+        if not 0 <= shard < n_shards or path != cache.shard_path(directory, shard):
+            path.unlink(missing_ok=True)  # a shard of no range of this dataset
             continue
         try:
-            cache.read_shard(directory, shard)
-            valid.add(shard)
+            arrays, extra = cache.read_shard(directory, shard)
+            _check_shard(shard, arrays, extra, dataset_size, shard_size, key, expected_names)
+            valid[shard] = extra["skipped"]
         except CacheError as error:
-            warnings.warn(f"{error}; recomputing that shard", stacklevel=3)
-            cache.shard_path(directory, shard).unlink(missing_ok=True)
+            warnings.warn(f"{error}; recomputing that shard", stacklevel=5)
+            path.unlink(missing_ok=True)
     return valid
+
+
+def _check_shard(
+    shard: int,
+    arrays: dict[str, np.ndarray],
+    extra: dict[str, Any],
+    dataset_size: int,
+    shard_size: int,
+    key: str,
+    expected_names: set[str],
+) -> None:
+    where = f"shard {shard}"
+    if extra.get("key") != key:
+        raise CacheError(f"{where} belongs to another cache key")
+    if set(arrays) != expected_names:
+        raise CacheError(f"{where} holds {sorted(arrays)}, expected {sorted(expected_names)}")
+    indices = arrays["indices"]
+    if indices.dtype != np.int64 or indices.ndim != 1:
+        raise CacheError(f"{where} has indices of dtype {indices.dtype} and shape {indices.shape}")
+    for name in expected_names - {"indices"}:
+        array = arrays[name]
+        if array.dtype != np.float32 or array.ndim != 2 or len(array) != len(indices):
+            raise CacheError(
+                f"{where} has {name} of dtype {array.dtype} and shape {array.shape}, "
+                f"expected float32 ({len(indices)}, D)"
+            )
+    start, stop = shard * shard_size, min((shard + 1) * shard_size, dataset_size)
+    covered = np.sort(np.concatenate([indices, [int(r[0]) for r in extra["skipped"]]]))
+    if not np.array_equal(covered, np.arange(start, stop)) or np.any(np.diff(indices) <= 0):
+        raise CacheError(f"{where} does not cover dataset indices {start}-{stop - 1} once each")
+
+
+@contextlib.contextmanager
+def _borrowed(encoder: ImageEncoder, device: torch.device) -> Iterator[None]:
+    """Run ``encoder`` in eval mode on ``device``, channels-last; then restore it exactly.
+
+    Every parameter and buffer gets back its own device and strides (so its memory format),
+    every submodule its own training flag, whatever happens in between.
+    """
+    tensors = [
+        (module, table, name, tensor.device, tensor.stride())
+        for module in encoder.modules()
+        for table in (module._parameters, module._buffers)
+        for name, tensor in table.items()
+        if tensor is not None
+    ]
+    modes = [(module, module.training) for module in encoder.modules()]
+    try:
+        encoder.eval()
+        encoder.to(device)
+        # channels-last convolutions run 1.5-2x faster on CPU (EfficientNet-Lite0, 2 cores) and
+        # use tensor cores on GPU; only 4-d weights change layout, so transformers are unaffected.
+        encoder.to(memory_format=torch.channels_last)
+        yield
+    finally:
+        with torch.no_grad():
+            for module, table, name, original_device, stride in tensors:
+                tensor = table[name]
+                if tensor is None or (
+                    tensor.device == original_device and tensor.stride() == stride
+                ):
+                    continue
+                restored = torch.empty_strided(
+                    tensor.shape, stride, dtype=tensor.dtype, device=original_device
+                )
+                restored.copy_(tensor.detach())
+                if isinstance(tensor, torch.nn.Parameter):
+                    tensor.data = restored  # the same Parameter object, as tied weights need
+                else:
+                    module._buffers[name] = restored
+        for module, training in modes:
+            module.training = training
 
 
 def _extract_missing_shards(
@@ -314,13 +530,19 @@ def _extract_missing_shards(
     shard_size: int,
     progress: bool,
 ) -> int:
-    """Encode the images of every shard not yet on disk; returns how many images were encoded."""
+    """Encode the images of every shard not yet on disk; returns how many images were encoded.
+
+    With ``on_error="raise"`` the first undecodable image in index order raises, whether it is
+    met now or was recorded in a shard on disk.
+    """
     n_images = len(dataset)
     n_shards = -(-n_images // shard_size)
-    missing = [
-        shard for shard in range(n_shards) if shard not in _valid_shards(directory, n_shards)
-    ]
+    valid = _valid_shards(directory, n_images, shard_size, key, encoder.outputs)
+    missing = [shard for shard in range(n_shards) if shard not in valid]
+    recorded = sorted((r for records in valid.values() for r in records), key=lambda r: r[0])
     batches = _shard_batches(missing, n_images, shard_size, batch_size)
+    if not batches:
+        return 0
     loader = torch.utils.data.DataLoader(
         _DecodeDataset(dataset, encoder.pixel_transform),
         batch_sampler=batches,
@@ -331,10 +553,6 @@ def _extract_missing_shards(
         prefetch_factor=4 if num_workers > 0 else None,
         persistent_workers=False,
     )
-    # channels-last convolutions run 1.5-2x faster on CPU (EfficientNet-Lite0, 2 cores) and use
-    # tensor cores on GPU; only 4-d weights change layout, so transformers are unaffected.
-    encoder.to(device)
-    encoder.to(memory_format=torch.channels_last)
     autocast = (
         torch.autocast(device.type, dtype=_DTYPES[precision])
         if precision in _DTYPES
@@ -343,7 +561,7 @@ def _extract_missing_shards(
     buffers: dict[str, list[np.ndarray]] = {name: [] for name in encoder.outputs}
     kept: list[int] = []
     skipped: list[list[Any]] = []
-    current = missing[0] if missing else -1
+    current = missing[0]
     n_encoded = 0
 
     def flush(shard: int) -> None:
@@ -362,21 +580,27 @@ def _extract_missing_shards(
         kept.clear()
         skipped.clear()
 
+    def raise_recorded_before(index: int) -> None:
+        if on_error == "raise" and recorded and recorded[0][0] < index:
+            raise DataError(recorded[0][3])
+
     total = sum(len(batch) for batch in batches)
     with (
+        _borrowed(encoder, device),
         _progress_bar(progress, total, f"{encoder.name} · {dataset.name}") as advance,
         torch.inference_mode(),
     ):
         for indices, pixels, failed in loader:
             first = indices[0] if indices else failed[0][0]
+            raise_recorded_before(first)
             shard = first // shard_size
             if shard != current:
                 flush(current)
                 current = shard
-            for index, reason in failed:
+            for index, (reason, message) in failed:
                 if on_error == "raise":
-                    raise DataError(reason)
-                skipped.append([index, dataset.describe(index), _short_reason(reason)])
+                    raise DataError(message)
+                skipped.append([index, dataset.describe(index), reason, message])
             if pixels is not None:
                 with autocast:
                     outputs = encoder(
@@ -387,10 +611,8 @@ def _extract_missing_shards(
                 kept.extend(indices)
                 n_encoded += len(indices)
             advance(len(indices) + len(failed))
-        if current >= 0:
-            flush(current)
-    encoder.to("cpu")
-    encoder.to(memory_format=torch.contiguous_format)
+        flush(current)
+    raise_recorded_before(n_images)
     return n_encoded
 
 
@@ -418,11 +640,18 @@ def _feature_set(
     from_cache: bool,
     verify: bool = True,
 ) -> FeatureSet:
-    arrays, meta = cache.read_entry(directory, verify=verify)
+    """The FeatureSet of a complete entry; CacheError if it does not fit ``dataset``."""
+    arrays, meta = cache.read_entry(directory, verify=verify, key=key)
     indices = arrays.pop("indices")
+    if set(arrays) != set(encoder.outputs):
+        raise CacheError(f"{directory} holds {sorted(arrays)}, expected {list(encoder.outputs)}")
+    failed = sorted(meta["skipped"], key=lambda record: record[0])
+    covered = np.sort(np.concatenate([indices, [int(record[0]) for record in failed]]))
+    if not np.array_equal(covered, np.arange(len(dataset))) or np.any(np.diff(indices) <= 0):
+        raise CacheError(f"{directory} does not cover the {len(dataset)} images once each")
     labels = None if dataset.labels is None else np.asarray(dataset.labels)[indices]
-    skipped = [
-        SkippedImage(int(i), str(source), str(reason)) for i, source, reason in meta["skipped"]
+    skipped = [*dataset.scan_skipped] + [
+        SkippedImage(int(index), source, reason) for index, source, reason, _ in failed
     ]
     return FeatureSet(
         arrays=arrays,
@@ -435,7 +664,11 @@ def _feature_set(
         key=key,
         path=directory,
         from_cache=from_cache,
-        stats={"images_encoded": 0} if from_cache else {},
+        # error messages of the skipped images, for on_error="raise"; removed before return
+        stats={
+            "messages": {int(index): message for index, _, _, message in failed},
+            **({"images_encoded": 0} if from_cache else {}),
+        },
     )
 
 
