@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -17,13 +18,41 @@ Scores: TypeAlias = npt.NDArray[np.float64]
 """(n_samples,) scores; higher = more in-distribution."""
 
 
-def l2_normalize(features: npt.ArrayLike, eps: float = 1e-12) -> Features:
-    """Return rows scaled to unit L2 norm (rows of zeros stay zero). Input is not modified."""
+def row_blocks(n_rows: int, block_rows: int) -> Iterator[slice]:
+    """Consecutive slices of at most ``block_rows`` rows covering ``range(n_rows)``.
+
+    The one row-block loop of the package: every pass over (n, D) data that makes temporaries
+    per row goes through it, so temporaries stay O(block_rows · D) whatever n is.
+    """
+    step = max(1, int(block_rows))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
+
+
+def rows_per_block(width: int, elements: int = 1 << 24) -> int:
+    """Rows of width ``width`` that fit in ``elements`` values (at least 1)."""
+    return max(1, elements // max(1, int(width)))
+
+
+def l2_normalize(
+    features: npt.ArrayLike, eps: float = 1e-12, *, dtype: npt.DTypeLike | None = None
+) -> Features:
+    """Return rows scaled to unit L2 norm (rows of zeros stay zero). Input is not modified.
+
+    Norms and quotients are computed in float64 per row block; the result has ``dtype``
+    (default: the input's float dtype, float32 for integer input).
+    """
     array = np.asarray(features)
-    if not np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float32)
-    norms = np.linalg.norm(array, axis=-1, keepdims=True)
-    return np.asarray(array / np.maximum(norms, eps), dtype=array.dtype)
+    if dtype is None:
+        dtype = array.dtype if np.issubdtype(array.dtype, np.floating) else np.float32
+    if array.ndim < 2:  # one vector
+        vector = array.astype(np.float64)
+        return np.asarray(vector / max(float(np.linalg.norm(vector)), eps), dtype=dtype)
+    unit = np.empty(array.shape, dtype=dtype)
+    for rows in row_blocks(len(array), rows_per_block(array[0].size, 1 << 21)):
+        block = np.asarray(array[rows], dtype=np.float64)
+        unit[rows] = block / np.maximum(np.linalg.norm(block, axis=-1, keepdims=True), eps)
+    return unit
 
 
 def check_features(
@@ -62,8 +91,8 @@ def check_features(
     elif not np.issubdtype(array.dtype, np.floating):
         array = array.astype(np.float32)
     # in row blocks: a full-size boolean temporary would cost n × D bytes (768 MB at 1M × 768)
-    step = max(1, (1 << 24) // array.shape[1])
-    if not all(np.isfinite(array[i : i + step]).all() for i in range(0, len(array), step)):
+    blocks = row_blocks(len(array), rows_per_block(array.shape[1]))
+    if not all(np.isfinite(array[rows]).all() for rows in blocks):
         bad = int(np.count_nonzero(~np.isfinite(array).all(axis=1)))
         raise InvalidParameterError(f"{name} contains NaN or inf in {bad} row(s)")
     return array

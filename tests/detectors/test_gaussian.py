@@ -28,44 +28,134 @@ def squared_distances(features: np.ndarray, mean: np.ndarray, covariance: np.nda
     return np.einsum("nd,de,ne->n", centred, np.linalg.inv(covariance), centred)
 
 
+# -- the formulas as the authors' code writes them (Adaloglou et al., TMLR 2024) -------------
+# compute_maha_vals: features in float64; per class the mean and torch.cov (divisor n_c - 1),
+# the class covariances averaged and inverted with inverse(); the background Gaussian is the
+# mean and torch.cov of all training features. Scores: -min_c MD_c and -min_c (MD_c - MD_0).
+
+
+def authors_statistics(
+    features: np.ndarray, labels: np.ndarray
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    data = torch.as_tensor(features).double()
+    labels_t = torch.as_tensor(labels)
+    means, covariances = [], []
+    for c in torch.unique(labels_t):
+        rows = data[labels_t == c]
+        means.append(rows.mean(dim=0))
+        covariances.append(rows.T.cov())
+    shared_inverse = torch.stack(covariances).mean(dim=0).inverse()
+    return means, shared_inverse, data.mean(dim=0), data.T.cov().inverse()
+
+
+def authors_distance(
+    queries: torch.Tensor, mean: torch.Tensor, inverse: torch.Tensor
+) -> torch.Tensor:
+    centred = queries - mean
+    return (centred @ inverse * centred).sum(dim=1)
+
+
+def authors_scores(
+    features: np.ndarray, labels: np.ndarray, queries: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(Mahalanobis, relative Mahalanobis) scores of ``queries`` as the authors compute them."""
+    means, shared_inverse, background_mean, background_inverse = authors_statistics(
+        features, labels
+    )
+    queries_t = torch.as_tensor(queries).double()
+    per_class = torch.stack([authors_distance(queries_t, m, shared_inverse) for m in means])
+    background = authors_distance(queries_t, background_mean, background_inverse)
+    mahalanobis = -per_class.min(dim=0).values
+    relative = -(per_class - background).min(dim=0).values
+    return mahalanobis.numpy(), relative.numpy()
+
+
 @pytest.fixture(scope="module")
 def unequal_classes() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Correlated features, 3 classes of sizes 300/100/40 with different covariances."""
+    """Correlated features, 3 classes of 50/80/120 samples with different covariances.
+
+    Queries: half near the classes, half far, so rankings mix ID-like and OOD-like points.
+    """
     rng = np.random.default_rng(3)
-    labels = np.repeat([0, 1, 2], [300, 100, 40])
+    labels = np.repeat([0, 1, 2], [50, 80, 120])
     mixing = rng.normal(size=(3, 5, 5))
-    features = np.einsum("nd,nde->ne", rng.normal(size=(440, 5)), mixing[labels])
-    features += 4 * rng.normal(size=(3, 5))[labels]
-    return features.astype(np.float32), labels, rng.normal(scale=4, size=(60, 5))
+    centres = 4 * rng.normal(size=(3, 5))
+    features = np.einsum("nd,nde->ne", rng.normal(size=(250, 5)), mixing[labels])
+    features += centres[labels]
+    near = centres[rng.integers(0, 3, 30)] + 1.5 * rng.normal(size=(30, 5))
+    queries = np.vstack([near, rng.normal(scale=4, size=(30, 5))])
+    return features.astype(np.float32), labels, queries
 
 
-def test_mahalanobis_equals_the_formula_with_averaged_class_covariances(
+def test_mahalanobis_equals_the_authors_formula_on_unequal_classes(
     unequal_classes: tuple[np.ndarray, np.ndarray, np.ndarray],
 ) -> None:
     features, labels, queries = unequal_classes
-    data = features.astype(np.float64)
-    means = [data[labels == c].mean(axis=0) for c in range(3)]
-    averaged = np.mean([np.cov(data[labels == c].T, bias=True) for c in range(3)], axis=0)
-    expected = -np.min([squared_distances(queries, mean, averaged) for mean in means], axis=0)
+    expected, _ = authors_scores(features, labels, queries)
     scores = MahalanobisDetector().fit(features, labels).score_samples(queries)
-    np.testing.assert_allclose(scores, expected, rtol=1e-10)
-    # the pooled covariance (Lee et al.'s code, sklearn-style) gives different numbers here
-    pooled = np.cov(np.vstack([data[labels == c] - means[c] for c in range(3)]).T, bias=True)
-    other = -np.min([squared_distances(queries, mean, pooled) for mean in means], axis=0)
-    assert not np.allclose(scores, other, rtol=1e-3)
+    np.testing.assert_allclose(scores, expected, rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(np.argsort(scores), np.argsort(expected))
+    # the same formula with numpy (np.cov is unbiased by default, np.linalg.inv)
+    data = features.astype(np.float64)
+    class_means = [data[labels == c].mean(axis=0) for c in range(3)]
+    averaged = np.mean([np.cov(data[labels == c].T) for c in range(3)], axis=0)
+    numpy_expected = -np.min([squared_distances(queries, m, averaged) for m in class_means], 0)
+    np.testing.assert_allclose(scores, numpy_expected, rtol=1e-9, atol=1e-9)
+
+
+def test_relative_mahalanobis_equals_the_authors_formula_on_unequal_classes(
+    unequal_classes: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    features, labels, queries = unequal_classes
+    _, expected = authors_scores(features, labels, queries)
+    scores = RelativeMahalanobisDetector().fit(features, labels).score_samples(queries)
+    np.testing.assert_allclose(scores, expected, rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(np.argsort(scores), np.argsort(expected))
+
+
+def test_the_maximum_likelihood_estimator_is_a_named_choice_and_differs(
+    unequal_classes: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """``covariance="ml"``: divisors n_c and N (Lee et al.'s EmpiricalCovariance, pytorch-ood)."""
+    features, labels, queries = unequal_classes
+    data = features.astype(np.float64)
+    class_means = [data[labels == c].mean(axis=0) for c in range(3)]
+    averaged = np.mean([np.cov(data[labels == c].T, bias=True) for c in range(3)], axis=0)
+    per_class = np.array([squared_distances(queries, m, averaged) for m in class_means])
+    background = squared_distances(queries, data.mean(axis=0), np.cov(data.T, bias=True))
+    ml = {
+        "mahalanobis": MahalanobisDetector(covariance="ml"),
+        "relative": RelativeMahalanobisDetector(covariance="ml"),
+        "gaussian": GaussianDetector(covariance="ml"),
+    }
+    scores = {
+        key: detector.fit(features, labels).score_samples(queries) for key, detector in ml.items()
+    }
+    np.testing.assert_allclose(scores["mahalanobis"], -per_class.min(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(
+        scores["relative"], -(per_class - background).min(axis=0), rtol=1e-9, atol=1e-9
+    )
+    np.testing.assert_allclose(scores["gaussian"], -background, rtol=1e-9)
+    # with unequal class sizes the two estimators give different values
+    unbiased = MahalanobisDetector().fit(features, labels).score_samples(queries)
+    assert not np.allclose(unbiased, scores["mahalanobis"], rtol=1e-3)
 
 
 def test_gaussian_equals_the_single_gaussian_formula(
     unequal_classes: tuple[np.ndarray, np.ndarray, np.ndarray],
 ) -> None:
-    features, _, queries = unequal_classes
-    data = features.astype(np.float64)
-    expected = -squared_distances(queries, data.mean(axis=0), np.cov(data.T, bias=True))
+    features, labels, queries = unequal_classes
+    _, _, mean, inverse = authors_statistics(features, labels)  # the authors' background model
+    expected = -authors_distance(torch.as_tensor(queries), mean, inverse).numpy()
     scores = GaussianDetector().fit(features).score_samples(queries)
-    np.testing.assert_allclose(scores, expected, rtol=1e-10)
+    np.testing.assert_allclose(scores, expected, rtol=1e-9)
+    data = features.astype(np.float64)
+    np.testing.assert_allclose(
+        scores, -squared_distances(queries, data.mean(axis=0), np.cov(data.T)), rtol=1e-9
+    )
 
 
-@pytest.mark.parametrize("balanced", [False, True])  # True: the one-product path of _scatter
+@pytest.mark.parametrize("balanced", [False, True])  # True: the one-product path of _moments
 def test_relative_mahalanobis_equals_its_formula_in_blocks(
     unequal_classes: tuple[np.ndarray, np.ndarray, np.ndarray],
     monkeypatch: pytest.MonkeyPatch,
@@ -74,16 +164,31 @@ def test_relative_mahalanobis_equals_its_formula_in_blocks(
     monkeypatch.setattr(gaussian_module, "_ROWS", 7)  # many row blocks in fit and score
     features, labels, queries = unequal_classes
     if balanced:
-        keep = np.r_[0:40, 300:340, 400:440]
+        keep = np.r_[0:40, 50:90, 130:170]
         features, labels = features[keep], labels[keep]
-    data = features.astype(np.float64)
-    means = [data[labels == c].mean(axis=0) for c in range(3)]
-    averaged = np.mean([np.cov(data[labels == c].T, bias=True) for c in range(3)], axis=0)
-    background = squared_distances(queries, data.mean(axis=0), np.cov(data.T, bias=True))
-    classes = [squared_distances(queries, mean, averaged) for mean in means]
-    expected = -np.min([distance - background for distance in classes], axis=0)
+    _, expected = authors_scores(features, labels, queries)
     scores = RelativeMahalanobisDetector().fit(features, labels).score_samples(queries)
     np.testing.assert_allclose(scores, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_a_class_with_one_sample_is_refused_for_the_unbiased_estimator(
+    unequal_classes: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    features, labels, queries = unequal_classes
+    features, labels = features[:131], labels[:131].copy()
+    labels[-1] = 7  # class 7: one sample
+    expected = (
+        "relative-mahalanobis: class 7 has 1 training sample; an unbiased covariance "
+        "(divisor n − 1) needs at least 2 per class: add samples of that class, drop it, or "
+        "use covariance='ml'"
+    )
+    with pytest.raises(InvalidParameterError) as error:
+        RelativeMahalanobisDetector().fit(features, labels)
+    assert str(error.value) == expected
+    # the maximum-likelihood estimator keeps the class: its mean, a zero covariance
+    detector = MahalanobisDetector(covariance="ml").fit(features, labels)
+    np.testing.assert_allclose(detector.class_means_[-1], features[-1], rtol=1e-6)
+    assert np.all(np.isfinite(detector.score_samples(queries)))
 
 
 def test_relative_mahalanobis_helps_where_shared_background_dimensions_dominate() -> None:
@@ -125,7 +230,7 @@ def test_torch_scores_match_and_gradients_are_right(
     assert torch.autograd.gradcheck(detector.score_samples_torch, (features,))
     if cls is GaussianDetector:  # ∇(−MD²) = −2 Σ⁻¹ (x − μ)
         data = cluster_data.train_features.astype(np.float64)
-        precision = np.linalg.inv(np.cov(data.T, bias=True))
+        precision = np.linalg.inv(np.cov(data.T))
         expected = -2 * (queries - data.mean(axis=0)) @ precision
         scores.sum().backward()
         assert features.grad is not None
@@ -156,7 +261,7 @@ def test_rank_deficient_covariance_uses_the_pseudo_inverse() -> None:
     assert detector.whitening_.shape == (4, 2)
     queries = rng.normal(size=(5, 4))
     expected = -squared_distances(
-        queries[:, :2], features[:, :2].mean(0), np.cov(features[:, :2].T, bias=True)
+        queries[:, :2], features[:, :2].mean(0), np.cov(features[:, :2].T)
     )
     np.testing.assert_allclose(detector.score_samples(queries), expected, rtol=1e-10)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from sklearn.neighbors import NearestNeighbors
 
+from oodprobe.arrays import l2_normalize
 from oodprobe.detectors import load_detector, search
 from oodprobe.detectors.neighbors import (
     DeepKNNDetector,
@@ -45,7 +46,7 @@ def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_exact_search_equals_brute_force_across_blocks(
     random_features: tuple[np.ndarray, np.ndarray], small_blocks: None, k: int
 ) -> None:
-    train, queries = (search.unit_float32(array) for array in random_features)
+    train, queries = (l2_normalize(array, dtype=np.float32) for array in random_features)
     values, indices = search.exact_search(train, queries, k)  # k 1, 3: group prefilter
     brute = queries.astype(np.float64) @ train.T.astype(np.float64)
     expected = -np.sort(-brute, axis=1)[:, :k]
@@ -143,20 +144,39 @@ def test_knn_classifier_weighs_votes_by_exp_cosine_over_temperature() -> None:
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda data: KNNDetector(k=0).fit(data), "k must be an integer >= 1, got 0"),
+        (
+            lambda data: KNNDetector(k=0).fit(data),
+            "detector 'knn': k must be an integer >= 1, got 0",
+        ),
+        (
+            lambda data: DeepKNNDetector(k=True).fit(data),
+            "detector 'deep-knn': k must be an integer >= 1, got True",
+        ),
         (
             lambda data: DeepKNNDetector(k=201).fit(data),
             "k=201 is larger than the 200 training samples; use k <= 200",
         ),
         (
             lambda data: KNNDetector(backend="annoy").fit(data),
-            "backend must be one of exact, faiss, faiss-ivf, faiss-hnsw; got 'annoy'",
+            "detector 'knn': backend must be one of exact, faiss, faiss-ivf, faiss-hnsw, "
+            "got 'annoy'",
         ),
         (
             lambda data: KNNDetector(k=2, temperature=0.0).fit(data),
-            "temperature must be a finite number >= 1/700",
+            "detector 'knn': temperature must be a finite number >= 1/700 (so exp(cos/T) fits "
+            "in float64), got 0.0",
         ),
         (lambda data: KNNDetector().fit(data[:0]), "features needs at least 1 sample(s), got 0"),
+        (
+            lambda data: KNNDetector(backend="faiss-ivf", n_lists=500).fit(data),
+            "n_lists=500 is larger than the 200 training samples; use n_lists <= 200 or leave "
+            "it unset",
+        ),
+        (
+            lambda data: knn_classify(data, np.zeros(200), data, temperature=-1),
+            "knn_classify: temperature must be a finite number >= 1/700 (so exp(cos/T) fits in "
+            "float64), got -1",
+        ),
         (
             lambda data: KNNDetector().fit(data).score_samples(data[:, :3]),
             "features has 3 dimensions but the detector was fitted on 6",

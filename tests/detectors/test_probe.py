@@ -109,7 +109,10 @@ def test_logits_detector_scores_precomputed_logits() -> None:
         InvalidParameterError, match="6 dimensions but the detector was fitted on 7"
     ):
         detector.score_samples(logits[:, :6])
-    with pytest.raises(InvalidParameterError, match="score must be one of msp, energy, max-logit"):
+    with pytest.raises(
+        InvalidParameterError,
+        match=r"^detector 'logits': score must be one of msp, energy, max-logit, got 'entropy'$",
+    ):
         LogitsDetector(score="entropy").fit(logits)  # type: ignore[arg-type]
 
 
@@ -242,11 +245,27 @@ def test_probe_errors_say_what_to_do() -> None:
     features, labels = clusters(40)
     with pytest.raises(InvalidParameterError, match="linear-probe needs class labels"):
         LinearProbeDetector().fit(features)
-    with pytest.raises(InvalidParameterError, match="epochs must be an integer >= 1, got 0"):
-        LinearProbeDetector(epochs=0).fit(features, labels)
-    with pytest.raises(InvalidParameterError, match=r"warmup_fraction must be in \[0, 1\), got 1"):
-        LinearProbeDetector(warmup_fraction=1).fit(features, labels)
-    with pytest.raises(
-        InvalidParameterError, match="invalid parameters for detector 'linear-probe'"
-    ):
-        create_detector("linear-probe", k=3)
+    cases = [
+        (
+            lambda: LinearProbeDetector(epochs=0).fit(features, labels),
+            "detector 'linear-probe': epochs must be an integer >= 1, got 0",
+        ),
+        (
+            lambda: LinearProbeDetector(warmup_fraction=1).fit(features, labels),
+            "detector 'linear-probe': warmup_fraction must be a number in [0, 1), got 1",
+        ),
+        (
+            lambda: LinearProbeDetector(device="gpu").fit(features, labels),
+            "detector 'linear-probe': device must be a device name (auto, cpu, cuda, "
+            "cuda:<index> or mps), got 'gpu'",
+        ),
+        (
+            lambda: create_detector("linear-probe", k=3),
+            "unknown parameter 'k' for detector 'linear-probe'; valid parameters: batch_size, "
+            "device, epochs, lr, score, seed, temperature, warmup_fraction, weight_decay",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(InvalidParameterError) as error:
+            call()
+        assert str(error.value) == message

@@ -1,30 +1,218 @@
-"""The detector contract, the registry, and pickle-free persistence.
+"""The detector contract, the registry, parameter validation, and pickle-free persistence.
 
 Every detector is a scikit-learn estimator: keyword-only hyperparameters stored under their own
 names in ``__init__``, ``fit(features, labels=None) -> self``, learned state in attributes ending
 in ``_``, and ``score_samples(features) -> scores`` where **higher = more in-distribution**.
+
+Parameters are validated in one place, on scikit-learn's own mechanism: each detector declares
+``_parameter_constraints`` (``Interval``, ``StrOptions``, types, ``None``, ``"array-like"``) for
+every constructor parameter, and :func:`validate_values` checks them with
+``sklearn.utils._param_validation`` and words a failure as one oodprobe line. The same check
+runs before any work (``Detector.check_params`` on a user's parameter dict, ``create_detector``)
+and at the start of ``fit``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
+import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 from sklearn.base import BaseEstimator
+from sklearn.utils._param_validation import (
+    Interval,
+    StrOptions,
+    make_constraint,
+    validate_parameter_constraints,
+)
+from sklearn.utils._param_validation import (
+    InvalidParameterError as SklearnParameterError,
+)
+from sklearn.utils.validation import check_is_fitted
 
 from oodprobe.arrays import Features, Labels, Scores
 from oodprobe.errors import DetectorFileError, InvalidParameterError, UnknownNameError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_NAME = "oodprobe-detector"
 FORMAT_VERSION = 1
 
 _JsonScalar = (str, int, float, bool, type(None))
+
+
+# -- parameter constraints ------------------------------------------------------------------
+
+
+class Number(Interval):
+    """``sklearn`` ``Interval`` that refuses booleans (``True`` is an ``int`` to Python, not here).
+
+    ``integer=True`` is an interval of integers, else of real numbers; ``text`` replaces the
+    generated description (e.g. to say why a bound is there).
+    """
+
+    def __init__(
+        self,
+        left: float | None,
+        right: float | None = None,
+        *,
+        closed: str = "left",
+        integer: bool = False,
+        text: str | None = None,
+    ) -> None:
+        super().__init__(Integral if integer else Real, left, right, closed=closed)
+        self.text = text
+
+    def is_satisfied_by(self, val: Any) -> bool:
+        return not isinstance(val, (bool, np.bool_)) and bool(super().is_satisfied_by(val))
+
+    def describe(self) -> str:
+        if self.text is not None:
+            return self.text
+        kind = "integer" if self.type is Integral else "number"
+        bound = "{}" if self.type is Integral else "{:g}"  # 4294967295, not 4.29497e+09
+        left = "" if self.left is None else bound.format(self.left)
+        right = "" if self.right is None else bound.format(self.right)
+        left_closed = self.closed in ("left", "both")
+        right_closed = self.closed in ("right", "both")
+        if self.right is None:
+            finite = "" if self.type is Integral or right_closed else "finite "
+            if self.left is None:
+                return f"{finite}{kind}"
+            return f"{finite}{kind} {'>=' if left_closed else '>'} {left}"
+        if self.left is None:
+            return f"{kind} {'<=' if right_closed else '<'} {right}"
+        brackets = ("[" if left_closed else "(", "]" if right_closed else ")")
+        return f"{kind} in {brackets[0]}{left}, {right}{brackets[1]}"
+
+
+def integer(left: int | None = None, right: int | None = None) -> Number:
+    """Constraint: an integer in ``[left, right]`` (``None``: unbounded), never a bool."""
+    closed = {(True, True): "both", (True, False): "left", (False, True): "right"}
+    return Number(
+        left,
+        right,
+        closed=closed.get((left is not None, right is not None), "neither"),
+        integer=True,
+    )
+
+
+class Choices(StrOptions):
+    """``sklearn`` ``StrOptions`` that keeps the order its options were given in (for messages)."""
+
+    def __init__(self, *options: str, text: str | None = None) -> None:
+        super().__init__(set(options))
+        self.ordered = tuple(options)
+        self.text = text
+
+    def describe(self) -> str:
+        if self.text is not None:
+            return self.text
+        if len(self.ordered) == 1:
+            return repr(self.ordered[0])
+        return f"one of {', '.join(self.ordered)}"
+
+
+class DeviceName(StrOptions):
+    """A torch device name: ``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:<index>``.
+
+    A ``StrOptions`` so that scikit-learn's ``make_constraint`` accepts it; the options are a
+    pattern, not a list. Whether the device exists is checked when it is used.
+    """
+
+    _PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+    def __init__(self) -> None:
+        super().__init__({"auto", "cpu", "mps", "cuda"})
+
+    def is_satisfied_by(self, val: Any) -> bool:
+        return isinstance(val, str) and self._PATTERN.fullmatch(val) is not None
+
+    def describe(self) -> str:
+        return "device name (auto, cpu, cuda, cuda:<index> or mps)"
+
+
+_TYPE_NAMES = {str: "string", bool: "boolean (true or false)", float: "number", int: "integer"}
+
+
+def describe_constraint(constraint: Any) -> str:
+    """Human text of one constraint, without an article: ``integer >= 1``, ``one of a, b``."""
+    if hasattr(constraint, "describe"):
+        return str(constraint.describe())
+    if constraint is None:
+        return "None"
+    if constraint == "array-like":
+        return "array"
+    if constraint == "boolean":
+        return _TYPE_NAMES[bool]
+    if isinstance(constraint, type):
+        return _TYPE_NAMES.get(constraint, constraint.__name__)
+    return str(make_constraint(constraint))
+
+
+def describe_constraints(constraints: list[Any], *, articles: bool = False) -> str:
+    """``integer >= 1 or None``: every allowed form (``articles``: ``an integer >= 1 or None``)."""
+    texts = [describe_constraint(constraint) for constraint in constraints]
+    if articles:
+        texts = [_with_article(text) for text in texts]
+    return texts[0] if len(texts) == 1 else f"{', '.join(texts[:-1])} or {texts[-1]}"
+
+
+def _with_article(text: str) -> str:
+    """``integer >= 1`` -> ``an integer >= 1``; choices, quoted values and None stay as they are."""
+    if text.startswith(("one of", "'", "None")):
+        return text
+    return f"{'an' if text[:1] in 'aeiou' else 'a'} {text}"
+
+
+def _short_repr(value: Any) -> str:
+    """repr of a received value, one line and at most 80 characters."""
+    if isinstance(value, np.ndarray) or type(value).__name__ == "Tensor":
+        return f"an array of shape {tuple(value.shape)}"
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def validate_values(
+    constraints: Mapping[str, list[Any]], values: Mapping[str, Any], owner: str
+) -> None:
+    """Check ``values`` against scikit-learn ``constraints``; a failure is one oodprobe line.
+
+    ``owner`` opens the message: ``"detector 'knn': k must be an integer >= 1, got 'abc'"``.
+    Names without constraints are not checked here (``Detector.check_params`` refuses them).
+    """
+    for name, value in values.items():
+        if name not in constraints:
+            continue
+        try:
+            validate_parameter_constraints({name: constraints[name]}, {name: value}, owner)
+        except SklearnParameterError:
+            allowed = describe_constraints(constraints[name], articles=True)
+            raise InvalidParameterError(
+                f"{owner}: {name} must be {allowed}, got {_short_repr(value)}"
+            ) from None
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One user-settable detector parameter: its name, default and what values it allows."""
+
+    name: str
+    default: Any
+    allowed: str
+
+
+# -- the detector base class ----------------------------------------------------------------
 
 
 class Detector(BaseEstimator):
@@ -33,13 +221,21 @@ class Detector(BaseEstimator):
     ``requires_labels`` says whether ``fit`` needs class labels; ``requires_text`` whether the
     constructor needs class embeddings from a text encoder (MCM, PLP). ``input_array`` names the
     encoder output the detector consumes: ``"features"`` (pooled image features, the default)
-    or ``"logits"`` (the encoder's own classifier head).
+    or ``"logits"`` (the encoder's own classifier head). ``runner_params`` are constructor
+    parameters the runner computes (class embeddings, the image projection): a user never sets
+    them. ``differentiable`` says whether ``score_samples_torch`` exists.
+    ``_parameter_constraints`` holds scikit-learn constraints for every constructor parameter.
     """
 
     name: ClassVar[str] = ""
     requires_labels: ClassVar[bool] = False
     requires_text: ClassVar[bool] = False
     input_array: ClassVar[str] = "features"
+    runner_params: ClassVar[frozenset[str]] = frozenset()
+    differentiable: ClassVar[bool] = False
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {}
+
+    n_dims_: int
 
     def fit(self, features: Features, labels: Labels | None = None) -> Detector:
         raise NotImplementedError
@@ -47,6 +243,113 @@ class Detector(BaseEstimator):
     def score_samples(self, features: Features) -> Scores:
         """Return (n_samples,) float64 scores, higher = more in-distribution."""
         raise NotImplementedError
+
+    def score_samples_torch(self, features: torch.Tensor) -> torch.Tensor:
+        """Differentiable (n,) scores of an (n, D) tensor, as ``score_samples``; higher = ID.
+
+        Detectors with ``differentiable = True`` implement it on the input's device, for fp16,
+        bf16, fp32 and fp64 input, computing in at least float32. Others raise.
+        """
+        names = ", ".join(detector_names(lambda cls: cls.differentiable))
+        raise InvalidParameterError(
+            f"detector {self.name!r} has no differentiable score (score_samples_torch); "
+            f"choose one that has: {names}"
+        )
+
+    # -- parameters ---------------------------------------------------------------------------
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any], *, runner: bool = False) -> None:
+        """Validate a user's parameter dict before any work; raise InvalidParameterError.
+
+        Unknown names, wrong types and out-of-range values are refused in one line each.
+        ``runner_params`` are refused (the runner computes them) unless ``runner=True`` (a
+        loaded detector file, ``create_detector``), when they are checked like the others.
+        Data-dependent limits (``k`` <= training samples) are checked by ``fit``.
+        """
+        names = cls._get_param_names()
+        valid = names if runner else [name for name in names if name not in cls.runner_params]
+        unknown = sorted(name for name in params if name not in valid)
+        if unknown:
+            given = [name for name in unknown if name in cls.runner_params]
+            if given:
+                raise InvalidParameterError(
+                    f"parameter {given[0]!r} of detector {cls.name!r} is computed by the runner "
+                    f"from the encoder; remove it from the detector's parameters"
+                )
+            quoted = ", ".join(repr(name) for name in unknown)
+            raise InvalidParameterError(
+                f"unknown parameter{'s' if len(unknown) > 1 else ''} {quoted} for detector "
+                f"{cls.name!r}; valid parameters: {', '.join(sorted(valid)) or '(none)'}"
+            )
+        validate_values(cls._parameter_constraints, params, f"detector {cls.name!r}")
+
+    @classmethod
+    def param_info(cls) -> list[ParamInfo]:
+        """The user-settable parameters (not ``runner_params``) in signature order."""
+        signature = inspect.signature(cls.__init__)
+        return [
+            ParamInfo(
+                name=name,
+                default=signature.parameters[name].default,
+                allowed=describe_constraints(cls._parameter_constraints[name]),
+            )
+            for name in signature.parameters
+            if name != "self" and name not in cls.runner_params
+        ]
+
+    def _validate_params(self) -> None:
+        """Check every constructor parameter (scikit-learn's hook; ``fit`` calls it first)."""
+        self.check_params(self.get_params(deep=False), runner=True)
+
+    # -- torch helpers ------------------------------------------------------------------------
+    def _torch_features(self, features: torch.Tensor, *, float64: bool = False) -> torch.Tensor:
+        """Check a fitted detector's (n, D) tensor input; return it in the compute dtype.
+
+        fp16 and bf16 become float32 (their range and precision are not enough for sums of
+        squares); ``float64=True`` computes in float64 (float32 on MPS, which has no float64)
+        where the numpy scores need it. The cast is differentiable: gradients flow back in the
+        input's dtype.
+        """
+        import torch
+
+        check_is_fitted(self)
+        if not isinstance(features, torch.Tensor) or not features.is_floating_point():
+            raise InvalidParameterError(
+                f"features must be a floating-point torch tensor, got {_short_repr(features)}"
+            )
+        if features.ndim != 2 or features.shape[1] != self.n_dims_:
+            raise InvalidParameterError(
+                f"features must have shape (n_samples, {self.n_dims_}), got {tuple(features.shape)}"
+            )
+        if float64:
+            dtype = torch.float32 if features.device.type == "mps" else torch.float64
+        else:
+            dtype = torch.promote_types(features.dtype, torch.float32)
+        return features.to(dtype)
+
+    def _torch_constant(self, array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+        """``array`` as a tensor on ``like``'s device and dtype, cached per fitted array.
+
+        An attack calls ``score_samples_torch`` thousands of times; copying D × D matrices to
+        the device each time would dominate. The cache is keyed by the array object, so a refit
+        (new arrays) never reuses a stale tensor.
+        """
+        import torch
+
+        cache: dict[tuple[int, str, str], tuple[np.ndarray, torch.Tensor]]
+        cache = self.__dict__.setdefault("_torch_cache", {})
+        key = (id(array), str(like.device), str(like.dtype))
+        entry = cache.get(key)
+        if entry is None or entry[0] is not array:
+            entry = (array, torch.as_tensor(array).to(device=like.device, dtype=like.dtype))
+            cache[key] = entry
+        return entry[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # device tensors are a cache: copies, deep copies and pickles leave them behind
+        state = dict(super().__getstate__())
+        state.pop("_torch_cache", None)
+        return state
 
     # -- persistence hooks -------------------------------------------------------------------
     def _get_state(self) -> dict[str, Any]:
@@ -82,25 +385,38 @@ def register_detector(cls: _D) -> _D:
     """Class decorator adding a detector to ``DETECTORS`` under its ``name``."""
     if not cls.name or cls.name in DETECTORS:
         raise RuntimeError(f"detector name {cls.name!r} is empty or registered twice")
+    missing = set(cls._get_param_names()) - set(cls._parameter_constraints)
+    if missing:  # a programming error, caught at import
+        raise RuntimeError(f"detector {cls.name!r} has no constraints for {sorted(missing)}")
     DETECTORS[cls.name] = cls
     return cls
 
 
 def create_detector(name: str, **params: Any) -> Detector:
-    """Instantiate a registered detector by name with keyword hyperparameters."""
+    """Instantiate a registered detector by name with keyword hyperparameters.
+
+    Parameters are validated first (``Detector.check_params`` with the runner's parameters
+    allowed); a required runner parameter that is missing is named.
+    """
     _ensure_registered()
 
     try:
         cls = DETECTORS[name]
     except KeyError:
         raise UnknownNameError("detector", name, DETECTORS) from None
-    try:
-        return cls(**params)
-    except TypeError as error:
-        valid = ", ".join(sorted(cls._get_param_names()))
+    cls.check_params(params, runner=True)
+    signature = inspect.signature(cls.__init__).parameters
+    missing = [
+        key
+        for key, parameter in signature.items()
+        if key != "self" and parameter.default is inspect.Parameter.empty and key not in params
+    ]
+    if missing:
         raise InvalidParameterError(
-            f"invalid parameters for detector {name!r}: {error}; valid parameters: {valid}"
-        ) from None
+            f"detector {name!r} needs {', '.join(missing)} (computed by the runner from the "
+            f"encoder's text tower); pass them to create_detector"
+        )
+    return cls(**params)
 
 
 # -- save / load --------------------------------------------------------------------------------

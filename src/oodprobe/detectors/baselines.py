@@ -12,11 +12,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 from sklearn.base import BaseEstimator
+from sklearn.neighbors import VALID_METRICS
 from sklearn.utils.validation import check_is_fitted
 
 from oodprobe.arrays import Features, Labels, Scores, check_features
-from oodprobe.detectors.base import Detector, register_detector
+from oodprobe.detectors.base import Choices, Detector, Number, integer, register_detector
 from oodprobe.errors import InvalidParameterError
+
+# the distances LocalOutlierFactor accepts by name (its own constraint, in our order)
+_METRICS = sorted({str(name) for names in VALID_METRICS.values() for name in names})
 
 
 class _SklearnBaseline(Detector):
@@ -26,7 +30,7 @@ class _SklearnBaseline(Detector):
         raise NotImplementedError
 
     def _check_params(self, n_train: int) -> None:
-        """Hook: validate hyperparameters against the training-set size."""
+        """Hook: validate hyperparameters against the training-set size (types: constraints)."""
 
     def _refit(self) -> None:
         estimator = self._make_estimator()
@@ -38,6 +42,7 @@ class _SklearnBaseline(Detector):
 
     def fit(self, features: Features, labels: Labels | None = None) -> _SklearnBaseline:
         """Fit on (n, D) ID features; labels are ignored. Returns self."""
+        self._validate_params()
         features = check_features(features, min_samples=2)
         self._check_params(len(features))
         self.train_features_ = np.array(features)  # a copy, kept for refitting on load
@@ -59,11 +64,6 @@ class _SklearnBaseline(Detector):
         self._refit()
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InvalidParameterError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 @register_detector
 class LOFDetector(_SklearnBaseline):
     """Local Outlier Factor (novelty mode) on the features.
@@ -74,13 +74,18 @@ class LOFDetector(_SklearnBaseline):
     """
 
     name: ClassVar[str] = "lof"
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "n_neighbors": [integer(1)],
+        "metric": [
+            Choices(*_METRICS, text="scikit-learn distance name (minkowski, euclidean, cosine, …)")
+        ],
+    }
 
     def __init__(self, *, n_neighbors: int = 20, metric: str = "minkowski") -> None:
         self.n_neighbors = n_neighbors
         self.metric = metric
 
     def _check_params(self, n_train: int) -> None:
-        _check_positive_int("n_neighbors", self.n_neighbors)
         if self.n_neighbors >= n_train:
             raise InvalidParameterError(
                 f"n_neighbors={self.n_neighbors} must be smaller than the {n_train} training "
@@ -103,16 +108,23 @@ class IsolationForestDetector(_SklearnBaseline):
     """
 
     name: ClassVar[str] = "isolation-forest"
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "n_estimators": [integer(1)],
+        "max_samples": [Choices("auto"), integer(1), Number(0, 1, closed="right")],
+        # an integer seed only: loading refits the forest, which must give the same trees
+        "random_state": [integer(0, 2**32 - 1)],
+    }
 
     def __init__(
-        self, *, n_estimators: int = 100, max_samples: int | str = "auto", random_state: int = 0
+        self,
+        *,
+        n_estimators: int = 100,
+        max_samples: int | float | str = "auto",
+        random_state: int = 0,
     ) -> None:
         self.n_estimators = n_estimators
         self.max_samples = max_samples
         self.random_state = random_state
-
-    def _check_params(self, n_train: int) -> None:
-        _check_positive_int("n_estimators", self.n_estimators)
 
     def _make_estimator(self) -> Any:
         from sklearn.ensemble import IsolationForest
@@ -135,6 +147,11 @@ class OneClassSVMDetector(_SklearnBaseline):
     """
 
     name: ClassVar[str] = "one-class-svm"
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "nu": [Number(0, 1, closed="right")],
+        "gamma": [Choices("scale", "auto"), Number(0)],
+        "kernel": [Choices("linear", "poly", "rbf", "sigmoid")],
+    }
 
     def __init__(
         self, *, nu: float = 0.1, gamma: float | str = "scale", kernel: str = "rbf"
@@ -142,10 +159,6 @@ class OneClassSVMDetector(_SklearnBaseline):
         self.nu = nu
         self.gamma = gamma
         self.kernel = kernel
-
-    def _check_params(self, n_train: int) -> None:
-        if not isinstance(self.nu, (int, float)) or not 0 < self.nu <= 1:
-            raise InvalidParameterError(f"nu must be in (0, 1], got {self.nu!r}")
 
     def _make_estimator(self) -> Any:
         from sklearn.svm import OneClassSVM

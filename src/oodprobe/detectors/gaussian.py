@@ -1,5 +1,8 @@
 """Gaussian detectors: one Gaussian, class-conditional Mahalanobis, and relative Mahalanobis.
 
+Covariances are the unbiased estimates by default (divisor n − 1), as the authors' code
+(Adaloglou et al., TMLR 2024: ``torch.cov``) computes them; ``covariance="ml"`` gives the
+maximum-likelihood ones (divisor n: Lee et al.'s ``EmpiricalCovariance``, pytorch-ood).
 Everything is float64. Fitting reads the features once, in row blocks (class sums and
 scatter matrices about a reference point together), so its memory beyond the input is
 O(block · D + C · D + D²). A covariance ``Σ`` is inverted as a pseudo-inverse through its
@@ -13,16 +16,15 @@ product, ``‖w‖² − 2 w·m_c + ‖m_c‖²``: no n × C × D tensor.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
 import scipy.sparse
 from sklearn.utils.validation import check_is_fitted
 
-from oodprobe.arrays import Features, Labels, Scores, check_features, check_labels
-from oodprobe.detectors.base import Detector, register_detector
+from oodprobe.arrays import Features, Labels, Scores, check_features, check_labels, row_blocks
+from oodprobe.detectors.base import Choices, Detector, register_detector
 from oodprobe.errors import InvalidParameterError
 
 if TYPE_CHECKING:
@@ -30,12 +32,12 @@ if TYPE_CHECKING:
 
 _ROWS = 4096  # rows per block: float64 temporaries of ~4096 × D (25 MB at D = 768)
 F64 = npt.NDArray[np.float64]
+Covariance = Literal["unbiased", "ml"]
+_CONSTRAINTS: dict[str, list[Any]] = {"covariance": [Choices("unbiased", "ml")]}
 
 
-def _blocks(features: Features) -> Iterator[tuple[slice, F64]]:
-    for start in range(0, len(features), _ROWS):
-        block = slice(start, start + _ROWS)
-        yield block, np.array(features[block], dtype=np.float64)  # a copy: callers edit it
+def _float64_block(features: Features, rows: slice) -> F64:
+    return np.array(features[rows], dtype=np.float64)  # a copy: callers edit it in place
 
 
 def _moments(
@@ -59,7 +61,8 @@ def _moments(
     plain = np.zeros((dims, dims)) if unweighted else None
     equal = bool(np.all(class_weights == class_weights[0]))
     root_weights = np.sqrt(class_weights)
-    for rows, block in _blocks(features):
+    for rows in row_blocks(len(features), _ROWS):
+        block = _float64_block(features, rows)
         block -= reference
         row_codes = codes[rows]
         if n_classes == 1:
@@ -124,7 +127,8 @@ def _min_squared_distances(
     """(n,) ``min_c ‖(x − center) L − m_c‖²`` in row blocks (one (block, C) matrix at a time)."""
     result = np.empty(len(features))
     mean_norms = np.einsum("cr,cr->c", whitened_means, whitened_means)
-    for rows, block in _blocks(features):
+    for rows in row_blocks(len(features), _ROWS):
+        block = _float64_block(features, rows)
         block -= center
         whitened = block @ whitening
         distances = whitened @ (-2.0 * whitened_means.T)
@@ -140,28 +144,31 @@ def _squared_norms(features: Features, center: F64, whitening: F64) -> F64:
 
 
 def _torch_min_squared_distances(
-    features: torch.Tensor, center: F64, whitening: F64, whitened_means: F64
+    detector: Detector,
+    features: torch.Tensor,
+    center: F64,
+    whitening: F64,
+    whitened_means: F64 | None = None,
 ) -> torch.Tensor:
-    import torch
+    """Differentiable (n,) ``min_c ‖(x − center) L − m_c‖²`` (``‖(x − center) L‖²`` if no means).
 
-    def tensor(array: F64) -> torch.Tensor:
-        return torch.from_numpy(array).to(features)
-
-    whitened = (features - tensor(center)) @ tensor(whitening)
-    means = tensor(whitened_means)
-    distances = (
-        (whitened * whitened).sum(dim=1, keepdim=True)
-        - 2.0 * whitened @ means.T
-        + (means * means).sum(dim=1)
+    ``features`` is already in the compute dtype (float64, or float32 on MPS): the expansion
+    ``‖w‖² − 2 w·m + ‖m‖²`` cancels, which float16 cannot carry (it overflowed to NaN).
+    """
+    whitened = (features - detector._torch_constant(center, features)) @ detector._torch_constant(
+        whitening, features
     )
+    squared = (whitened * whitened).sum(dim=1)
+    if whitened_means is None:
+        return squared
+    means = detector._torch_constant(whitened_means, features)
+    distances = squared[:, None] - 2.0 * whitened @ means.T + (means * means).sum(dim=1)
     return distances.amin(dim=1).clamp_min(0.0)
 
 
-def _check_tensor(features: torch.Tensor, n_dims: int) -> None:
-    if features.ndim != 2 or features.shape[1] != n_dims:
-        raise InvalidParameterError(
-            f"features must have shape (n_samples, {n_dims}), got {tuple(features.shape)}"
-        )
+def _covariance_divisors(counts: npt.NDArray[np.int64], covariance: str) -> F64:
+    """Per-group divisor of the scatter matrix: ``n − 1`` (unbiased) or ``n`` (ml)."""
+    return counts.astype(np.float64) - (1.0 if covariance == "unbiased" else 0.0)
 
 
 @register_detector
@@ -170,21 +177,30 @@ class GaussianDetector(Detector):
 
     The background model of Ren et al., 2021 ("A Simple Fix to Mahalanobis Distance for
     Improving Near-OOD Detection", arXiv 2106.09022) used as a detector on its own. Score:
-    ``−(x − μ)ᵀ Σ⁺ (x − μ)`` with the maximum-likelihood covariance (1/N) and its
-    pseudo-inverse ``Σ⁺`` (no shrinkage, no ridge); float64.
+    ``−(x − μ)ᵀ Σ⁺ (x − μ)`` with ``Σ = Σ_i (x_i − μ)(x_i − μ)ᵀ / (N − 1)`` (``covariance=
+    "unbiased"``, the default; ``"ml"`` divides by N); float64, raw features (no normalisation).
+    Differences from the authors' code (their background Gaussian, ``torch.cov`` of all training
+    features and ``inverse()``): the pseudo-inverse ``Σ⁺`` (eigenvalues below ``D·eps·λ_max``
+    dropped) instead of the exact inverse: equal when ``Σ`` is full-rank (to ~1e-12), defined
+    where their inverse fails or is noise. Moments in one float64 pass (about a reference point)
+    instead of two: equal to ~1e-12 relative.
     """
 
     name: ClassVar[str] = "gaussian"
+    differentiable: ClassVar[bool] = True
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = _CONSTRAINTS
 
-    def __init__(self) -> None:
-        pass
+    def __init__(self, *, covariance: Covariance = "unbiased") -> None:
+        self.covariance = covariance
 
     def fit(self, features: Features, labels: Labels | None = None) -> GaussianDetector:
         """Fit mean and covariance of (n, D) ID features (n >= 2); labels are ignored."""
+        self._validate_params()
         features = check_features(features, min_samples=2)
         _warn_if_underdetermined(self.name, len(features), 1, features.shape[1])
         codes = np.zeros(len(features), dtype=np.intp)
-        means, covariance, _ = _moments(features, codes, np.array([1.0 / len(features)]))
+        divisor = _covariance_divisors(np.array([len(features)]), self.covariance)
+        means, covariance, _ = _moments(features, codes, 1.0 / divisor)
         self.mean_ = means[0]
         self.whitening_ = _whitening(covariance, "training feature")
         self.n_dims_ = int(features.shape[1])
@@ -197,15 +213,18 @@ class GaussianDetector(Detector):
         return -_squared_norms(features, self.mean_, self.whitening_)
 
     def score_samples_torch(self, features: torch.Tensor) -> torch.Tensor:
-        """Differentiable (n,) scores of an (n, D) tensor, as ``score_samples``; higher = ID."""
-        check_is_fitted(self)
-        _check_tensor(features, self.n_dims_)
-        zero = np.zeros((1, self.whitening_.shape[1]))
-        return -_torch_min_squared_distances(features, self.mean_, self.whitening_, zero)
+        """Differentiable (n,) float64 scores of an (n, D) tensor, as ``score_samples``."""
+        features = self._torch_features(features, float64=True)
+        return -_torch_min_squared_distances(self, features, self.mean_, self.whitening_)
 
 
 class _ClassGaussians(Detector):
     """Class means and the shared covariance (average of per-class covariances)."""
+
+    covariance: str
+    differentiable: ClassVar[bool] = True
+    requires_labels: ClassVar[bool] = True
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = _CONSTRAINTS
 
     def _fit_classes(
         self, features: Features, labels: Labels | None, *, background: bool = False
@@ -215,6 +234,7 @@ class _ClassGaussians(Detector):
         The background covariance comes from the same pass: the total scatter is the
         within-class scatter plus ``Σ_c n_c (μ_c − μ)(μ_c − μ)ᵀ``.
         """
+        self._validate_params()
         if labels is None:
             raise InvalidParameterError(
                 f"{self.name} needs class labels: call fit(features, labels); for a label-free "
@@ -224,10 +244,19 @@ class _ClassGaussians(Detector):
         labels = check_labels(labels, len(features), min_classes=2)
         classes, codes = np.unique(labels, return_inverse=True)
         counts = np.bincount(codes)
+        if self.covariance == "unbiased" and np.any(counts < 2):
+            single = [str(c) for c in classes[counts < 2]]
+            listed = ", ".join(single[:5]) + (", …" if len(single) > 5 else "")
+            named = f"class {listed} has" if len(single) == 1 else f"classes {listed} have"
+            raise InvalidParameterError(
+                f"{self.name}: {named} 1 training sample; an unbiased covariance "
+                f"(divisor n − 1) needs at least 2 per class: add samples of that class, drop "
+                f"it, or use covariance='ml'"
+            )
         _warn_if_underdetermined(self.name, len(features), len(classes), features.shape[1])
         self.classes_ = classes.astype(np.int64)
         # Σ = (1/C) Σ_c Cov_c: every class weighs the same, whatever its size (PAPER.md)
-        weights = 1.0 / (len(classes) * counts)
+        weights = 1.0 / (len(classes) * _covariance_divisors(counts, self.covariance))
         self.class_means_, covariance, within = _moments(
             features, codes, weights, unweighted=background
         )
@@ -238,12 +267,18 @@ class _ClassGaussians(Detector):
         if background and within is not None:
             self.background_mean_ = counts @ self.class_means_ / len(features)
             spread = (self.class_means_ - self.background_mean_) * np.sqrt(counts)[:, None]
-            total = (within + spread.T @ spread) / len(features)
+            divisor = _covariance_divisors(np.array([len(features)]), self.covariance)[0]
+            total = (within + spread.T @ spread) / divisor
             self.background_whitening_ = _whitening(total, "background")
 
     def _class_distances(self, features: Features) -> F64:
         """(n,) ``min_c MD_c(x)²`` after the fitted checks."""
         return _min_squared_distances(features, self.center_, self.whitening_, self.whitened_means_)
+
+    def _torch_class_distances(self, features: torch.Tensor) -> torch.Tensor:
+        return _torch_min_squared_distances(
+            self, features, self.center_, self.whitening_, self.whitened_means_
+        )
 
     def _validated(self, features: Features) -> Features:
         check_is_fitted(self)
@@ -255,18 +290,25 @@ class MahalanobisDetector(_ClassGaussians):
     """Class-conditional Gaussians with a shared covariance: minus the smallest Mahalanobis².
 
     Lee, Lee, Lee, Shin, NeurIPS 2018 ("A Simple Unified Framework for Detecting
-    Out-of-Distribution Samples and Adversarial Attacks"). Score:
-    ``−min_c (x − μ_c)ᵀ Σ⁺ (x − μ_c)``. Differences from the paper: the shared covariance is
-    the *average of the per-class* (maximum-likelihood) covariances, as in Adaloglou et al.
-    2024, not the pooled covariance of class-centred features (they differ when classes have
-    different sizes); final-layer features only, no input preprocessing or layer ensemble.
+    Out-of-Distribution Samples and Adversarial Attacks"), as Adaloglou et al. (TMLR 2024)
+    compute it. Score: ``−min_c (x − μ_c)ᵀ Σ⁺ (x − μ_c)`` with ``Σ = (1/C) Σ_c Cov_c``, the
+    average of the per-class covariances, each unbiased (``Σ_{i∈c} (x_i − μ_c)(x_i − μ_c)ᵀ /
+    (n_c − 1)``; ``covariance="ml"`` divides by ``n_c``); float64, raw features.
+    Differences from Lee et al.: their shared covariance is the pooled maximum-likelihood one of
+    class-centred features (it differs from the average when classes have different sizes);
+    final-layer features only, no input preprocessing or layer ensemble.
+    Differences from the authors' code (``compute_maha_vals``: per-class ``torch.cov``,
+    averaged, ``inverse()``, float64): pseudo-inverses instead of exact inverses (equal to
+    ~1e-12 when the covariances are full-rank; defined where theirs fail or are noise); a class
+    with one training sample is an error (their code silently drops it: no mean, it never
+    scores; with ``covariance="ml"`` we keep its mean and it adds a zero covariance); moments in
+    one float64 pass about a reference point (equal to ~1e-12 relative).
     """
 
     name: ClassVar[str] = "mahalanobis"
-    requires_labels: ClassVar[bool] = True
 
-    def __init__(self) -> None:
-        pass
+    def __init__(self, *, covariance: Covariance = "unbiased") -> None:
+        self.covariance = covariance
 
     def fit(self, features: Features, labels: Labels | None = None) -> MahalanobisDetector:
         """Fit class means and the shared covariance of (n, D) features with (n,) labels."""
@@ -278,12 +320,8 @@ class MahalanobisDetector(_ClassGaussians):
         return -self._class_distances(self._validated(features))
 
     def score_samples_torch(self, features: torch.Tensor) -> torch.Tensor:
-        """Differentiable (n,) scores of an (n, D) tensor, as ``score_samples``; higher = ID."""
-        check_is_fitted(self)
-        _check_tensor(features, self.n_dims_)
-        return -_torch_min_squared_distances(
-            features, self.center_, self.whitening_, self.whitened_means_
-        )
+        """Differentiable (n,) float64 scores of an (n, D) tensor, as ``score_samples``."""
+        return -self._torch_class_distances(self._torch_features(features, float64=True))
 
 
 @register_detector
@@ -291,17 +329,24 @@ class RelativeMahalanobisDetector(_ClassGaussians):
     """Relative Mahalanobis: class Mahalanobis² minus the distance under one background Gaussian.
 
     Ren, Fort, Liu, Roy, Padhy, Lakshminarayanan, 2021 ("A Simple Fix to Mahalanobis Distance
-    for Improving Near-OOD Detection", arXiv 2106.09022). Score:
-    ``−min_c (MD_c(x)² − MD_0(x)²)`` with ``MD_0`` under a single Gaussian fitted to all
-    training features. Differences from the paper: the shared class covariance is the average
-    of per-class covariances (as in ``mahalanobis``); pseudo-inverses, no ridge.
+    for Improving Near-OOD Detection", arXiv 2106.09022), as Adaloglou et al. (TMLR 2024)
+    compute it. Score: ``−min_c (MD_c(x)² − MD_0(x)²)``: ``MD_c`` as in ``mahalanobis``,
+    ``MD_0`` under one Gaussian of all training features, mean and covariance
+    ``Σ_i (x_i − μ)(x_i − μ)ᵀ / (N − 1)`` (``covariance="ml"``: ``/ N``, and ``/ n_c`` for the
+    classes). Differences from Ren et al.: the shared class covariance is the average of the
+    per-class covariances, not the pooled one.
+    Differences from the authors' code (``compute_maha_vals``: per-class ``torch.cov``,
+    averaged, ``inverse()``, float64): pseudo-inverses instead of exact inverses (equal to
+    ~1e-12 when the covariances are full-rank; defined where theirs fail or are noise); a class
+    with one training sample is an error (their code silently drops it: no mean, it never
+    scores; with ``covariance="ml"`` we keep its mean and it adds a zero covariance); moments in
+    one float64 pass about a reference point (equal to ~1e-12 relative).
     """
 
     name: ClassVar[str] = "relative-mahalanobis"
-    requires_labels: ClassVar[bool] = True
 
-    def __init__(self) -> None:
-        pass
+    def __init__(self, *, covariance: Covariance = "unbiased") -> None:
+        self.covariance = covariance
 
     def fit(self, features: Features, labels: Labels | None = None) -> RelativeMahalanobisDetector:
         """Fit class Gaussians and the background Gaussian of (n, D) features, (n,) labels."""
@@ -315,13 +360,9 @@ class RelativeMahalanobisDetector(_ClassGaussians):
         return background - self._class_distances(features)
 
     def score_samples_torch(self, features: torch.Tensor) -> torch.Tensor:
-        """Differentiable (n,) scores of an (n, D) tensor, as ``score_samples``; higher = ID."""
-        check_is_fitted(self)
-        _check_tensor(features, self.n_dims_)
-        zero = np.zeros((1, self.background_whitening_.shape[1]))
+        """Differentiable (n,) float64 scores of an (n, D) tensor, as ``score_samples``."""
+        features = self._torch_features(features, float64=True)
         background = _torch_min_squared_distances(
-            features, self.background_mean_, self.background_whitening_, zero
+            self, features, self.background_mean_, self.background_whitening_
         )
-        return background - _torch_min_squared_distances(
-            features, self.center_, self.whitening_, self.whitened_means_
-        )
+        return background - self._torch_class_distances(features)

@@ -14,31 +14,41 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.utils.validation import check_is_fitted
 
-from oodprobe.arrays import Features, Labels, Scores, check_features, check_labels
+from oodprobe.arrays import (
+    Features,
+    Labels,
+    Scores,
+    check_features,
+    check_labels,
+    l2_normalize,
+    row_blocks,
+    rows_per_block,
+)
 from oodprobe.detectors import search
-from oodprobe.detectors.base import Detector, register_detector
-from oodprobe.errors import InvalidParameterError
+from oodprobe.detectors.base import (
+    Choices,
+    Detector,
+    Number,
+    integer,
+    register_detector,
+    validate_values,
+)
 
 if TYPE_CHECKING:
     import torch
 
 _GATHER_ELEMENTS = 1 << 23  # floats gathered at once when refining neighbour similarities
 
-
-def _check_temperature(temperature: float) -> None:
-    # exp(cos/T) with cos <= 1 must fit in float64 (exp(709) is the largest)
-    if not isinstance(temperature, (int, float)) or not 1 / 700 <= temperature < float("inf"):
-        raise InvalidParameterError(
-            f"temperature must be a finite number >= 1/700 (so exp(cos/T) fits in float64), "
-            f"got {temperature!r}"
-        )
-
-
-def _check_tensor(features: torch.Tensor, n_dims: int) -> None:
-    if features.ndim != 2 or features.shape[1] != n_dims:
-        raise InvalidParameterError(
-            f"features must have shape (n_samples, {n_dims}), got {tuple(features.shape)}"
-        )
+# exp(cos/T) with cos <= 1 must fit in float64 (exp(709) is the largest)
+_TEMPERATURE = [Number(1 / 700, text="finite number >= 1/700 (so exp(cos/T) fits in float64)")]
+_SEARCH_CONSTRAINTS: dict[str, list[Any]] = {
+    "k": [integer(1)],
+    "backend": [Choices(*search.BACKENDS)],
+    "n_lists": [integer(1), None],
+    "n_probe": [integer(1)],
+    "hnsw_m": [integer(1)],
+    "ef_search": [integer(1)],
+}
 
 
 class _NeighborDetector(Detector):
@@ -51,17 +61,14 @@ class _NeighborDetector(Detector):
     hnsw_m: int
     ef_search: int
 
-    def _check_params(self) -> None:
-        """Hook for detector-specific hyperparameters (called at the start of ``fit``)."""
+    differentiable: ClassVar[bool] = True
 
     def fit(self, features: Features, labels: Labels | None = None) -> _NeighborDetector:
         """Store the L2-normalised (n, D) ID training features (float32); labels are ignored."""
-        self._check_params()
+        self._validate_params()
         features = check_features(features)
-        search.check_search_params(
-            self.k, len(features), self.backend, self.n_lists, self.n_probe, self.hnsw_m
-        )
-        self.train_features_ = search.unit_float32(features)
+        search.check_search_limits(self.k, len(features), self.n_lists)
+        self.train_features_ = l2_normalize(features, dtype=np.float32)
         self.n_dims_ = int(features.shape[1])
         self._faiss_index = None
         if self.backend in search.APPROXIMATE_BACKENDS:
@@ -102,7 +109,7 @@ class _NeighborDetector(Detector):
     def _prepare(self, features: Features) -> tuple[npt.NDArray[np.float64], search.IndexArray]:
         check_is_fitted(self)
         features = check_features(features, n_dims=self.n_dims_)
-        unit = search.unit_float64(features)
+        unit = np.asarray(l2_normalize(features, dtype=np.float64), dtype=np.float64)
         return unit, self._neighbors(unit.astype(np.float32))
 
     def _score_from_neighbors(
@@ -114,23 +121,24 @@ class _NeighborDetector(Detector):
         """(n,) float64 scores of (n, D) features; higher = more in-distribution."""
         unit, indices = self._prepare(features)
         scores = np.empty(len(unit), dtype=np.float64)
-        rows = max(1, _GATHER_ELEMENTS // (indices.shape[1] * self.n_dims_))
-        for start in range(0, len(unit), rows):
-            block = slice(start, start + rows)
-            scores[block] = self._score_from_neighbors(unit[block], indices[block])
+        width = indices.shape[1] * self.n_dims_
+        for rows in row_blocks(len(unit), rows_per_block(width, _GATHER_ELEMENTS)):
+            scores[rows] = self._score_from_neighbors(unit[rows], indices[rows])
         return scores
 
     def _torch_inputs(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Differentiable unit features and their (n, k, D) neighbours (found without grad)."""
+        """Differentiable unit features and their (n, k, D) neighbours (found without grad).
+
+        Computed in float32 at least (float64 input stays float64), on the input's device.
+        """
         import torch
 
-        check_is_fitted(self)
-        _check_tensor(features, self.n_dims_)
+        features = self._torch_features(features)
         unit = torch.nn.functional.normalize(features, dim=1, eps=1e-12)
         with torch.no_grad():
             query = unit.detach().to(device="cpu", dtype=torch.float32).numpy()
             indices = self._neighbors(np.ascontiguousarray(query))
-        neighbours = torch.from_numpy(self.train_features_[indices]).to(features)
+        neighbours = torch.from_numpy(self.train_features_[indices]).to(unit)
         return unit, neighbours
 
 
@@ -148,6 +156,10 @@ class KNNDetector(_NeighborDetector):
     """
 
     name: ClassVar[str] = "knn"
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        **_SEARCH_CONSTRAINTS,
+        "temperature": _TEMPERATURE,
+    }
 
     def __init__(
         self,
@@ -167,9 +179,6 @@ class KNNDetector(_NeighborDetector):
         self.n_probe = n_probe
         self.hnsw_m = hnsw_m
         self.ef_search = ef_search
-
-    def _check_params(self) -> None:
-        _check_temperature(self.temperature)
 
     def _score_from_neighbors(
         self, unit: npt.NDArray[np.float64], indices: search.IndexArray
@@ -203,6 +212,7 @@ class DeepKNNDetector(_NeighborDetector):
     """
 
     name: ClassVar[str] = "deep-knn"
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = _SEARCH_CONSTRAINTS
 
     def __init__(
         self,
@@ -252,22 +262,25 @@ def knn_classify(
     ``exp(cos_i / T)`` (Wu et al. 2018; DINO's k-NN evaluation; the paper uses k=20, T=0.02).
     Ties go to the smaller label. Returns labels drawn from ``train_labels``' values.
     """
-    _check_temperature(temperature)
+    validate_values(
+        {"k": [integer(1)], "temperature": _TEMPERATURE},
+        {"k": k, "temperature": temperature},
+        "knn_classify",
+    )
     train = check_features(train_features, name="train_features")
     labels = check_labels(train_labels, len(train), min_classes=1)
     test = check_features(test_features, name="test_features", n_dims=train.shape[1])
-    search.check_search_params(k, len(train), "exact", None, 1, 1)
+    search.check_search_limits(k, len(train), None)
     classes, codes = np.unique(labels, return_inverse=True)
     similarities, indices = search.exact_search(
-        search.unit_float32(train), search.unit_float32(test), k
+        l2_normalize(train, dtype=np.float32), l2_normalize(test, dtype=np.float32), k
     )
     # subtracting each row's best similarity leaves the argmax unchanged and avoids overflow
     weights = np.exp((similarities.astype(np.float64) - similarities[:, :1]) / temperature)
     predictions = np.empty(len(test), dtype=np.int64)
-    n_classes, rows = len(classes), max(1, (1 << 24) // len(classes))
-    for start in range(0, len(test), rows):
-        block = slice(start, start + rows)
-        n_rows = len(weights[block])
+    n_classes = len(classes)
+    for block in row_blocks(len(test), rows_per_block(n_classes)):
+        n_rows = block.stop - block.start
         slots = np.arange(n_rows)[:, None] * n_classes + codes[indices[block]]
         votes = np.bincount(slots.ravel(), weights[block].ravel(), n_rows * n_classes)
         predictions[block] = votes.reshape(n_rows, n_classes).argmax(axis=1)

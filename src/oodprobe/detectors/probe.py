@@ -16,8 +16,16 @@ import numpy.typing as npt
 from scipy.special import softmax
 from sklearn.utils.validation import check_is_fitted
 
-from oodprobe.arrays import Features, Labels, Scores, check_features, check_labels
-from oodprobe.detectors.base import Detector, register_detector
+from oodprobe.arrays import Features, Labels, Scores, check_features, check_labels, row_blocks
+from oodprobe.detectors.base import (
+    Choices,
+    Detector,
+    DeviceName,
+    Number,
+    integer,
+    register_detector,
+    validate_values,
+)
 from oodprobe.errors import InvalidParameterError
 
 if TYPE_CHECKING:
@@ -26,6 +34,8 @@ if TYPE_CHECKING:
 LogitScore = Literal["msp", "energy", "max-logit"]
 LOGIT_SCORES: tuple[str, ...] = ("msp", "energy", "max-logit")
 _CHUNK = 16384  # rows per block when scoring, so float64 temporaries stay bounded
+TEMPERATURE: list[Any] = [Number(0, closed="neither")]
+SCORE: list[Any] = [Choices(*LOGIT_SCORES)]
 
 
 # -- logit scores ---------------------------------------------------------------------------
@@ -40,13 +50,6 @@ def _as_logits(logits: npt.ArrayLike) -> npt.NDArray[Any]:
     return array
 
 
-def _check_temperature(temperature: float) -> None:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)) or not (
-        temperature > 0
-    ):
-        raise InvalidParameterError(f"temperature must be a finite number > 0, got {temperature!r}")
-
-
 def _max_and_exp_sum(
     logits: npt.ArrayLike, temperature: float
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
@@ -56,18 +59,18 @@ def _max_and_exp_sum(
     are exponentiated in place: ~10x faster than ``scipy.special.logsumexp`` at 100k × 1000,
     with bounded float64 temporaries.
     """
-    _check_temperature(temperature)
+    validate_values({"temperature": TEMPERATURE}, {"temperature": temperature}, "logit score")
     array = _as_logits(logits)
     maxima, sums = np.empty(len(array)), np.empty(len(array))
-    for start in range(0, len(array), _CHUNK):
-        block = np.array(array[start : start + _CHUNK], dtype=np.float64)
+    for rows in row_blocks(len(array), _CHUNK):
+        block = np.array(array[rows], dtype=np.float64)
         if temperature != 1:
             block /= temperature
         block_max = block.max(axis=1)
         block -= block_max[:, None]
         np.exp(block, out=block)
-        maxima[start : start + _CHUNK] = block_max
-        sums[start : start + _CHUNK] = block.sum(axis=1)
+        maxima[rows] = block_max
+        sums[rows] = block.sum(axis=1)
     return maxima, sums
 
 
@@ -90,34 +93,28 @@ def max_logit(logits: npt.ArrayLike) -> Scores:
 
 def score_logits(logits: npt.ArrayLike, score: str, temperature: float = 1.0) -> Scores:
     """Apply the named logit score (``msp``, ``energy`` or ``max-logit``); higher = ID."""
+    validate_values({"score": SCORE}, {"score": score}, "score_logits")
     if score == "msp":
         return msp(logits, temperature)
     if score == "energy":
         return negative_energy(logits, temperature)
-    if score == "max-logit":
-        return max_logit(logits)
-    raise InvalidParameterError(f"score must be one of {', '.join(LOGIT_SCORES)}; got {score!r}")
+    return max_logit(logits)
 
 
 def score_logits_torch(logits: torch.Tensor, score: str, temperature: float = 1.0) -> torch.Tensor:
-    """Differentiable torch version of :func:`score_logits`; (n,) in the logits' dtype."""
+    """Differentiable torch version of :func:`score_logits`: (n,), in float32 at least.
+
+    fp16/bf16 logits are promoted first (a softmax and a log-sum-exp accumulate).
+    """
     import torch
 
+    validate_values({"score": SCORE}, {"score": score}, "score_logits_torch")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if score == "msp":
         return torch.softmax(logits / temperature, dim=1).amax(dim=1)
     if score == "energy":
         return temperature * torch.logsumexp(logits / temperature, dim=1)
-    if score == "max-logit":
-        return logits.amax(dim=1)
-    raise InvalidParameterError(f"score must be one of {', '.join(LOGIT_SCORES)}; got {score!r}")
-
-
-def _check_score_params(score: str, temperature: float) -> None:
-    if score not in LOGIT_SCORES:
-        raise InvalidParameterError(
-            f"score must be one of {', '.join(LOGIT_SCORES)}; got {score!r}"
-        )
-    _check_temperature(temperature)
+    return logits.amax(dim=1)
 
 
 @register_detector
@@ -133,6 +130,11 @@ class LogitsDetector(Detector):
 
     name: ClassVar[str] = "logits"
     input_array: ClassVar[str] = "logits"
+    differentiable: ClassVar[bool] = True
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "score": SCORE,
+        "temperature": TEMPERATURE,
+    }
 
     def __init__(self, *, score: LogitScore = "msp", temperature: float = 1.0) -> None:
         self.score = score
@@ -140,7 +142,7 @@ class LogitsDetector(Detector):
 
     def fit(self, features: Features, labels: Labels | None = None) -> LogitsDetector:
         """Record ``n_dims_`` (the number of logits) of (n, C) ``features``; returns self."""
-        _check_score_params(self.score, self.temperature)
+        self._validate_params()
         self.n_dims_ = int(check_features(features).shape[1])
         return self
 
@@ -152,16 +154,7 @@ class LogitsDetector(Detector):
 
     def score_samples_torch(self, features: torch.Tensor) -> torch.Tensor:
         """Differentiable (n,) scores of an (n, C) logits tensor; matches ``score_samples``."""
-        check_is_fitted(self)
-        _check_tensor(features, self.n_dims_)
-        return score_logits_torch(features, self.score, self.temperature)
-
-
-def _check_tensor(features: torch.Tensor, n_dims: int) -> None:
-    if features.ndim != 2 or features.shape[1] != n_dims:
-        raise InvalidParameterError(
-            f"features must have shape (n_samples, {n_dims}), got {tuple(features.shape)}"
-        )
+        return score_logits_torch(self._torch_features(features), self.score, self.temperature)
 
 
 # -- the linear probe -----------------------------------------------------------------------
@@ -225,12 +218,12 @@ def cross_entropy_gradient(
 def _mean_std(features: Features) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Per-dimension mean and std in float64, two passes over row blocks (bounded memory)."""
     mean = np.zeros(features.shape[1])
-    for start in range(0, len(features), _CHUNK):
-        mean += features[start : start + _CHUNK].sum(axis=0, dtype=np.float64)
+    for rows in row_blocks(len(features), _CHUNK):
+        mean += features[rows].sum(axis=0, dtype=np.float64)
     mean /= len(features)
     variance = np.zeros(features.shape[1])
-    for start in range(0, len(features), _CHUNK):
-        variance += np.square(features[start : start + _CHUNK] - mean).sum(axis=0)
+    for rows in row_blocks(len(features), _CHUNK):
+        variance += np.square(features[rows] - mean).sum(axis=0)
     std = np.sqrt(variance / len(features))
     std[std < 1e-12] = 1.0  # a constant dimension carries no information; keep it finite
     return mean, std
@@ -300,8 +293,23 @@ def train_linear_probe(
     }
 
 
+PROBE_CONSTRAINTS: dict[str, list[Any]] = {
+    "epochs": [integer(1)],
+    "batch_size": [integer(1)],
+    "lr": [Number(0, closed="neither")],
+    "weight_decay": [Number(0)],
+    "warmup_fraction": [Number(0, 1)],
+    "seed": [integer(0)],
+    "device": [DeviceName()],
+    "score": SCORE,
+    "temperature": TEMPERATURE,
+}
+
+
 class LinearHead(Detector):
     """Shared scoring of a trained linear probe (``weight_``, ``bias_``, ``mean_``, ``std_``)."""
+
+    differentiable: ClassVar[bool] = True
 
     epochs: int
     batch_size: int
@@ -312,25 +320,6 @@ class LinearHead(Detector):
     device: str
     score: str
     temperature: float
-
-    def _check_probe_params(self) -> None:
-        for key in ("epochs", "batch_size"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise InvalidParameterError(f"{key} must be an integer >= 1, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise InvalidParameterError(f"lr must be > 0, got {self.lr!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise InvalidParameterError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not (isinstance(self.warmup_fraction, (int, float)) and 0 <= self.warmup_fraction < 1):
-            raise InvalidParameterError(
-                f"warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}"
-            )
-        if not (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps")):
-            raise InvalidParameterError(
-                f"device must be 'auto', 'cpu', 'cuda[:i]' or 'mps', got {self.device!r}"
-            )
-        _check_score_params(self.score, self.temperature)
 
     def _fit_probe(self, features: Features, labels: Labels, n_classes: int) -> None:
         state = train_linear_probe(
@@ -356,8 +345,8 @@ class LinearHead(Detector):
         # fold the standardisation into the layer: W·(x − μ)/σ + b = (W/σ)·x + (b − (W/σ)·μ)
         weight = self.weight_.astype(np.float64) / self.std_.astype(np.float64)
         bias = self.bias_.astype(np.float64) - weight @ self.mean_.astype(np.float64)
-        for start in range(0, len(features), _CHUNK):
-            block = features[start : start + _CHUNK].astype(np.float64) @ weight.T
+        for rows in row_blocks(len(features), _CHUNK):
+            block = features[rows].astype(np.float64) @ weight.T
             block += bias
             yield block
 
@@ -380,19 +369,17 @@ class LinearHead(Detector):
         return np.concatenate([score_logits(b, self.score, self.temperature) for b in blocks])
 
     def score_samples_torch(self, features: torch.Tensor) -> torch.Tensor:
-        """Differentiable (n,) scores of an (n, D) tensor; matches ``score_samples``."""
+        """Differentiable (n,) scores of an (n, D) tensor (float32 at least); as score_samples."""
         import torch
 
-        check_is_fitted(self)
-        _check_tensor(features, self.n_dims_)
-        options: dict[str, Any] = {"dtype": features.dtype, "device": features.device}
-        standardised = (features - torch.as_tensor(self.mean_, **options)) / torch.as_tensor(
-            self.std_, **options
+        features = self._torch_features(features)
+        standardised = (features - self._torch_constant(self.mean_, features)) / (
+            self._torch_constant(self.std_, features)
         )
         logits = torch.nn.functional.linear(
             standardised,
-            torch.as_tensor(self.weight_, **options),
-            torch.as_tensor(self.bias_, **options),
+            self._torch_constant(self.weight_, features),
+            self._torch_constant(self.bias_, features),
         )
         return score_logits_torch(logits, self.score, self.temperature)
 
@@ -412,6 +399,7 @@ class LinearProbeDetector(LinearHead):
 
     name: ClassVar[str] = "linear-probe"
     requires_labels: ClassVar[bool] = True
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = PROBE_CONSTRAINTS
 
     def __init__(
         self,
@@ -438,7 +426,7 @@ class LinearProbeDetector(LinearHead):
 
     def fit(self, features: Features, labels: Labels | None = None) -> LinearProbeDetector:
         """Train the probe on (n, D) features and (n,) integer labels; returns self."""
-        self._check_probe_params()
+        self._validate_params()
         features = check_features(features)
         if labels is None:
             raise InvalidParameterError(

@@ -23,47 +23,22 @@ APPROXIMATE_BACKENDS: tuple[str, ...] = ("faiss-ivf", "faiss-hnsw")
 _BLOCK_ELEMENTS = 1 << 26  # floats in one similarity block (256 MiB of float32)
 _MAX_TRAIN_BLOCK = 65536  # train rows per block, so query blocks stay tall enough for BLAS
 _GROUP = 64  # columns per group in the group-max prefilter of _block_topk
-_NORMALIZE_ROWS = 8192  # float64 temporaries of 8192 × D
 
 Float32Array = npt.NDArray[np.float32]
 IndexArray = npt.NDArray[np.int64]
 
 
-def unit_float32(features: npt.NDArray[Any]) -> Float32Array:
-    """L2-normalised float32 copy of (n, D) features, built in row blocks (bounded temporaries)."""
-    unit = np.empty(features.shape, dtype=np.float32)
-    for start in range(0, len(features), _NORMALIZE_ROWS):
-        block = np.asarray(features[start : start + _NORMALIZE_ROWS], dtype=np.float64)
-        norms = np.linalg.norm(block, axis=1, keepdims=True)
-        unit[start : start + _NORMALIZE_ROWS] = block / np.maximum(norms, 1e-12)
-    return unit
-
-
-def unit_float64(features: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
-    """L2-normalised float64 copy of (n, D) features (rows of zeros stay zero)."""
-    block = np.asarray(features, dtype=np.float64)
-    return block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
-
-
-def check_search_params(
-    k: int, n_train: int, backend: str, n_lists: int | None, n_probe: int, hnsw_m: int
-) -> None:
-    """Validate k (against the training-set size) and the backend parameters."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise InvalidParameterError(f"k must be an integer >= 1, got {k!r}")
+def check_search_limits(k: int, n_train: int, n_lists: int | None) -> None:
+    """Check ``k`` and ``n_lists`` against the training-set size (their types: constraints)."""
     if k > n_train:
         raise InvalidParameterError(
             f"k={k} is larger than the {n_train} training samples; use k <= {n_train}"
         )
-    if backend not in BACKENDS:
+    if n_lists is not None and n_lists > n_train:
         raise InvalidParameterError(
-            f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}"
+            f"n_lists={n_lists} is larger than the {n_train} training samples; "
+            f"use n_lists <= {n_train} or leave it unset"
         )
-    if n_lists is not None and not (1 <= n_lists <= n_train):
-        raise InvalidParameterError(f"n_lists must be in [1, {n_train}] or None, got {n_lists!r}")
-    for name, value in (("n_probe", n_probe), ("hnsw_m", hnsw_m)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise InvalidParameterError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _block_topk(similarities: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

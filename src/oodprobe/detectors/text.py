@@ -15,17 +15,23 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.utils.validation import check_is_fitted
 
-from oodprobe.arrays import Features, Labels, Scores, check_features, l2_normalize
+from oodprobe.arrays import Features, Labels, Scores, check_features, l2_normalize, row_blocks
 from oodprobe.detectors.base import Detector, register_detector
 from oodprobe.detectors.probe import (
     _CHUNK,
+    PROBE_CONSTRAINTS,
+    TEMPERATURE,
     LinearHead,
     LogitScore,
-    _check_temperature,
-    _check_tensor,
     msp,
 )
 from oodprobe.errors import InvalidParameterError
+
+# computed by the runner from the encoder's text tower, never set by a user
+_TEXT_CONSTRAINTS: dict[str, list[Any]] = {
+    "class_embeddings": ["array-like"],
+    "image_projection": ["array-like", None],
+}
 
 if TYPE_CHECKING:
     import torch
@@ -60,8 +66,8 @@ def _cosine_blocks(
     projection: npt.NDArray[np.float64] | None,
 ) -> Iterator[npt.NDArray[np.float64]]:
     """Yield ``cos(u(x), t_c)`` for consecutive row blocks: (block, C) float64."""
-    for start in range(0, len(features), _CHUNK):
-        joint = l2_normalize(features[start : start + _CHUNK].astype(np.float64))
+    for rows in row_blocks(len(features), _CHUNK):
+        joint = l2_normalize(features[rows], dtype=np.float64)
         if projection is not None:
             joint = l2_normalize(joint @ projection)
         yield joint @ embeddings.T
@@ -72,9 +78,21 @@ class _TextMixin(Detector):
 
     class_embeddings: npt.ArrayLike
     image_projection: npt.ArrayLike | None
+    requires_text: ClassVar[bool] = True
+    differentiable: ClassVar[bool] = True
+    runner_params: ClassVar[frozenset[str]] = frozenset(_TEXT_CONSTRAINTS)
 
     def _text_arrays(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64] | None, int]:
-        return _checked_text_arrays(self.class_embeddings, self.image_projection)
+        """The checked text arrays, computed once per (class_embeddings, image_projection).
+
+        Kept as the same array objects between calls, so that their device copies are cached.
+        """
+        sources = (self.class_embeddings, self.image_projection)
+        cached = self.__dict__.get("_text_cache")
+        if cached is None or cached[0] is not sources[0] or cached[1] is not sources[1]:
+            cached = (*sources, _checked_text_arrays(*sources))
+            self.__dict__["_text_cache"] = cached
+        return cached[2]
 
     def similarities(self, features: Features) -> npt.NDArray[np.float64]:
         """(n, C) cosines ``cos(u(x), t_c)`` of (n, D) features to the class embeddings."""
@@ -90,16 +108,15 @@ class _TextMixin(Detector):
         return np.concatenate([block.argmax(axis=1) for block in blocks]).astype(np.int64)
 
     def _joint_torch(self, features: torch.Tensor) -> torch.Tensor:
-        """Differentiable (n, C) cosines of an (n, D) tensor."""
+        """Differentiable (n, C) cosines of an (n, D) tensor, in float32 at least."""
         import torch
 
-        embeddings, projection, n_dims = self._text_arrays()
-        _check_tensor(features, n_dims)
-        options: dict[str, Any] = {"dtype": features.dtype, "device": features.device}
+        embeddings, projection, _ = self._text_arrays()
+        features = self._torch_features(features)
         joint = torch.nn.functional.normalize(features, dim=1)
         if projection is not None:
-            joint = torch.nn.functional.normalize(joint @ torch.as_tensor(projection, **options))
-        return joint @ torch.as_tensor(embeddings, **options).T
+            joint = torch.nn.functional.normalize(joint @ self._torch_constant(projection, joint))
+        return joint @ self._torch_constant(embeddings, joint).T
 
 
 @register_detector
@@ -117,7 +134,10 @@ class MCMDetector(_TextMixin):
     """
 
     name: ClassVar[str] = "mcm"
-    requires_text: ClassVar[bool] = True
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        **_TEXT_CONSTRAINTS,
+        "temperature": TEMPERATURE,
+    }
 
     def __init__(
         self,
@@ -132,7 +152,7 @@ class MCMDetector(_TextMixin):
 
     def fit(self, features: Features, labels: Labels | None = None) -> MCMDetector:
         """Validate shapes of (n, D) features against the text arrays; labels are ignored."""
-        _check_temperature(self.temperature)
+        self._validate_params()
         embeddings, _, n_dims = self._text_arrays()
         check_features(features, n_dims=n_dims)
         self.n_dims_, self.n_classes_ = n_dims, int(embeddings.shape[0])
@@ -156,7 +176,6 @@ class MCMDetector(_TextMixin):
         """Differentiable (n,) MCM scores of an (n, D) tensor; matches ``score_samples``."""
         import torch
 
-        check_is_fitted(self)
         cosines = self._joint_torch(features)
         return torch.softmax(cosines / self.temperature, dim=1).amax(dim=1)
 
@@ -176,7 +195,10 @@ class PLPDetector(_TextMixin, LinearHead):
     """
 
     name: ClassVar[str] = "plp"
-    requires_text: ClassVar[bool] = True
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        **_TEXT_CONSTRAINTS,
+        **PROBE_CONSTRAINTS,
+    }
 
     def __init__(
         self,
@@ -207,7 +229,7 @@ class PLPDetector(_TextMixin, LinearHead):
 
     def fit(self, features: Features, labels: Labels | None = None) -> PLPDetector:
         """Pseudo-label (n, D) training features zero-shot, then train the probe; labels ignored."""
-        self._check_probe_params()
+        self._validate_params()
         embeddings, _, n_dims = self._text_arrays()
         features = check_features(features, n_dims=n_dims)
         n_classes = int(embeddings.shape[0])
