@@ -305,3 +305,32 @@ def test_a_folder_as_the_csv_path_is_one_line(tmp_path: Path) -> None:
     )
     with pytest.raises(InvalidParameterError, match=f"^{re.escape(expected)}$"):
         _scored(["a.png"]).write_csv(tmp_path)
+
+
+def test_a_text_detector_gets_class_embeddings_from_the_given_names_and_prompts(
+    tiny_openclip: str, tmp_path: Path
+) -> None:
+    from oodprobe.encoders import create_encoder
+    from oodprobe.encoders.text import compute_class_embeddings
+
+    images = ArrayDataset(random_images(12, size=32), np.arange(12) % 2)
+    names, prompts = ["cat", "dog"], ["a photo of a {}.", "a drawing of a {}."]
+    deployment = fit_deployment(
+        images, tiny_openclip, DetectorSpec("mcm"), class_names=names, prompts=prompts,
+        cache_root=tmp_path / "cache", progress=False, num_workers=0,
+    )  # fmt: skip
+    expected = compute_class_embeddings(create_encoder(tiny_openclip), names, prompts)
+    np.testing.assert_allclose(deployment.detector.class_embeddings, expected, rtol=1e-6)
+    assert deployment.metadata["encoder_weights_sha256"] is None  # random weights: no file
+    path = deployment.save(tmp_path / "mcm.safetensors")
+    scored = _score(path, images, tmp_path)
+    assert len(scored.scores) == 12
+
+
+def test_a_text_detector_without_class_names_is_refused_before_extraction(
+    tiny_openclip: str, tmp_path: Path
+) -> None:
+    unlabelled = ArrayDataset(random_images(6, size=32), name="flat")
+    with pytest.raises(InvalidParameterError, match=r"^text detectors need class names"):
+        fit_deployment(unlabelled, tiny_openclip, DetectorSpec("mcm"), cache_root=tmp_path / "c")
+    assert not (tmp_path / "c").exists()

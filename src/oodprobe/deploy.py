@@ -130,12 +130,13 @@ def fit_deployment(
     names = _check_class_names(class_names)
     _check_prompts(prompts)
     resolve_detector_key(key)
+    # what the encoder's name tells (a text tower, logits), before the data is even listed
+    by_name: dict[str, Any] = {encoder_name: None}
+    check_compatibility([detector], labelled=True, id_label="", encoders=by_name)
     # -- the data (a listing, no decoding), then the model ------------------------------------
     dataset, label = _create(source, download)
     labelled = dataset.labels is not None
-    check_compatibility(
-        [detector], labelled=labelled, id_label=label, encoders={encoder_name: None}
-    )
+    check_compatibility([detector], labelled=labelled, id_label=label, encoders=by_name)
     encoder = create_encoder(encoder_name)
     check_compatibility(
         [detector], labelled=labelled, id_label=label, encoders={encoder_name: encoder}
