@@ -5,15 +5,17 @@ How folders are walked (the same rules for every layout):
 * Hidden entries (names starting with ``.``) are ignored; so are files without an image
   extension.
 * Symbolic links are followed, to files and to folders, with these exceptions, each listed as a
-  skip record in ``scan_skipped`` (``SkippedImage(-1, path, reason)``, reported by extraction in
-  ``FeatureSet.skipped``): a link to a folder that is one of its own ancestors (a symbolic-link
-  loop, not followed), a second path to a folder already walked (walked once), a dangling link,
-  a link that loops on itself (``a -> b -> a``), a folder that cannot be read.
+  skip record in ``scan_skipped`` (``SkippedImage(-1, path, reason)``, sorted by path, reported
+  by extraction in ``FeatureSet.skipped``): a link to a folder that is one of its own ancestors
+  (a symbolic-link loop, not followed), a second path to a folder already walked (walked
+  once), a dangling link, a link that loops on itself (``a -> b -> a``), a folder that cannot
+  be read.
 * An image file is counted once: a second path to the same file (same device and inode: a
-  symbolic link or a hard link) is listed as ``same file as FIRST; counted once``. Folders are
-  walked depth first in sorted name order, and the first path found is the one counted (with
-  its class). None of these records loses a decodable image, so ``on_error="raise"`` does not
-  stop on them.
+  symbolic link or a hard link) is listed as ``same file as COUNTED; counted once``. The path
+  counted (and so the class) is the file's own path when the folder holds one: real folders
+  and files are walked first (depth first, sorted by name), symbolic links after them in the
+  order met; among hard links, or among links only, the first met counts. None of these
+  records loses a decodable image, so ``on_error="raise"`` does not stop on them.
 * Any name the OS allows works (non-UTF-8 bytes, newlines, spaces, quotes, leading dashes):
   paths are kept as Python ``str`` with ``surrogateescape``; ``describe()``, class names, the
   dataset name and error messages are printable text (:func:`printable_path`).
@@ -25,7 +27,7 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,24 +78,49 @@ def _link_problem(error: OSError) -> str:
     return f"cannot read: {error.strerror or error}"
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """A non-hidden folder entry: its stat (links followed; None for a non-image file)."""
+
+    relpath: str
+    info: os.stat_result | None
+    is_folder: bool
+    is_link: bool
+
+
+@dataclass(frozen=True)
+class _Link:
+    """A symbolic link met in the first pass, followed in the second."""
+
+    entry: _Entry
+    ancestors: dict[Identity, str]
+    label: int
+
+
 class _Scanner:
-    """Walks folders by the rules in this module's docstring; one scanner per dataset."""
+    """Walks folders by the rules in this module's docstring; one scanner per dataset.
+
+    Two passes, so that a file or folder is counted at its own path whenever the tree holds it:
+    the first walks real folders and files only and sets the symbolic links aside; the second
+    follows those links (and everything under them) in the order they were met.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.skipped: list[SkippedImage] = []
         self.counted: dict[Identity, str] = {}  # file identity -> the path that counted
         self.walked: dict[Identity, str] = {}  # folder identity -> the path walked
+        self.found: list[tuple[int, _Found]] = []  # (label, image) in the order counted
+        self.links: list[_Link] = []
 
     def skip(self, relpath: str, reason: str) -> None:
         source = printable_path(os.path.join(self.root, relpath))
         self.skipped.append(SkippedImage(SCAN_INDEX, source, reason))
 
-    def entries(self, relative: str) -> Iterator[tuple[str, os.stat_result | None, bool]]:
-        """``(name, stat, is_folder)`` of the non-hidden entries of a folder, sorted by name.
+    def entries(self, relative: str) -> list[_Entry]:
+        """The non-hidden entries of a folder, sorted by name; broken links recorded as skipped.
 
-        ``stat`` (links followed) is None for files that are not images; broken links are
-        recorded as skipped and not yielded.
+        Costs one ``stat`` per folder, image file and link (none for other files).
         """
         folder = os.path.join(self.root, relative) if relative else str(self.root)
         try:
@@ -104,61 +131,72 @@ class _Scanner:
                 )
         except OSError as error:
             self.skip(relative, f"cannot read folder: {error.strerror or error}")
-            return
+            return []
+        entries = []
         for entry in found:
+            relpath = _join(relative, entry.name)
             try:
                 if entry.is_symlink():
                     info = entry.stat()  # follows the link: loops and dangling links fail here
-                    yield entry.name, info, stat.S_ISDIR(info.st_mode)
+                    entries.append(_Entry(relpath, info, stat.S_ISDIR(info.st_mode), True))
                 elif entry.is_dir(follow_symlinks=False):
-                    yield entry.name, entry.stat(follow_symlinks=False), True
+                    entries.append(_Entry(relpath, entry.stat(follow_symlinks=False), True, False))
                 elif is_image_file(entry.name):
-                    yield entry.name, entry.stat(follow_symlinks=False), False
+                    entries.append(_Entry(relpath, entry.stat(follow_symlinks=False), False, False))
                 else:
-                    yield entry.name, None, False
+                    entries.append(_Entry(relpath, None, False, False))
             except OSError as error:
-                self.skip(_join(relative, entry.name), _link_problem(error))
+                self.skip(relpath, _link_problem(error))
+        return entries
 
-    def count(self, relpath: str, info: os.stat_result) -> _Found | None:
-        """The image at ``relpath`` unless the same file was counted already."""
+    def count(self, relpath: str, info: os.stat_result, label: int) -> None:
+        """Count the image at ``relpath`` unless the same file was counted already."""
         identity = _identity(info)
         if identity is not None:
             if identity in self.counted:
-                self.skip(
-                    relpath, f"same file as {printable_path(self.counted[identity])}; counted once"
-                )
-                return None
+                first = printable_path(self.counted[identity])
+                self.skip(relpath, f"same file as {first}; counted once")
+                return
             self.counted[identity] = relpath
-        return _Found(relpath, info.st_size, info.st_mtime_ns)
+        self.found.append((label, _Found(relpath, info.st_size, info.st_mtime_ns)))
 
-    def images(self, relative: str, ancestors: dict[Identity, str]) -> list[_Found]:
-        """Every image under ``relative`` (depth first, sorted by name), relative to the root."""
-        found: list[_Found] = []
-        for name, info, is_folder in self.entries(relative):
-            relpath = _join(relative, name)
-            if info is None:
-                continue
-            if not is_folder:
-                if is_image_file(name) and stat.S_ISREG(info.st_mode):
-                    image = self.count(relpath, info)
-                    if image is not None:
-                        found.append(image)
-                continue
-            identity = _identity(info)
-            if identity is not None and identity in ancestors:
-                target = printable_path(ancestors[identity] or ".")
-                self.skip(relpath, f"{REASON_LOOP} (back to {target}); not followed")
-                continue
-            if identity is not None and identity in self.walked:
-                self.skip(
-                    relpath, f"same folder as {printable_path(self.walked[identity])}; walked once"
-                )
-                continue
-            if identity is not None:
-                self.walked[identity] = relpath
-            inner = {**ancestors, identity: relpath} if identity is not None else ancestors
-            found.extend(self.images(relpath, inner))
-        return found
+    def walk(self, relative: str, ancestors: dict[Identity, str], label: int, follow: bool) -> None:
+        """Count the images under ``relative``; without ``follow``, set links aside."""
+        for entry in self.entries(relative):
+            if entry.is_link and not follow:
+                self.links.append(_Link(entry, ancestors, label))
+            else:
+                self.visit(entry, ancestors, label, follow)
+
+    def visit(
+        self, entry: _Entry, ancestors: dict[Identity, str], label: int, follow: bool
+    ) -> None:
+        info, relpath = entry.info, entry.relpath
+        if info is None:
+            return
+        if not entry.is_folder:
+            if is_image_file(os.path.basename(relpath)) and stat.S_ISREG(info.st_mode):
+                self.count(relpath, info, label)
+            return
+        identity = _identity(info)
+        if identity is not None and identity in ancestors:
+            target = printable_path(ancestors[identity] or ".")
+            self.skip(relpath, f"{REASON_LOOP} (back to {target}); not followed")
+            return
+        if identity is not None and identity in self.walked:
+            first = printable_path(self.walked[identity])
+            self.skip(relpath, f"same folder as {first}; walked once")
+            return
+        if identity is not None:
+            self.walked[identity] = relpath
+        inner = {**ancestors, identity: relpath} if identity is not None else ancestors
+        self.walk(relpath, inner, label, follow)
+
+    def follow_links(self) -> None:
+        """The second pass: follow the links the first one set aside, in the order met."""
+        for link in self.links:
+            self.visit(link.entry, link.ancestors, link.label, follow=True)
+        self.links = []
 
 
 def _fingerprint(kind: str, entries: Sequence[str], labels: np.ndarray | None) -> str:
@@ -256,63 +294,69 @@ class ImageFolderDataset(_FileDataset):
         self.name = printable_path(name if name is not None else root)
         self.max_pixels = max_pixels
         scanner = _Scanner(folder)
-        top_images: list[_Found] = []
-        class_dirs: list[tuple[str, Identity | None]] = []
-        for entry_name, info, is_folder in scanner.entries(""):
-            if info is None:
-                continue
-            if is_folder:
-                class_dirs.append((entry_name, _identity(info)))
-            elif is_image_file(entry_name) and stat.S_ISREG(info.st_mode):
-                image = scanner.count(entry_name, info)
-                if image is not None:
-                    top_images.append(image)
-        if top_images or not class_dirs:
-            if not top_images:
-                raise DataError(
-                    f"no images in {shown}: expected image files ({_EXTENSION_LIST}) or one "
-                    "subfolder of images per class"
-                )
-            self.relpaths = tuple(image.relpath for image in top_images)
+        top = scanner.entries("")
+        images = [e for e in top if not e.is_folder and e.info is not None]
+        folders = [e for e in top if e.is_folder]
+        if any(is_image_file(e.relpath) and stat.S_ISREG(e.info.st_mode) for e in images if e.info):
+            for entry in sorted(images, key=lambda e: e.is_link):  # a file's own path first
+                scanner.visit(entry, {}, -1, follow=True)
+            found = sorted((image for _, image in scanner.found), key=lambda i: i.relpath)
+            self.relpaths = tuple(image.relpath for image in found)
             self.labels = None
             self.class_names = None
             self.folder_names: tuple[str, ...] = ()
-            self.scan_skipped = tuple(scanner.skipped)
+            self.scan_skipped = tuple(sorted(scanner.skipped, key=lambda item: item.source))
             self._fingerprint = _fingerprint(
-                type(self).__name__, [_entry(image) for image in top_images], None
+                type(self).__name__, [_entry(image) for image in found], None
             )
             return
-        self._scan_classes(folder, scanner, class_dirs, class_names_file)
+        if not folders:
+            raise DataError(
+                f"no images in {shown}: expected image files ({_EXTENSION_LIST}) or one "
+                "subfolder of images per class"
+            )
+        self._scan_classes(folder, scanner, folders, class_names_file)
 
     def _scan_classes(
         self,
         folder: Path,
         scanner: _Scanner,
-        candidates: list[tuple[str, Identity | None]],
+        candidates: list[_Entry],
         class_names_file: str | os.PathLike[str] | None,
     ) -> None:
         root_identity = _identity(folder.stat())
-        class_dirs: list[str] = []
-        for class_dir, identity in candidates:
-            if identity is not None and identity == root_identity:
-                scanner.skip(class_dir, f"{REASON_LOOP} (back to .); not followed")
+        ancestors = {root_identity: ""} if root_identity is not None else {}
+        accepted: list[tuple[_Entry, Identity | None]] = []
+        for entry in sorted(candidates, key=lambda e: e.is_link):  # a folder's own path first
+            assert entry.info is not None
+            identity = _identity(entry.info)
+            if identity is not None and identity in ancestors:
+                scanner.skip(entry.relpath, f"{REASON_LOOP} (back to .); not followed")
             elif identity is not None and identity in scanner.walked:
                 first = printable_path(scanner.walked[identity])
-                scanner.skip(class_dir, f"same folder as class folder {first}; not a second class")
+                scanner.skip(
+                    entry.relpath, f"same folder as class folder {first}; not a second class"
+                )
             else:
                 if identity is not None:
-                    scanner.walked[identity] = class_dir
-                class_dirs.append(class_dir)
-        ancestors = {root_identity: ""} if root_identity is not None else {}
+                    scanner.walked[identity] = entry.relpath
+                accepted.append((entry, identity))
+        accepted.sort(key=lambda pair: pair[0].relpath)
+        class_dirs = [entry.relpath for entry, _ in accepted]
+        for label, (entry, identity) in enumerate(accepted):
+            inner = {**ancestors, identity: entry.relpath} if identity is not None else ancestors
+            scanner.walk(entry.relpath, inner, label, follow=False)
+        scanner.follow_links()
+        per_class: list[list[_Found]] = [[] for _ in class_dirs]
+        for label, image in scanner.found:
+            per_class[label].append(image)
         images: list[_Found] = []
         labels: list[int] = []
         for label, class_dir in enumerate(class_dirs):
-            identity = _identity(os.stat(folder / class_dir))
-            inner = {**ancestors, identity: class_dir} if identity is not None else ancestors
-            before = len(scanner.skipped)
-            found = sorted(scanner.images(class_dir, inner), key=lambda image: image.relpath)
+            found = sorted(per_class[label], key=lambda image: image.relpath)
             if not found:
-                lost = scanner.skipped[before:]
+                prefix = printable_path(os.path.join(folder, class_dir)) + "/"
+                lost = [item for item in scanner.skipped if item.source.startswith(prefix)]
                 detail = (
                     f" of its own ({len(lost)} path(s) skipped, e.g. {lost[0].source}: "
                     f"{lost[0].reason})"
@@ -332,7 +376,7 @@ class ImageFolderDataset(_FileDataset):
         )
         self.relpaths = tuple(image.relpath for image in images)
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.scan_skipped = tuple(scanner.skipped)
+        self.scan_skipped = tuple(sorted(scanner.skipped, key=lambda item: item.source))
         self._fingerprint = _fingerprint(
             type(self).__name__, [_entry(image) for image in images], self.labels
         )
