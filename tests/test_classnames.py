@@ -6,6 +6,8 @@ import subprocess
 import sys
 import warnings
 from collections import defaultdict
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -169,3 +171,41 @@ def test_import_is_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert output.split() == ["False", "False"]
+
+
+class RecordingTextEncoder:
+    """Stands in for a CLIP text tower: records the prompts, embeds each as a one-hot row."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def encode_texts(self, texts: list[str]) -> Any:
+        import torch
+
+        start = len(self.texts)
+        self.texts.extend(texts)
+        return torch.eye(64)[start : start + len(texts)]
+
+
+def test_a_synset_folder_tree_is_prompted_by_curated_names(tmp_path: Path) -> None:
+    # The ImageNet layout (train/n01440764/*.JPEG …) end to end: dataset → prompts.
+    from PIL import Image
+
+    from oodprobe.data import create_dataset
+    from oodprobe.encoders.text import PROMPT_ENSEMBLE, compute_class_embeddings
+
+    for synset in ("n01440764", "n02012849", "n03126707"):
+        (tmp_path / synset).mkdir()
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / synset / "a.png")
+    dataset = create_dataset(str(tmp_path))
+    encoder = RecordingTextEncoder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no duplicate warning: the cranes are told apart
+        embeddings = compute_class_embeddings(encoder, list(dataset.class_names))  # type: ignore[arg-type]
+    assert embeddings.shape == (3, 64)
+    assert encoder.texts == [
+        prompt.format(name)
+        for name in ("tench", "crane (bird)", "crane (machine)")
+        for prompt in PROMPT_ENSEMBLE
+    ]
+    assert encoder.texts[0] == "a photo of a tench."
