@@ -17,6 +17,7 @@ import platform
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -425,6 +426,7 @@ def _valid_shards(
     """
     n_shards = -(-dataset_size // shard_size)
     valid: dict[int, list[list[Any]]] = {}
+    layouts: dict[int, tuple[tuple[str, tuple[int, ...]], ...]] = {}
     expected_names = {*outputs, "indices"}
     for path in sorted(directory.glob("shard-*.safetensors")) if directory.is_dir() else []:
         try:
@@ -438,9 +440,23 @@ def _valid_shards(
             arrays, extra = cache.read_shard(directory, shard)
             _check_shard(shard, arrays, extra, dataset_size, shard_size, key, expected_names)
             valid[shard] = extra["skipped"]
+            layouts[shard] = tuple(sorted((n, a.shape[1:]) for n, a in arrays.items()))
         except CacheError as error:
             warnings.warn(f"{error}; recomputing that shard", stacklevel=5)
             path.unlink(missing_ok=True)
+    # Shards that pass alone must still agree on row shapes: keep the most common layout.
+    if len(set(layouts.values())) > 1:
+        counts = Counter(layouts.values())
+        usual = max(counts, key=lambda layout: counts[layout])
+        for shard, layout in layouts.items():
+            if layout != usual:
+                warnings.warn(
+                    f"shard {shard} has rows of shapes {dict(layout)} where the other shards "
+                    f"have {dict(usual)}; recomputing that shard",
+                    stacklevel=5,
+                )
+                cache.shard_path(directory, shard).unlink(missing_ok=True)
+                del valid[shard]
     return valid
 
 
@@ -592,11 +608,11 @@ def _extract_missing_shards(
     ):
         for indices, pixels, failed in loader:
             first = indices[0] if indices else failed[0][0]
-            raise_recorded_before(first)
             shard = first // shard_size
             if shard != current:
                 flush(current)
                 current = shard
+            raise_recorded_before(first)  # after the flush: finished shards are kept
             for index, (reason, message) in failed:
                 if on_error == "raise":
                     raise DataError(message)
