@@ -17,7 +17,7 @@ import torch
 from conftest import TINY_OPENCLIP, TINY_OPENCLIP_CONFIG, ArrayDataset, random_images
 from oodprobe.encoders import ImageEncoder, create_encoder
 from oodprobe.errors import DataError, InvalidParameterError
-from oodprobe.features import extract_features, load_features
+from oodprobe.features import extract_features, load_features, resolve_precision, select_device
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +267,97 @@ def test_efficientnet_features_of_digits_separate_classes(cache_root: Path) -> N
     centroids = np.stack([features[train][labels[train] == c].mean(0) for c in range(4)])
     accuracy = np.mean((features[test] @ centroids.T).argmax(1) == labels[test])
     assert accuracy > 0.8
+
+
+# -- devices and precisions are checked in one line, before any work ----------------------------
+
+
+def _no_accelerators(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        (
+            "cuda",
+            "device 'cuda' was requested but no CUDA GPU is available; use --device auto or cpu",
+        ),
+        (
+            "cuda:1",
+            "device 'cuda:1' was requested but no CUDA GPU is available; use --device auto or cpu",
+        ),
+        (
+            "mps",
+            "device 'mps' was requested but MPS (Apple GPU) is not available; use --device auto "
+            "or cpu",
+        ),
+        ("gpu", "unknown device 'gpu'; choose from: auto, cpu, cuda, cuda:N, mps"),
+        ("", "unknown device ''; choose from: auto, cpu, cuda, cuda:N, mps"),
+        ("cuda:x", "unknown device 'cuda:x'; choose from: auto, cpu, cuda, cuda:N, mps"),
+        ("meta", "device 'meta' is not supported; choose from: auto, cpu, cuda, cuda:N, mps"),
+        (3, "device must be one of auto, cpu, cuda, cuda:N, mps, got 3"),
+    ],
+)
+def test_select_device_refuses_what_the_machine_lacks(
+    device: object, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: 'cuda' without a GPU returned a device, and failed with a traceback later."""
+    _no_accelerators(monkeypatch)
+    with pytest.raises(InvalidParameterError) as caught:
+        select_device(device)  # type: ignore[arg-type]
+    assert str(caught.value) == message
+
+
+def test_select_device_counts_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert select_device("cuda:1") == torch.device("cuda:1")
+    assert select_device("auto") == torch.device("cuda")
+    with pytest.raises(InvalidParameterError) as caught:
+        select_device("cuda:2")
+    assert str(caught.value) == (
+        "device 'cuda:2' was requested but this machine has 2 CUDA GPU(s) (cuda:0 to cuda:1); "
+        "use --device auto, cuda or cpu"
+    )
+
+
+def test_select_device_auto_and_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_accelerators(monkeypatch)
+    assert select_device() == torch.device("cpu")
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_extraction_checks_the_device_before_building_the_encoder(
+    monkeypatch: pytest.MonkeyPatch, cache_root: Path
+) -> None:
+    _no_accelerators(monkeypatch)
+    with pytest.raises(InvalidParameterError, match=r"^device 'cuda' was requested"):
+        extract_features(
+            ArrayDataset(random_images(2)), "no-such-encoder", device="cuda", cache_root=cache_root
+        )
+    assert not cache_root.exists()
+
+
+@pytest.mark.parametrize("precision", ["fp8", "FP16", "", None, 16])
+def test_resolve_precision_lists_its_choices(precision: object) -> None:
+    with pytest.raises(InvalidParameterError) as caught:
+        resolve_precision(precision, torch.device("cpu"))  # type: ignore[arg-type]
+    assert str(caught.value) == (
+        f"precision must be one of auto, fp32, fp16, bf16, got {precision!r}"
+    )
+
+
+def test_resolve_precision_choices() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [resolve_precision(p, cpu) for p in ("auto", "fp32", "bf16")] == ["fp32", "fp32", "bf16"]
+    assert [resolve_precision(p, cuda) for p in ("auto", "fp16", "bf16")] == [
+        "fp16",
+        "fp16",
+        "bf16",
+    ]
+    with pytest.raises(InvalidParameterError) as caught:
+        resolve_precision("fp16", cpu)
+    assert str(caught.value) == "precision fp16 needs a GPU; use fp32 or bf16 on the cpu"
