@@ -244,7 +244,8 @@ def test_extract_lists_skipped_files(
         (
             ["bench", "--convention", "mine"],
             "error: Invalid value for '--convention': 'mine' is not one of 'oodprobe', 'openood', "
-            "'openood-v1', 'pytorch-ood', 'mcm', 'plp', 'clipn', 'deep-knn'. (see 'oodprobe bench --help')",
+            "'openood-v1', 'pytorch-ood', 'mcm', 'plp', 'clipn', 'deep-knn'. "
+            "(see 'oodprobe bench --help')",
         ),
         (
             ["score", "mnist-5k", "--detector-file", "/no/file.safetensors"],
@@ -544,11 +545,26 @@ group = "near"
         str(output),
         "--cache-dir",
         str(tmp_path / "cache"),
+        "--seed",
+        "3",
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
     )
     assert code == 0, err
     assert "digits 5-9" in out and "report:" in out
+    # 400 training images < 1280 dimensions: the Gaussian fit warns, once, in one line
+    assert [line for line in err.splitlines() if "warning" in line.lower()] == [
+        "warning: mahalanobis: 400 training samples in 5 group(s) cannot estimate a full-rank "
+        "covariance of 1280 dimensions; distances then ignore every direction outside the "
+        "training features and can rank OOD data as in-distribution: fit on more samples than "
+        "dimensions"
+    ]
     results = json.loads((output / "results.json").read_text())
+    assert results["provenance"]["seed"] == 3  # --seed replaced the config's 0
     rows = results["rows"]
+    assert {row["precision"] for row in rows} == {"fp32"}
     assert {(row["detector"], row["ood_set"]) for row in rows} == {
         ("knn", "digits 5-9"),
         ("mahalanobis", "digits 5-9"),
@@ -582,3 +598,178 @@ def test_a_paper_preset_without_its_data_says_where_it_looks(
     line = _one_error_line(err)
     assert code == 1 and str(tmp_path / "no-imagenet") in line
     assert "OODPROBE_IMAGENET_TRAIN" in line
+
+
+@pytest.fixture(scope="module")
+def fitted_detector(
+    digit_folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
+    """A small knn detector file (30 digits 5-9), and the feature cache it used."""
+    root = tmp_path_factory.mktemp("fitted")
+    detector_file, cache = root / "detector.safetensors", root / "cache"
+    code = main(
+        [
+            "fit",
+            str(digit_folders["flat"]),
+            "-o",
+            str(detector_file),
+            "-d",
+            "knn:k=1",
+            "--encoder",
+            "efficientnet-lite0@64",
+            "--cache-dir",
+            str(cache),
+        ]
+    )
+    assert code == 0
+    return detector_file, cache
+
+
+def _images_with_one_broken(digit_folders: dict[str, Path], folder: Path) -> Path:
+    folder.mkdir()
+    for path in sorted(digit_folders["flat"].glob("*.png"))[:4]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def test_score_lists_skipped_images(
+    capsys: pytest.CaptureFixture[str],
+    digit_folders: dict[str, Path],
+    fitted_detector: tuple[Path, Path],
+    tmp_path: Path,
+) -> None:
+    detector_file, cache = fitted_detector
+    folder = _images_with_one_broken(digit_folders, tmp_path / "images")
+    scores_csv = tmp_path / "scores.csv"
+    code, out, err = _run(
+        capsys,
+        "score",
+        str(folder),
+        "-d",
+        str(detector_file),
+        "-o",
+        str(scores_csv),
+        "--cache-dir",
+        str(cache),
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    header = lines.index(f"skipped 1 undecodable image(s) of {folder}:")
+    assert lines[header + 1].startswith("  ") and "broken.png: " in lines[header + 1]
+    assert "4 images scored" in out and ", 1 skipped (listed in the CSV)" in out
+    with open(scores_csv) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 5 and rows[-1]["decision"].startswith("skipped: ")
+
+
+def test_a_failed_score_keeps_the_previous_csv(
+    capsys: pytest.CaptureFixture[str],
+    digit_folders: dict[str, Path],
+    fitted_detector: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from oodprobe import deploy
+    from oodprobe.errors import DataError
+
+    detector_file, cache = fitted_detector
+    scores_csv = tmp_path / "scores.csv"
+    scores_csv.write_text("source,score,decision,threshold\nold.png,1.0,accept,0.5\n")
+    previous = scores_csv.read_bytes()
+    write_csv = deploy.ScoredImages.write_csv
+
+    def write_then_fail(self: deploy.ScoredImages, path: Path) -> Path:
+        write_csv(self, path)  # a full file where the writer was pointed …
+        raise DataError("disk full")  # … and then the run fails
+
+    monkeypatch.setattr(deploy.ScoredImages, "write_csv", write_then_fail)
+    args = ["score", str(digit_folders["flat"]), "-d", str(detector_file), "-o", str(scores_csv)]
+    code, _, err = _run(capsys, *args, "--cache-dir", str(cache))
+    assert code == 1
+    assert [line for line in err.splitlines() if "error" in line] == ["error: disk full"]
+    assert scores_csv.read_bytes() == previous
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["scores.csv"]  # no temporary
+
+
+def test_fit_lists_skipped_images_and_a_key_file_signs_the_detector(
+    capsys: pytest.CaptureFixture[str],
+    digit_folders: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OODPROBE_DETECTOR_KEY", raising=False)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in sorted(digit_folders["flat"].glob("*.png"))[:12]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png")
+    key, other_key = tmp_path / "key", tmp_path / "other-key"
+    key.write_text("correct horse battery staple\n")
+    other_key.write_text("wrong")
+    detector_file = tmp_path / "detector.safetensors"
+    common = ["--encoder", "efficientnet-lite0@64", "--cache-dir", str(tmp_path / "cache")]
+    code, out, err = _run(
+        capsys,
+        "fit",
+        str(folder),
+        "-o",
+        str(detector_file),
+        "-d",
+        "knn:k=1",
+        "--holdout",
+        "0.25",
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
+        "--key-file",
+        str(key),
+        *common,
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    header = lines.index(f"skipped 1 undecodable image(s) of {folder}:")
+    assert "broken.png: " in lines[header + 1]
+    assert "fitted on 9 images" in out  # 12 decodable: 3 held out, 9 fitted
+
+    score = ["score", str(folder), "-d", str(detector_file), "-o", str(tmp_path / "s.csv")]
+    common = common[2:]  # score takes the encoder from the detector file
+    code, _, err = _run(capsys, *score, "--key-file", str(other_key), *common)
+    assert code == 1
+    assert _one_error_line(err) == (
+        f"error: {detector_file} failed its HMAC check: modified, or signed with another key"
+    )
+    monkeypatch.setenv("OODPROBE_DETECTOR_KEY", "wrong")  # the library's default key source
+    code, _, err = _run(capsys, *score, *common)
+    assert code == 1 and "failed its HMAC check" in _one_error_line(err)
+    monkeypatch.setenv("OODPROBE_DETECTOR_KEY", "correct horse battery staple")
+    code, out, err = _run(capsys, *score, *common)
+    assert code == 0, err
+    code, out, err = _run(capsys, *score, "--key-file", str(key), *common)
+    assert code == 0, err
+    assert "12 images scored" in out
+
+
+def test_fit_takes_class_names_and_prompts_for_text_detectors(
+    capsys: pytest.CaptureFixture[str],
+    digit_folders: dict[str, Path],
+    tmp_path: Path,
+    tiny_openclip: str,
+) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in sorted(digit_folders["flat"].glob("*.png"))[:10]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    args = ["fit", str(folder), "-o", str(tmp_path / "mcm.safetensors"), "-d", "mcm"]
+    args += ["-e", tiny_openclip, "--cache-dir", str(tmp_path / "cache")]
+    code, _, err = _run(capsys, *args)
+    assert code == 1  # a flat folder names no classes
+    assert "(or --class-names)" in _one_error_line(err)
+    assert not (tmp_path / "cache").exists()  # refused before extraction
+    names = tmp_path / "names.txt"
+    names.write_text("five\nsix\nseven\n")
+    for class_names in ("five,six,seven", str(names)):
+        code, out, err = _run(capsys, *args, "--class-names", class_names, "--prompts", "single")
+        assert code == 0, err
+        assert "saved " in out

@@ -13,7 +13,7 @@ import json
 import re
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -186,27 +186,6 @@ def _read_key(path: Path | None) -> bytes | None:
             f"'openssl rand -hex 32 > {path}'"
         )
     return key
-
-
-def _call(function: Callable[..., Any], *args: Any, **options: Any) -> Any:
-    """``function(*args, **options)``, leaving out options it does not take yet.
-
-    Transitional: the library gains some options in this change (precision, num_workers, key,
-    …). An option left at its default is dropped quietly; one the user set is refused in one
-    line rather than ignored.
-    """
-    accepted = inspect.signature(function).parameters
-    passed = {name: value for name, value in options.items() if name in accepted}
-    refused = [
-        name
-        for name, value in options.items()
-        if name not in accepted and value not in (None, False, "auto", "ensemble")
-    ]
-    if refused:
-        raise InvalidParameterError(
-            f"{', '.join(refused)} not supported by {function.__name__} in this version"
-        )
-    return function(*args, **passed)
 
 
 @app.command()
@@ -388,22 +367,26 @@ def detectors() -> None:
 
 
 def _print_results(run: Any, console: Any) -> None:
+    """Per encoder a detectors x OOD sets grid; then failed detectors and ID accuracies."""
+    from rich.markup import escape
     from rich.table import Table
 
     from oodprobe.report.tables import build_tables, format_ci, format_percent, fpr_label
 
-    convention = run.rows[0]["convention"] if run.rows else run.spec.convention
+    records = run.records
+    convention = records[0]["convention"] if records else run.spec.convention
+    positive = records[0]["fpr_positive"].upper() if records else "ID"
     fpr_name = fpr_label(run.spec.tpr)
-    for table in build_tables(run.rows):
-        positive = run.rows[0]["fpr_positive"].upper() if run.rows else "ID"
+    for table in build_tables(records):
         grid = Table(
-            title=f"{table.encoder}: AUROC / {fpr_name} / AUPR-In in % "
+            title=f"{escape(table.encoder)}: AUROC / {fpr_name} / AUPR-In in % "
             f"(convention '{convention}': {positive} positive; AUROC CI = bootstrap 95%)"
         )
         grid.add_column("detector", no_wrap=True)
         for column in table.columns:
             group = table.groups[column]
-            grid.add_column(column if group == "mean" else f"{column}\n({group})", justify="right")
+            title = escape(column) if group == "mean" else f"{escape(column)}\n({group})"
+            grid.add_column(title, justify="right")
         for detector in table.detectors:
             cells = []
             for column in table.columns:
@@ -419,8 +402,17 @@ def _print_results(run: Any, console: Any) -> None:
                     text = f"[bold green]{text}[/]"
                 ci = format_ci(auroc.low, auroc.high) if auroc else ""
                 cells.append(f"{text}\n[dim]{ci}[/]" if ci else text)
-            grid.add_row(detector, *cells)
+            grid.add_row(escape(detector), *cells)
         console.print(grid)
+    failed: dict[tuple[str, str], str] = {}
+    for record in records:
+        if record.get("error"):
+            failed.setdefault((record["encoder"], record["detector"]), record["error"])
+    for (encoder, detector), error in failed.items():
+        console.print(
+            f"[red]{escape(detector)} on {escape(encoder)} failed:[/] {escape(error)}",
+            soft_wrap=True,
+        )
     for entry in run.id_accuracy:
         console.print(
             f"ID accuracy ({entry['encoder']}, {entry['method']}): {100 * entry['accuracy']:.1f}%"
@@ -474,19 +466,11 @@ def bench(
         if config is not None
         else create_benchmark(preset or DEFAULT_BENCHMARK)
     )
-    overrides = {"seed": seed, "bootstrap": bootstrap, "convention": convention}
-    taken = inspect.signature(spec.with_overrides).parameters
     spec = spec.with_overrides(
-        encoders=encoder,
-        detectors=detector,
-        **{name: value for name, value in overrides.items() if name in taken},
+        encoders=encoder, detectors=detector, seed=seed, bootstrap=bootstrap, convention=convention
     )
-    # Fallback until with_overrides takes seed/bootstrap/convention (coordinator).
-    rest = {k: v for k, v in overrides.items() if k not in taken and v is not None}
     if prompts is not None:
-        rest["prompts"] = prompts
-    if rest:
-        spec = validate(replace(spec, **rest))
+        spec = validate(replace(spec, prompts=prompts))
     console = _console()
     output_dir = output or Path("oodprobe-results") / spec.name
     console.print(
@@ -494,8 +478,7 @@ def bench(
         f"{len(spec.detectors)} detector(s), {len(spec.ood)} OOD set(s)"
     )
     try:
-        run = _call(
-            run_benchmark,
+        run = run_benchmark(
             spec,
             output_dir,
             cache_root=cache_dir,
@@ -512,8 +495,7 @@ def bench(
         # a preset's data lives where the preset looks: say where that is
         raise DataError(f"{error} (preset {spec.name}: {spec.description})") from error
     _print_results(run, console)
-    # BenchmarkRun.skipped: {data set label: [SkippedImage, …]} (coordinator)
-    for label, skipped in (getattr(run, "skipped", None) or {}).items():
+    for label, skipped in run.skipped.items():
         _print_skipped(console, skipped, where=label)
     console.print(f"finished in {run.seconds:.0f} s")
     console.print(f"results: {run.files['json']}  {run.files['csv']}")
@@ -554,8 +536,9 @@ def fit(
         classes=tuple(parse_class_selection(classes)) if classes else None,
         per_class=per_class,
     )
-    deployment = _call(
-        fit_deployment,
+    # without --prompts, the library's default prompt set
+    text_options: dict[str, Any] = {"prompts": prompts} if prompts is not None else {}
+    deployment = fit_deployment(
         data,
         encoder,
         parse_detector_option(detector),
@@ -563,18 +546,17 @@ def fit(
         holdout=holdout,
         seed=seed,
         class_names=_class_names(class_names),
-        prompts=prompts,
         cache_root=cache_dir,
         device=device,
         precision=precision,
         num_workers=workers,
         download=download,
         key=key,
+        **text_options,
     )
     console = _console()
-    # Deployment.skipped: the ID images left out (helper B)
-    _print_skipped(console, getattr(deployment, "skipped", None) or [], where=data.label)
-    path = _call(deployment.save, output, key=key)
+    _print_skipped(console, deployment.skipped, where=data.label)
+    path = deployment.save(output)  # with the fit's key, if one was given
     meta = deployment.metadata
     console.print(
         f"saved {path}: {meta['detector_label']} on {meta['encoder']}, fitted on {meta['n_fit']} "
@@ -617,8 +599,7 @@ def score(
     _check_output_file(output, "scores.csv")
     key = _read_key(key_file)
     data = DataSpec(source)
-    scored = _call(
-        score_with_deployment,
+    scored = score_with_deployment(
         detector_file,
         data,
         threshold=threshold,
