@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import roc_auc_score
@@ -138,3 +140,151 @@ def test_detectors_that_need_labels_reject_none(
 ) -> None:
     with pytest.raises(InvalidParameterError, match=f"{name} needs class labels"):
         make_detector(name).fit(cluster_data.train_features)
+
+
+# -- parameters: one validation home, before any work ----------------------------------------
+
+
+def user_params(name: str) -> list[str]:
+    cls = DETECTORS[name]
+    return [key for key in cls._get_param_names() if key not in cls.runner_params]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_parameter_has_constraints_and_param_info_lists_the_user_ones(name: str) -> None:
+    cls = DETECTORS[name]
+    assert set(cls._parameter_constraints) == set(cls._get_param_names())
+    signature = inspect.signature(cls.__init__).parameters
+    info = cls.param_info()
+    assert [item.name for item in info] == [key for key in signature if key in user_params(name)]
+    for item in info:
+        assert item.default == signature[item.name].default
+        assert item.allowed and "\n" not in item.allowed
+    assert all(item.name not in cls.runner_params for item in info)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_check_params_accepts_the_defaults(name: str) -> None:
+    cls = DETECTORS[name]
+    cls.check_params({item.name: item.default for item in cls.param_info()})
+    cls.check_params({})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_check_params_refuses_an_unknown_name_in_one_exact_line(name: str) -> None:
+    expected = (
+        f"unknown parameter 'no_such_parameter' for detector '{name}'; valid parameters: "
+        f"{', '.join(sorted(user_params(name)))}"
+    )
+    with pytest.raises(InvalidParameterError) as error:
+        DETECTORS[name].check_params({"no_such_parameter": 3})
+    assert str(error.value) == expected
+    with pytest.raises(InvalidParameterError) as error:  # create_detector uses the same check
+        create_detector(name, no_such_parameter=3)
+    assert str(error.value).startswith(
+        f"unknown parameter 'no_such_parameter' for detector '{name}'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "parameter"), [(name, key) for name in NAMES for key in user_params(name)]
+)
+def test_check_params_refuses_a_wrong_type_naming_detector_parameter_and_value(
+    name: str, parameter: str
+) -> None:
+    cls = DETECTORS[name]
+    for wrong in ({"a": 1}, True):  # a dict fits no constraint; a bool is not a number here
+        default = next(item.default for item in cls.param_info() if item.name == parameter)
+        if isinstance(default, bool):
+            continue
+        with pytest.raises(InvalidParameterError) as error:
+            cls.check_params({parameter: wrong})
+        message = str(error.value)
+        assert message.startswith(f"detector '{name}': {parameter} must be ")
+        assert message.endswith(f", got {wrong!r}")
+        assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", [name for name in NAMES if DETECTORS[name].runner_params])
+def test_runner_parameters_are_refused_from_users_and_accepted_from_the_runner(
+    name: str, cluster_data: ClusterData
+) -> None:
+    cls = DETECTORS[name]
+    for parameter in sorted(cls.runner_params):
+        with pytest.raises(InvalidParameterError) as error:
+            cls.check_params({parameter: cluster_data.class_means})
+        assert str(error.value) == (
+            f"parameter {parameter!r} of detector {name!r} is computed by the runner from the "
+            f"encoder; remove it from the detector's parameters"
+        )
+    cls.check_params({"class_embeddings": cluster_data.class_means}, runner=True)
+    with pytest.raises(InvalidParameterError) as error:
+        create_detector(name)
+    assert str(error.value).startswith(f"detector {name!r} needs class_embeddings")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fit_validates_with_the_same_check(
+    name: str, make_detector: MakeDetector, cluster_data: ClusterData
+) -> None:
+    detector = make_detector(name)
+    parameter = user_params(name)[0]
+    detector.set_params(**{parameter: {"a": 1}})
+    with pytest.raises(InvalidParameterError) as error:
+        fit(detector, cluster_data)
+    assert str(error.value).startswith(f"detector '{name}': {parameter} must be ")
+
+
+# -- score_samples_torch: part of the contract -----------------------------------------------
+
+DIFFERENTIABLE = [name for name in NAMES if DETECTORS[name].differentiable]
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+# Gaussian detectors compute in float64 whatever the input dtype; the others in float32 for
+# fp16/bf16/fp32 input, which bounds their difference from the float64 numpy scores.
+RTOL = {"gaussian": 1e-9, "mahalanobis": 1e-9, "relative-mahalanobis": 1e-9}
+
+
+def test_differentiable_says_whether_score_samples_torch_exists() -> None:
+    for name in NAMES:
+        cls = DETECTORS[name]
+        has_torch = cls.score_samples_torch is not Detector.score_samples_torch
+        assert cls.differentiable == has_torch, name
+
+
+@pytest.mark.parametrize("name", [name for name in NAMES if not DETECTORS[name].differentiable])
+def test_detectors_without_a_torch_score_say_so(name: str, make_detector: MakeDetector) -> None:
+    detector = make_detector(name)
+    with pytest.raises(InvalidParameterError) as error:
+        detector.score_samples_torch(torch.zeros(2, 6))
+    assert str(error.value) == (
+        f"detector {name!r} has no differentiable score (score_samples_torch); choose one that "
+        f"has: {', '.join(DIFFERENTIABLE)}"
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", DIFFERENTIABLE)
+def test_torch_scores_are_finite_close_and_differentiable_in_half_precision(
+    name: str,
+    dtype: torch.dtype,
+    device: str,
+    make_detector: MakeDetector,
+    cluster_data: ClusterData,
+) -> None:
+    detector = fit(make_detector(name), cluster_data)
+    queries = np.vstack([cluster_data.test_features[:8], cluster_data.ood_features[:8]])
+    features = torch.tensor(queries, dtype=dtype, device=device, requires_grad=True)
+    scores = detector.score_samples_torch(features)
+    assert scores.device.type == device and scores.shape == (16,)
+    assert scores.dtype in (torch.float32, torch.float64)  # never accumulated in half precision
+    assert torch.all(torch.isfinite(scores))
+    # the same (rounded) input values through the numpy path
+    expected = detector.score_samples(features.detach().double().cpu().numpy())
+    rtol = RTOL.get(name, 1e-4)
+    np.testing.assert_allclose(
+        scores.detach().double().cpu().numpy(), expected, rtol=rtol, atol=rtol
+    )
+    scores.sum().backward()
+    assert features.grad is not None and features.grad.dtype == dtype
+    assert torch.all(torch.isfinite(features.grad)) and torch.count_nonzero(features.grad) > 0

@@ -312,3 +312,31 @@ def test_a_large_common_offset_does_not_cost_precision(
     shifted = RelativeMahalanobisDetector().fit(data + 1e4, labels).score_samples(queries + 1e4)
     plain = RelativeMahalanobisDetector().fit(data, labels).score_samples(queries)
     np.testing.assert_allclose(shifted, plain, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "cls", [GaussianDetector, MahalanobisDetector, RelativeMahalanobisDetector]
+)
+def test_half_precision_input_is_scored_in_float64_without_overflow(
+    cls: type[GaussianDetector], dtype: torch.dtype
+) -> None:
+    """Squared distances beyond 65504 (fp16's largest value) came back as NaN before."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], [60, 90, 150])
+    scales = np.geomspace(1e-2, 1.0, 32)  # some directions of small variance
+    features = 3.0 + rng.normal(size=(300, 32)) * scales + 0.5 * rng.normal(size=(3, 32))[labels]
+    queries = torch.tensor(3.0 + 3 * rng.normal(size=(20, 32)), dtype=dtype, requires_grad=True)
+    rounded = queries.detach().double().numpy()
+    # the premise: squared distances here exceed what float16 can hold
+    assert np.abs(GaussianDetector().fit(features).score_samples(rounded)).max() > 65504
+    detector = cls().fit(features, labels)
+    scores = detector.score_samples_torch(queries)
+    assert scores.dtype == torch.float64
+    np.testing.assert_allclose(scores.detach().numpy(), detector.score_samples(rounded), rtol=1e-9)
+    scores.sum().backward()
+    assert queries.grad is not None
+    # the gradient comes back in the input's dtype: finite in bfloat16; here its true values
+    # (-2 Σ⁻¹ (x − μ), up to ~1e5) exceed float16's range, which no computation can avoid
+    if dtype == torch.bfloat16:
+        assert bool(torch.isfinite(queries.grad).all())

@@ -221,10 +221,12 @@ class GaussianDetector(Detector):
 class _ClassGaussians(Detector):
     """Class means and the shared covariance (average of per-class covariances)."""
 
-    covariance: str
     differentiable: ClassVar[bool] = True
     requires_labels: ClassVar[bool] = True
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = _CONSTRAINTS
+
+    def __init__(self, *, covariance: Covariance = "unbiased") -> None:
+        self.covariance = covariance
 
     def _fit_classes(
         self, features: Features, labels: Labels | None, *, background: bool = False
@@ -307,9 +309,6 @@ class MahalanobisDetector(_ClassGaussians):
 
     name: ClassVar[str] = "mahalanobis"
 
-    def __init__(self, *, covariance: Covariance = "unbiased") -> None:
-        self.covariance = covariance
-
     def fit(self, features: Features, labels: Labels | None = None) -> MahalanobisDetector:
         """Fit class means and the shared covariance of (n, D) features with (n,) labels."""
         self._fit_classes(features, labels)
@@ -344,9 +343,6 @@ class RelativeMahalanobisDetector(_ClassGaussians):
     """
 
     name: ClassVar[str] = "relative-mahalanobis"
-
-    def __init__(self, *, covariance: Covariance = "unbiased") -> None:
-        self.covariance = covariance
 
     def fit(self, features: Features, labels: Labels | None = None) -> RelativeMahalanobisDetector:
         """Fit class Gaussians and the background Gaussian of (n, D) features, (n,) labels."""

@@ -150,9 +150,13 @@ class KNNDetector(_NeighborDetector):
     Pretrained (CLIP) Models for Out-of-Distribution Detection"). Score: ``max_i cos(x, x_i)``
     for k=1, else ``mean_{i ∈ top-k} exp(cos(x, x_i) / T)``. Differences from the paper: none
     in the formula; the paper does not fix T for k > 1, the default 0.02 is its k-NN
-    classifier's. ``backend`` picks the search: ``exact`` (blocked float32 matrix products),
-    ``faiss`` (exact faiss brute force), ``faiss-ivf`` (``n_lists``, ``n_probe``) or
-    ``faiss-hnsw`` (``hnsw_m``, ``ef_search``), the last two approximate.
+    classifier's. Differences from the authors' code (``OOD_classifier_knn``, metric
+    ``temp-cos-sim``, T = 0.02): it scores ``exp(cos/T)`` also for k = 1, where we return the
+    cosine itself, a monotone transform (same ranking, AUROC and FPR; other values); the
+    neighbour search is float32 with the chosen similarities refined in float64. ``backend``
+    picks the search: ``exact`` (blocked float32 matrix products), ``faiss`` (exact faiss brute
+    force), ``faiss-ivf`` (``n_lists``, ``n_probe``) or ``faiss-hnsw`` (``hnsw_m``,
+    ``ef_search``), the last two approximate.
     """
 
     name: ClassVar[str] = "knn"
