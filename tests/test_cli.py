@@ -60,14 +60,15 @@ def test_help_lists_the_commands_without_importing_torch() -> None:
     probe = (
         "import sys\n"
         "from oodprobe.cli import main\n"
-        "code = main(['--help'])\n"
-        "print('TORCH-LOADED' if 'torch' in sys.modules else 'NO-TORCH', code)\n"
+        "code = main(['--help']) + main(['bench', '--help'])\n"
+        "heavy = [name for name in ('torch', 'sklearn') if name in sys.modules]\n"
+        "print('HEAVY-LOADED' if heavy else 'NO-TORCH', code)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
-    assert "NO-TORCH 0" in result.stdout  # --help stays instant: no heavy imports
+    assert "NO-TORCH 0" in result.stdout  # --help stays instant: no torch, no scikit-learn
     for command in ("extract", "bench", "fit", "score", "models", "datasets", "detectors"):
         assert command in result.stdout
 
@@ -773,3 +774,50 @@ def test_fit_takes_class_names_and_prompts_for_text_detectors(
         code, out, err = _run(capsys, *args, "--class-names", class_names, "--prompts", "single")
         assert code == 0, err
         assert "saved " in out
+
+
+def test_bench_lists_skipped_images_and_failed_detectors(
+    capsys: pytest.CaptureFixture[str], digit_folders: dict[str, Path], tmp_path: Path
+) -> None:
+    flat = sorted(digit_folders["flat"].glob("*.png"))
+    parts = {"train": flat[:12], "test": flat[12:20], "ood": flat[20:25]}
+    for part, paths in parts.items():
+        (tmp_path / part).mkdir()
+        for path in paths:
+            (tmp_path / part / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "ood" / "broken.png").write_bytes(b"not a png")
+    config = _write_config(
+        tmp_path / "small.toml",
+        f"""
+name = "small"
+encoders = ["efficientnet-lite0@64"]
+bootstrap = 0
+gallery_size = 2
+[[detectors]]
+name = "knn"
+params = {{ k = 1 }}
+[[detectors]]
+name = "lof"
+[id]
+train = "{tmp_path / "train"}"
+test = "{tmp_path / "test"}"
+[[ood]]
+name = "others"
+source = "{tmp_path / "ood"}"
+""",
+    )
+    code, out, err = _run(
+        capsys, "bench", str(config), "-o", str(tmp_path / "out"), "--cache-dir", str(tmp_path)
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    header = lines.index("skipped 1 undecodable image(s) of others:")
+    assert lines[header + 1].startswith("  ") and "broken.png: " in lines[header + 1]
+    # lof's 20 neighbours need more than the 12 training images: its row records the error
+    failed = [line for line in lines if line.startswith("lof on efficientnet-lite0@64 failed: ")]
+    assert len(failed) == 1
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    lof = next(row for row in rows if row["detector"] == "lof")
+    assert failed[0].endswith(lof["error"]) and lof["auroc"] is None
+    warning = [line for line in err.splitlines() if line.startswith("warning: detector 'lof'")]
+    assert warning == [f"warning: detector 'lof' failed: {lof['error']}"]

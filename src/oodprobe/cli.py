@@ -92,7 +92,7 @@ WorkersOption = Annotated[
 PromptsOption = Annotated[
     PromptSetName | None,
     typer.Option(
-        help="Prompt templates for text detectors (default: the config's, else ensemble)",
+        help="Prompt set for text detectors (bench default: the config's; else ensemble)",
     ),
 ]
 ClassNamesOption = Annotated[
@@ -125,7 +125,11 @@ def _console(stderr: bool = False) -> Any:
 
 
 def _print_skipped(
-    console: Any, skipped: Sequence[Any], where: str = "", shown: int = SKIPPED_SHOWN
+    console: Any,
+    skipped: Sequence[Any],
+    where: str = "",
+    shown: int = SKIPPED_SHOWN,
+    more: str = "",
 ) -> None:
     """``skipped N undecodable image(s)[ of WHERE]:`` and the first ``shown``, one per line."""
     from rich.markup import escape
@@ -138,7 +142,7 @@ def _print_skipped(
         # soft_wrap: a long path stays on one line when piped; escape: '[...]' in a file name
         console.print(f"  {escape(item.source)}: {escape(item.reason)}", soft_wrap=True)
     if len(skipped) > shown:
-        console.print(f"  … and {len(skipped) - shown} more", soft_wrap=True)
+        console.print(f"  … and {len(skipped) - shown} more{more}", soft_wrap=True)
 
 
 def _check_output_file(path: Path, example: str) -> None:
@@ -262,7 +266,7 @@ def extract(
     )
     console.print(f"[bold]{result.dataset_name}[/] · {result.encoder_name}: {shapes} ({origin})")
     console.print(f"features: {result.path}  (plain .npy files; np.load works)")
-    _print_skipped(console, result.skipped, shown=20)
+    _print_skipped(console, result.skipped, shown=20, more=" (see --json)")
 
 
 @app.command()
