@@ -63,12 +63,15 @@ def _metadata(path: Path) -> dict[str, str]:
     return dict(json.loads(raw[8 : 8 + length])["__metadata__"])
 
 
-def forge_deployment(path: Path, **changes: Any) -> None:
-    """Rewrite deployment metadata values and recompute the sha256 (the format's definition)."""
+def forge_deployment(path: Path, drop: tuple[str, ...] = (), **changes: Any) -> None:
+    """Rewrite (or ``drop``) deployment metadata values and recompute the sha256 as the format
+    defines it."""
     arrays = load_file(str(path))
     metadata = _metadata(path)
     content = json.loads(metadata["header"])
     content["metadata"].update(changes)
+    for name in drop:
+        del content["metadata"][name]
     header = json.dumps(content, sort_keys=True)  # json writes NaN as NaN, as a forger may
     digest = hashlib.sha256(header.encode())
     for name in sorted(arrays):
@@ -334,3 +337,39 @@ def test_a_text_detector_without_class_names_is_refused_before_extraction(
     with pytest.raises(InvalidParameterError, match=r"^text detectors need class names"):
         fit_deployment(unlabelled, tiny_openclip, DetectorSpec("mcm"), cache_root=tmp_path / "c")
     assert not (tmp_path / "c").exists()
+
+
+def test_the_file_records_what_names_the_encoder(deployment: Deployment, saved: Path) -> None:
+    from importlib import metadata
+
+    from oodprobe.detectors import load_detector_with_metadata
+
+    recorded = load_detector_with_metadata(saved)[1]
+    identity = recorded["encoder_identity"]
+    assert identity["loader_version"] == metadata.version("efficientnet-lite-pytorch")
+    assert "weights_path" not in identity  # not this machine's folder
+    assert [entry[0] for entry in identity["weights_files"]] == ["efficientnet-lite0-57934424.pth"]
+    assert recorded["encoder_portable_id"] != recorded["encoder_cache_id"]
+
+
+def test_a_version_1_file_is_read_and_compared_by_cache_id(
+    saved: Path, images: ArrayDataset, tmp_path: Path
+) -> None:
+    version_2 = ("encoder_portable_id", "encoder_weights_sha256", "encoder_identity")
+    forge_deployment(saved, drop=version_2, deployment_version=1)
+    content = json.loads(_metadata(saved)["header"])
+    assert not set(version_2) & set(content["metadata"])
+    assert len(_score(saved, images, tmp_path).scores) == 28
+    forge_deployment(saved, encoder_cache_id="0" * 32)
+    with pytest.raises(InvalidParameterError, match="differs from the one the detector was fitted"):
+        _score(saved, images, tmp_path)
+
+
+def test_an_unknown_deployment_version_says_to_refit(saved: Path, images: ArrayDataset) -> None:
+    forge_deployment(saved, deployment_version=99)
+    expected = (
+        f"{saved} has deployment version 99; this oodprobe reads versions 1, 2; refit with "
+        f"'oodprobe fit'"
+    )
+    with pytest.raises(DetectorFileError, match=f"^{re.escape(expected)}$"):
+        score_with_deployment(saved, images, progress=False)

@@ -16,6 +16,7 @@ the file still applies on another machine with the same weights and libraries).
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import re
@@ -177,6 +178,7 @@ def fit_deployment(
         "encoder_cache_id": encoder.cache_id,
         "encoder_portable_id": encoder.portable_id,
         "encoder_weights_sha256": encoder.weights_digest,
+        "encoder_identity": _readable_identity(encoder),
         "input_array": type(model).input_array,
         "threshold": threshold,
         "keep": float(keep),
@@ -342,6 +344,8 @@ def check_deployment_metadata(
     if version >= 2:
         if not isinstance(metadata.get("encoder_portable_id"), str):
             raise bad("encoder_portable_id", "a string")
+        if not isinstance(metadata.get("encoder_identity", {}), dict):
+            raise bad("encoder_identity", "a JSON object")
         digest = metadata.get("encoder_weights_sha256")
         if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
             raise bad("encoder_weights_sha256", "null or 64 lowercase hex digits")
@@ -369,6 +373,13 @@ def _check_same_encoder(encoder: ImageEncoder, info: Mapping[str, Any]) -> None:
             f"the encoder {name!r} on this machine differs from the one the detector was fitted "
             f"with ({what} versions or weight source changed); refit with 'oodprobe fit'"
         )
+
+
+def _readable_identity(encoder: ImageEncoder) -> dict[str, Any]:
+    """What names the encoder's weights and code, for people reading the file: library versions,
+    model, hub tag or revision, weight file names and sizes (not this machine's folder)."""
+    identity = {key: value for key, value in encoder.identity.items() if key != "weights_path"}
+    return dict(json.loads(json.dumps(identity, sort_keys=True, default=str)))
 
 
 def _create(source: Any, download: bool) -> tuple[Any, str]:
