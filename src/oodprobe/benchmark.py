@@ -260,6 +260,7 @@ def _row_context(
     return RowContext(
         encoder=encoder.name,
         encoder_cache_id=encoder.cache_id,
+        encoder_weights_sha256=encoder.weights_digest,
         detector=detector_spec.display,
         detector_name=detector_spec.name,
         detector_params=detector_params(detector_spec),

@@ -25,6 +25,7 @@ class RowContext:
 
     encoder: str
     encoder_cache_id: str
+    encoder_weights_sha256: str | None
     detector: str
     detector_name: str
     detector_params: dict[str, Any]
