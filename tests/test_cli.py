@@ -56,6 +56,12 @@ def digit_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"fit": root / "fit", "heldout": root / "heldout", "ood": root / "ood", "flat": flat}
 
 
+@pytest.fixture(scope="module")
+def digit_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One feature cache for the tests over the 400-image digit folders (each extracted once)."""
+    return tmp_path_factory.mktemp("digit-cache")
+
+
 def test_help_lists_the_commands_without_importing_torch() -> None:
     probe = (
         "import sys\n"
@@ -464,7 +470,10 @@ def test_a_detector_of_logits_needs_an_encoder_with_a_classifier(
 
 
 def test_fit_then_score_keeps_the_requested_id_fraction(
-    capsys: pytest.CaptureFixture[str], digit_folders: dict[str, Path], tmp_path: Path
+    capsys: pytest.CaptureFixture[str],
+    digit_folders: dict[str, Path],
+    digit_cache: Path,
+    tmp_path: Path,
 ) -> None:
     detector_file = tmp_path / "detector.safetensors"
     keep = 0.9
@@ -483,7 +492,7 @@ def test_fit_then_score_keeps_the_requested_id_fraction(
         "--holdout",
         "0.3",
         "--cache-dir",
-        str(tmp_path / "cache"),
+        str(digit_cache),
     )
     assert code == 0, err
     assert "held-out ID images" in out
@@ -499,7 +508,7 @@ def test_fit_then_score_keeps_the_requested_id_fraction(
             "--output",
             str(scores_csv),
             "--cache-dir",
-            str(tmp_path / "cache"),
+            str(digit_cache),
         )
         assert code == 0, err
         with open(scores_csv) as handle:
@@ -515,7 +524,10 @@ def test_fit_then_score_keeps_the_requested_id_fraction(
 
 
 def test_bench_runs_a_config_end_to_end(
-    capsys: pytest.CaptureFixture[str], digit_folders: dict[str, Path], tmp_path: Path
+    capsys: pytest.CaptureFixture[str],
+    digit_folders: dict[str, Path],
+    digit_cache: Path,
+    tmp_path: Path,
 ) -> None:
     config = _write_config(
         tmp_path / "bench.toml",
@@ -545,7 +557,7 @@ group = "near"
         "--output",
         str(output),
         "--cache-dir",
-        str(tmp_path / "cache"),
+        str(digit_cache),
         "--seed",
         "3",
         "--workers",
