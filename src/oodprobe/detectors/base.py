@@ -341,7 +341,8 @@ class Detector(BaseEstimator):
         key = (id(array), str(like.device), str(like.dtype))
         entry = cache.get(key)
         if entry is None or entry[0] is not array:
-            entry = (array, torch.as_tensor(array).to(device=like.device, dtype=like.dtype))
+            # torch.tensor copies (once): read-only arrays of a loaded file raise no warning
+            entry = (array, torch.tensor(array, device=like.device, dtype=like.dtype))
             cache[key] = entry
         return entry[1]
 
