@@ -136,9 +136,11 @@ def test_the_maximum_likelihood_estimator_is_a_named_choice_and_differs(
         scores["relative"], -(per_class - background).min(axis=0), rtol=1e-9, atol=1e-9
     )
     np.testing.assert_allclose(scores["gaussian"], -background, rtol=1e-9)
-    # with unequal class sizes the two estimators give different values
+    # with unequal class sizes the two estimators give different values and rankings
     unbiased = MahalanobisDetector().fit(features, labels).score_samples(queries)
     assert not np.allclose(unbiased, scores["mahalanobis"], rtol=1e-3)
+    relative = RelativeMahalanobisDetector().fit(features, labels).score_samples(queries)
+    assert not np.array_equal(np.argsort(relative), np.argsort(scores["relative"]))
 
 
 def test_gaussian_equals_the_single_gaussian_formula(
