@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -690,13 +691,20 @@ def test_a_failed_score_keeps_the_previous_csv(
     scores_csv = tmp_path / "scores.csv"
     scores_csv.write_text("source,score,decision,threshold\nold.png,1.0,accept,0.5\n")
     previous = scores_csv.read_bytes()
-    write_csv = deploy.ScoredImages.write_csv
+    score_with_deployment = deploy.score_with_deployment
 
-    def write_then_fail(self: deploy.ScoredImages, path: Path) -> Path:
-        write_csv(self, path)  # a full file where the writer was pointed …
-        raise DataError("disk full")  # … and then the run fails
+    class Unwritable:
+        """A source whose text cannot be produced: the CSV writer fails on the last row."""
 
-    monkeypatch.setattr(deploy.ScoredImages, "write_csv", write_then_fail)
+        def __str__(self) -> str:
+            raise DataError("disk full")
+
+    def scored_with_a_bad_last_row(*args: Any, **kwargs: Any) -> deploy.ScoredImages:
+        scored = score_with_deployment(*args, **kwargs)
+        scored.sources[-1] = Unwritable()  # type: ignore[call-overload]
+        return scored
+
+    monkeypatch.setattr(deploy, "score_with_deployment", scored_with_a_bad_last_row)
     args = ["score", str(digit_folders["flat"]), "-d", str(detector_file), "-o", str(scores_csv)]
     code, _, err = _run(capsys, *args, "--cache-dir", str(cache))
     assert code == 1

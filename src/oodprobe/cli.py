@@ -598,7 +598,6 @@ def score(
     """Score images with a saved detector; write scores and accept/reject decisions to a CSV."""
     from oodprobe.benchmark_spec import DataSpec
     from oodprobe.deploy import score_with_deployment
-    from oodprobe.report.atomic import atomic_write
 
     _check_output_file(output, "scores.csv")
     key = _read_key(key_file)
@@ -614,8 +613,7 @@ def score(
         download=download,
         key=key,
     )
-    # written beside the old CSV and moved over it only once complete
-    path = atomic_write(output, scored.write_csv)
+    path = scored.write_csv(output)  # atomic: replaces an old CSV only once complete
     accepted = int(scored.accepted.sum())
     console = _console()
     _print_skipped(console, scored.skipped, where=data.label)

@@ -4,7 +4,7 @@ Nothing here computes a metric: the benchmark runner passes finished rows and ra
 :class:`ReportData`, and these functions only arrange, format and plot them.
 """
 
-from oodprobe.report.atomic import atomic_write, write_text_atomic
+from oodprobe.report.atomic import write_text_atomic
 from oodprobe.report.files import SCHEMA_VERSION, render_csv, render_markdown, write_results
 from oodprobe.report.html_report import render_html, report_html
 from oodprobe.report.model import MAIN_ROW_KEYS, Gallery, GalleryImage, ReportData, ScoreSet
@@ -16,7 +16,6 @@ __all__ = [
     "GalleryImage",
     "ReportData",
     "ScoreSet",
-    "atomic_write",
     "render_csv",
     "render_html",
     "render_markdown",
