@@ -113,7 +113,7 @@ def test_help_shows_choices_as_choices(
         code, out, _ = _run(capsys, command, "--help")
         options = _help_options(out)
         assert "<ensemble|single>" in options.get("--prompts", "<ensemble|single>")
-        for option in ("--download", "--workers", "--precision", "--key-file", "--device"):
+        for option in ("--download", "--workers", "--precision", "--batch-size", "--key-file"):
             assert option in options, (command, option)
     assert {"--class-names", "--prompts"} <= set(_help_options(_run(capsys, "fit", "--help")[1]))
 

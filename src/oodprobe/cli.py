@@ -85,6 +85,7 @@ DeviceOption = Annotated[
     ),
 ]
 PrecisionOption = Annotated[Precision, typer.Option(help="Encoder precision (auto: fp16 on a GPU)")]
+BatchSizeOption = Annotated[int, typer.Option(min=1, help="Images per forward pass")]
 WorkersOption = Annotated[
     int | None,
     typer.Option(min=0, help="Image-decoding worker processes (default: spare cores; 0: none)"),
@@ -207,7 +208,7 @@ def extract(
         int | None, typer.Option(help="Seeded subsample of this many images per class")
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Keep only the first N images")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 64,
+    batch_size: BatchSizeOption = 64,
     workers: WorkersOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
@@ -451,7 +452,7 @@ def bench(
     prompts: PromptsOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass")] = 64,
+    batch_size: BatchSizeOption = 64,
     workers: WorkersOption = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root")] = None,
     download: DownloadOption = False,
@@ -523,6 +524,7 @@ def fit(
     seed: Annotated[int, typer.Option(help="Seed of the hold-out split")] = 0,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
+    batch_size: BatchSizeOption = 64,
     workers: WorkersOption = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root")] = None,
     download: DownloadOption = False,
@@ -553,6 +555,7 @@ def fit(
         cache_root=cache_dir,
         device=device,
         precision=precision,
+        batch_size=batch_size,
         num_workers=workers,
         download=download,
         key=key,
@@ -590,6 +593,7 @@ def score(
     ] = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
+    batch_size: BatchSizeOption = 64,
     workers: WorkersOption = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root")] = None,
     download: DownloadOption = False,
@@ -609,6 +613,7 @@ def score(
         cache_root=cache_dir,
         device=device,
         precision=precision,
+        batch_size=batch_size,
         num_workers=workers,
         download=download,
         key=key,
