@@ -447,3 +447,21 @@ def test_odd_file_names_extract_end_to_end(
     assert all(text.isprintable() for text in described)
     (tmp_path.parent / "scores.csv").write_text("\n".join(described), encoding="utf-8")
     json.dumps([vars(item) for item in result.skipped], ensure_ascii=False).encode("utf-8")
+
+
+def test_an_entry_written_before_keys_and_messages_were_stored_is_still_read(
+    encoder: ConvEncoder, cache_root: Path
+) -> None:
+    """No rebuild of existing caches: meta.json without 'key', skip records of 3 fields."""
+    dataset = ArrayDataset(random_images(6), broken=frozenset({2}))
+    first = _extract(dataset, encoder, cache_root)
+    assert first.path is not None
+    meta = json.loads((first.path / "meta.json").read_text())
+    meta.pop("key")
+    meta["skipped"] = [record[:3] for record in meta["skipped"]]
+    (first.path / "meta.json").write_text(json.dumps(meta))
+    warm = _extract(dataset, encoder, cache_root)
+    assert warm.from_cache and warm.skipped == first.skipped
+    with pytest.raises(DataError) as caught:
+        _extract(dataset, encoder, cache_root, on_error="raise")
+    assert str(caught.value) == "cannot decode arrays[2]: image file is truncated"

@@ -292,7 +292,8 @@ def _check_meta(meta: Any, meta_path: Path, key: str | None) -> dict[str, Any]:
         raise CacheError(f"{meta_path} holds a {type(meta).__name__}, not an object")
     if meta.get("format") != CACHE_FORMAT_VERSION:
         raise CacheError(f"{meta_path.parent} has cache format {meta.get('format')!r}")
-    if key is not None and meta.get("key") != key:
+    # Entries written before keys were recorded have none; their folder name is their key.
+    if key is not None and meta.get("key", key) != key:
         raise CacheError(f"{meta_path} belongs to another cache key")
     files = meta.get("files")
     if not isinstance(files, dict) or "indices" not in files or "features" not in files:
