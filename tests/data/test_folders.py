@@ -423,3 +423,13 @@ def test_fingerprint_is_computed_once_per_dataset(
     monkeypatch.setattr(os, "stat", no_stat)
     for _ in range(3):
         assert (dataset.fingerprint(), subset.fingerprint()) == expected
+
+
+def test_a_folder_of_broken_links_only_says_why_it_has_no_images(tmp_path: Path) -> None:
+    (tmp_path / "a.png").symlink_to("gone.png")
+    with pytest.raises(DataError) as caught:
+        ImageFolderDataset(tmp_path)
+    assert str(caught.value) == (
+        f"no images in {tmp_path}: expected image files ({EXTENSIONS}) or one subfolder of "
+        f"images per class (1 path(s) skipped, e.g. {tmp_path}/a.png: dangling symbolic link)"
+    )

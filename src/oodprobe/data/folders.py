@@ -311,9 +311,15 @@ class ImageFolderDataset(_FileDataset):
             )
             return
         if not folders:
+            lost = scanner.skipped
+            detail = (
+                f" ({len(lost)} path(s) skipped, e.g. {lost[0].source}: {lost[0].reason})"
+                if lost
+                else ""
+            )
             raise DataError(
                 f"no images in {shown}: expected image files ({_EXTENSION_LIST}) or one "
-                "subfolder of images per class"
+                f"subfolder of images per class{detail}"
             )
         self._scan_classes(folder, scanner, folders, class_names_file)
 
