@@ -274,6 +274,9 @@ class ImageFolderDataset(_FileDataset):
     sorted order (label = position), with its images found recursively. Class names are the
     folder names with underscores as spaces, or looked up in ``class_names_file`` (ImageNet's
     ``LOC_synset_mapping.txt`` format, ``n01440764 tench, Tinca tinca`` → ``tench``).
+    Symbolic links, loops, duplicates and odd names follow the rules of this module's docstring:
+    each image file counts once, at its own path, and what was left out is in ``scan_skipped``.
+    Building the dataset stats each file once; that stat is its fingerprint.
     """
 
     def __init__(
