@@ -433,3 +433,19 @@ def test_a_folder_of_broken_links_only_says_why_it_has_no_images(tmp_path: Path)
         f"no images in {tmp_path}: expected image files ({EXTENSIONS}) or one subfolder of "
         f"images per class (1 path(s) skipped, e.g. {tmp_path}/a.png: dangling symbolic link)"
     )
+
+
+def test_imagenet_synset_folders_get_curated_names(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from oodprobe.data import create_dataset
+
+    for synset in ("n01440764", "n02012849", "n03126707"):
+        (tmp_path / synset).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / synset / "a.png")
+    # ImageNet's own mapping file names both cranes "crane": the curated names win
+    (tmp_path / "LOC_synset_mapping.txt").write_text(
+        "n01440764 tench, Tinca tinca\nn02012849 crane\nn03126707 crane\n"
+    )
+    dataset = create_dataset(str(tmp_path))
+    assert dataset.class_names == ("tench", "crane (bird)", "crane (machine)")

@@ -224,9 +224,17 @@ def _from_path(spec: str, class_names_file: str | None) -> ImageDataset:
             f"built-in dataset ({', '.join(DATASETS)})"
         )
     if path.is_dir():
+        # ImageNet's own LOC_synset_mapping.txt names two classes "crane" and two "maillot"; a
+        # synset-named tree gets the curated names instead (oodprobe.classnames), so the file
+        # found beside the folders is used only when an explicit file is not given and the
+        # folders are not all ImageNet-1k synsets
         mapping = class_names_file
         if mapping is None and (path / "LOC_synset_mapping.txt").is_file():
-            mapping = str(path / "LOC_synset_mapping.txt")
+            from oodprobe.classnames import is_imagenet_synset
+
+            names = [child.name for child in path.iterdir() if child.is_dir()]
+            if not names or not all(is_imagenet_synset(name) for name in names):
+                mapping = str(path / "LOC_synset_mapping.txt")
         return ImageFolderDataset(path, class_names_file=mapping, name=spec)
     if path.suffix.lower() == ".txt":
         return FileListDataset(path, name=spec)

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from oodprobe.classnames import imagenet_names_for_folders
 from oodprobe.data.base import SCAN_INDEX, ImageDataset, SkippedImage, printable_path
 from oodprobe.data.decode import REASON_DANGLING, REASON_LOOP, decode_image
 from oodprobe.errors import DataError
@@ -380,8 +381,13 @@ class ImageFolderDataset(_FileDataset):
             labels.extend([label] * len(found))
         mapping = read_class_names_file(class_names_file) if class_names_file else {}
         self.folder_names = tuple(class_dirs)
-        self.class_names = tuple(
-            printable_path(mapping.get(d, d.replace("_", " "))) for d in class_dirs
+        # folders named by ImageNet-1k synsets get the curated names (duplicates such as the two
+        # "crane" classes told apart), unless the caller passed a mapping file of their own
+        curated = None if mapping else imagenet_names_for_folders(class_dirs)
+        self.class_names = (
+            tuple(curated)
+            if curated is not None
+            else tuple(printable_path(mapping.get(d, d.replace("_", " "))) for d in class_dirs)
         )
         self.relpaths = tuple(image.relpath for image in images)
         self.labels = np.asarray(labels, dtype=np.int64)

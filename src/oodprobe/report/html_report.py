@@ -41,6 +41,7 @@ RULES = {
     "nearest": "threshold whose TPR is nearest {tpr}",
     "interpolate": "ROC linearly interpolated at TPR {tpr}",
     "quantile": "threshold at the (1 − {tpr}) quantile of ID scores",
+    "interp-sklearn": "np.interp at TPR {tpr} on sklearn's default ROC (the PLP authors' code)",
 }
 
 
