@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from oodprobe.benchmark_spec import DataSpec, _slug
-from oodprobe.cache import atomic_write
+from oodprobe.files import atomic_write
 
 if TYPE_CHECKING:
     from oodprobe.benchmark_spec import BenchmarkSpec

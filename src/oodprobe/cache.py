@@ -24,19 +24,17 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from oodprobe.errors import CacheError
+from oodprobe.files import atomic_write, commit_temporary, temporary_beside
 
 CACHE_FORMAT_VERSION = 1
 _HASH_CHUNK = 1 << 22
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 def _one_line(error: BaseException) -> str:
@@ -60,30 +58,6 @@ def cache_key(payload: dict[str, Any]) -> str:
 
 def entry_dir(root: Path, key: str) -> Path:
     return root / "features" / key[:2] / key
-
-
-def _temporary_beside(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(name)
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; cache files are shareable
-    os.replace(tmp, path)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over."""
-    tmp = _temporary_beside(path)
-    try:
-        write(tmp)
-        _commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def file_sha256(path: Path) -> str:
@@ -228,7 +202,7 @@ def write_entry(directory: Path, n_shards: int, meta: dict[str, Any]) -> dict[st
     dtypes = {name: first_arrays[name].dtype for name in names}
     shapes = {name: (total, *first_arrays[name].shape[1:]) for name in names}
     targets = {name: directory / f"{name}.npy" for name in names}
-    temporaries = {name: _temporary_beside(target) for name, target in targets.items()}
+    temporaries = {name: temporary_beside(target) for name, target in targets.items()}
     skipped: list[list[Any]] = []
     try:
         outputs = {
@@ -252,7 +226,7 @@ def write_entry(directory: Path, n_shards: int, meta: dict[str, Any]) -> dict[st
             output.flush()
         del outputs
         for name in names:
-            _commit(temporaries[name], targets[name])
+            commit_temporary(temporaries[name], targets[name])
     finally:
         for tmp in temporaries.values():
             tmp.unlink(missing_ok=True)

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from oodprobe.errors import DetectorFileError, InvalidParameterError
+from oodprobe.files import atomic_write
 
 if TYPE_CHECKING:
     from oodprobe.benchmark_spec import DataSpec, DetectorSpec
@@ -227,13 +227,12 @@ class ScoredImages:
                 f"cannot write the scores to {path}: it is a folder; give a file name such as "
                 f"{path / 'scores.csv'}"
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with open(fd, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
+        cut = repr(float(self.threshold))
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
                 writer = csv.writer(handle)
                 writer.writerow(["source", "score", "decision", "threshold"])
-                cut = repr(float(self.threshold))
                 for source, score, accepted in zip(
                     self.sources, self.scores, self.accepted, strict=True
                 ):
@@ -241,12 +240,8 @@ class ScoredImages:
                     writer.writerow([source, repr(float(score)), decision, cut])
                 for item in self.skipped:
                     writer.writerow([item.source, "", f"skipped: {item.reason}", cut])
-            os.chmod(tmp, _new_file_mode(path))  # mkstemp makes it private (0600)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+
+        return atomic_write(path, write)
 
 
 def score_with_deployment(
@@ -456,13 +451,3 @@ def _is_finite_number(value: Any) -> bool:
         and isinstance(value, (int, float, np.integer, np.floating))
         and math.isfinite(float(value))
     )
-
-
-def _new_file_mode(path: Path) -> int:
-    """The mode ``open(path, 'w')`` would give: the old file's, else 0666 minus the umask."""
-    try:
-        return path.stat().st_mode & 0o777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask

@@ -56,27 +56,14 @@ def check_detector_specs(detectors: Iterable[DetectorSpec]) -> None:
         cls = DETECTORS.get(detector.name)
         if cls is None:
             raise UnknownNameError("detector", detector.name, DETECTORS)
-        check = getattr(cls, "check_params", None)  # TODO(coordinator): drop once A lands
-        if check is not None:
-            check(dict(detector.params))
+        cls.check_params(dict(detector.params))
 
 
 def detector_params(spec: DetectorSpec) -> dict[str, Any]:
     """Every user-facing parameter of a detector spec, defaults filled in (JSON-able values)."""
-    import inspect
-
     from oodprobe.detectors import DETECTORS
 
-    cls = DETECTORS[spec.name]
-    runner: frozenset[str] = getattr(cls, "runner_params", frozenset())
-    defaults = {
-        name: parameter.default
-        for name, parameter in inspect.signature(cls.__init__).parameters.items()
-        if parameter.kind is parameter.KEYWORD_ONLY
-        and parameter.default is not parameter.empty
-        and name not in runner
-        and not isinstance(parameter.default, np.ndarray)
-    }
+    defaults = {info.name: info.default for info in DETECTORS[spec.name].param_info()}
     return {**defaults, **dict(spec.params)}
 
 

@@ -19,7 +19,6 @@ import inspect
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -41,6 +40,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from oodprobe.arrays import Features, Labels, Scores
 from oodprobe.errors import DetectorFileError, InvalidParameterError, UnknownNameError
+from oodprobe.files import atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -557,17 +557,9 @@ def save_detector(
     }
     if secret is not None:
         file_metadata["hmac_sha256"] = _hmac(secret, arrays, header)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        # safetensors refuses an empty dict; a marker keeps the format uniform.
-        save_file(arrays or {"_empty": np.zeros(0, np.float32)}, tmp, metadata=file_metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    # safetensors refuses an empty dict; a marker keeps the format uniform.
+    payload = arrays or {"_empty": np.zeros(0, np.float32)}
+    return atomic_write(path, lambda tmp: save_file(payload, str(tmp), metadata=file_metadata))
 
 
 def load_detector(path: str | os.PathLike[str], *, key: bytes | None = None) -> Detector:
