@@ -141,7 +141,7 @@ class BenchmarkSpec:
     convention: str = "oodprobe"
     tpr: float = 0.95
     bootstrap: int = 200
-    seed: int = 0
+    seed: int = 0  # of the bootstrap resampling; data tables and probes carry their own
     gallery_size: int = 12
     description: str = ""
 

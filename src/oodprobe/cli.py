@@ -447,7 +447,10 @@ def bench(
     ] = None,
     seed: Annotated[
         int | None,
-        typer.Option(help="Seed of subsampling, bootstrap and probes (default: config's)"),
+        typer.Option(
+            help="Seed of the bootstrap resampling (default: the config's); data tables and "
+            "probes keep their own seed (per_class seed, -d plp:seed=N)"
+        ),
     ] = None,
     prompts: PromptsOption = None,
     device: DeviceOption = "auto",

@@ -63,19 +63,23 @@ class ImageEncoder(torch.nn.Module):
         """(B, 3, H, W) pixels in [0, 1] → (B, feature_dim) features (differentiable)."""
         return self(pixels)["features"]
 
-    @property
-    def cache_id(self) -> str:
-        """Digest of everything about the encoder that changes its outputs."""
+    def _digest_with(self, identity: dict[str, Any]) -> str:
+        """32 hex digits of the class, outputs, preprocessing and ``identity``."""
         payload = {
             "class": type(self).__qualname__,
             "outputs": list(self.outputs),
             "mean": self.pixel_mean.flatten().tolist(),
             "std": self.pixel_std.flatten().tolist(),
             "transform": repr(self.pixel_transform),
-            **self.identity,
+            **identity,
         }
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    @property
+    def cache_id(self) -> str:
+        """Digest of everything about the encoder that changes its outputs."""
+        return self._digest_with(self.identity)
 
     @property
     def weights_digest(self) -> str | None:
@@ -111,17 +115,7 @@ class ImageEncoder(torch.nn.Module):
             for key, value in self.identity.items()
             if key not in ("weights_path", "weights_files")
         }
-        payload = {
-            "class": type(self).__qualname__,
-            "outputs": list(self.outputs),
-            "mean": self.pixel_mean.flatten().tolist(),
-            "std": self.pixel_std.flatten().tolist(),
-            "transform": repr(self.pixel_transform),
-            **identity,
-            "weights_file_sha256": digest,
-        }
-        text = json.dumps(payload, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:32]
+        return self._digest_with({**identity, "weights_file_sha256": digest})
 
     def freeze(self) -> ImageEncoder:
         """Eval mode, no parameter gradients (pixel gradients still flow)."""
