@@ -93,7 +93,7 @@ def test_wrong_detector_parameter_type_from_the_command_line() -> None:
 
 
 def test_unknown_detector_name_lists_choices() -> None:
-    with pytest.raises(UnknownNameError, match="unknown detector 'knnn'; choose from: .*knn"):
+    with pytest.raises(UnknownNameError, match=r"unknown detector 'knnn'; choose from: .*knn"):
         spec_from_dict(_config(detectors=["knnn"]))
 
 
