@@ -334,6 +334,16 @@ class RelativeMahalanobisDetector(_ClassGaussians):
     ``Σ_i (x_i − μ)(x_i − μ)ᵀ / (N − 1)`` (``covariance="ml"``: ``/ N``, and ``/ n_c`` for the
     classes). Differences from Ren et al.: the shared class covariance is the average of the
     per-class covariances, not the pooled one.
+    Why the estimator matters here more than for ``mahalanobis``: with maximum-likelihood
+    covariances and equal class sizes the class covariance is ``W/N`` and the background one
+    ``(W + B)/N`` (within and between scatter), so in directions where the classes do not
+    differ ``MD_c²`` and ``MD_0²`` cancel exactly, which is RMD's point. The unbiased ones are
+    ``W/(N − C)`` and ``(W + B)/(N − 1)``: the two no longer cancel, and a residual of about
+    ``(C − 1)/N · MD_c²`` stays in the score, raising it for points far from every class.
+    Measured on the offline benchmark
+    (EfficientNet-Lite0, Fashion-MNIST 0-4, 3000 training images, D = 1280): near-OOD AUROC
+    62.3 unbiased vs 86.9 with ``covariance="ml"``; the authors' formula, recomputed with
+    ``np.cov`` and ``np.linalg.inv``, gives the same 62.3.
     Differences from the authors' code (``compute_maha_vals``: per-class ``torch.cov``,
     averaged, ``inverse()``, float64): pseudo-inverses instead of exact inverses (equal to
     ~1e-12 when the covariances are full-rank; defined where theirs fail or are noise); a class
