@@ -320,3 +320,28 @@ def test_saving_a_nan_in_the_metadata_is_refused(cluster_data: ClusterData, tmp_
     with pytest.raises(DetectorFileError, match="not plain JSON with finite numbers"):
         save_detector(detector, tmp_path / "nan.safetensors", metadata={"threshold": np.nan})
     assert not list(tmp_path.iterdir())
+
+
+def test_a_gaussian_file_from_before_the_covariance_parameter_loads_as_ml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files written before ``covariance`` existed were fitted with 1/n: they load as ``ml``."""
+    from oodprobe.detectors import create_detector
+    from oodprobe.detectors.gaussian import MahalanobisDetector
+
+    rng = np.random.default_rng(0)
+    features, labels = rng.normal(size=(120, 6)), np.arange(120) % 3
+    fitted = create_detector("mahalanobis", covariance="ml").fit(features, labels)
+    real_get_params = MahalanobisDetector.get_params
+
+    def without_covariance(self: Any, deep: bool = True) -> dict[str, Any]:
+        params = real_get_params(self, deep=deep)
+        params.pop("covariance")
+        return params
+
+    monkeypatch.setattr(MahalanobisDetector, "get_params", without_covariance)
+    path = save_detector(fitted, tmp_path / "old.safetensors")
+    monkeypatch.undo()
+    loaded = load_detector(path)
+    assert loaded.covariance == "ml"
+    np.testing.assert_array_equal(loaded.score_samples(features), fitted.score_samples(features))

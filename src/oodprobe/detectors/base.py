@@ -234,6 +234,9 @@ class Detector(BaseEstimator):
     runner_params: ClassVar[frozenset[str]] = frozenset()
     differentiable: ClassVar[bool] = False
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {}
+    # parameters added after files were first written, with the value that reproduces what such
+    # an older file was fitted with (a file without ``covariance`` was fitted with 1/n)
+    params_of_older_files: ClassVar[dict[str, Any]] = {}
 
     n_dims_: int
 
@@ -629,6 +632,7 @@ def load_detector_with_metadata(
         if kind not in ("param", "state") or not attribute:
             raise DetectorFileError(f"{path} has an unexpected array {name!r}; save it again")
         (params if kind == "param" else state)[attribute] = value
+    params = {**cls.params_of_older_files, **params}
     _check_loaded_params(path, cls, params)
     _check_loaded_state(path, cls, state)
     try:

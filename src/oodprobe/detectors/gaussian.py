@@ -189,6 +189,7 @@ class GaussianDetector(Detector):
     name: ClassVar[str] = "gaussian"
     differentiable: ClassVar[bool] = True
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = _CONSTRAINTS
+    params_of_older_files: ClassVar[dict[str, Any]] = {"covariance": "ml"}
 
     def __init__(self, *, covariance: Covariance = "unbiased") -> None:
         self.covariance = covariance
@@ -224,6 +225,7 @@ class _ClassGaussians(Detector):
     differentiable: ClassVar[bool] = True
     requires_labels: ClassVar[bool] = True
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = _CONSTRAINTS
+    params_of_older_files: ClassVar[dict[str, Any]] = {"covariance": "ml"}
 
     def __init__(self, *, covariance: Covariance = "unbiased") -> None:
         self.covariance = covariance
