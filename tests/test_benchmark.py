@@ -142,3 +142,23 @@ def test_scores_csv_matches_rows(tmp_path: Path, cache_root: Path) -> None:
     id_scores = np.array([float(r["score"]) for r in records if r["role"] == "id"])
     ood_scores = np.array([float(r["score"]) for r in records if r["role"] == "ood"])
     assert auroc(id_scores, ood_scores) == pytest.approx(run.rows[0].metrics["auroc"])
+
+
+@pytest.mark.parametrize("clash", ["file", "scores-file", "results-folder"])
+def test_an_output_path_the_run_cannot_write_is_refused_before_work(
+    tmp_path: Path, cache_root: Path, clash: str
+) -> None:
+    from oodprobe.errors import InvalidParameterError
+
+    output = tmp_path / "out"
+    if clash == "file":
+        output.write_text("")
+    else:
+        output.mkdir()
+        if clash == "scores-file":
+            (output / "scores").write_text("")
+        else:
+            (output / "results.json").mkdir()
+    with pytest.raises(InvalidParameterError, match=r"(is a file|is a folder)"):
+        run_benchmark(_spec(), output, cache_root=cache_root, progress=False)
+    assert not cache_root.exists()

@@ -322,6 +322,8 @@ def test_on_error_raise_on_resume_raises_a_failure_recorded_in_a_shard(
 def test_scan_records_are_reported_first_and_the_same_warm(
     tmp_path: Path, encoder: ConvEncoder, cache_root: Path
 ) -> None:
+    tmp_path = tmp_path / "images"  # beside the cache, not above it (a subfolder is listed)
+    tmp_path.mkdir()
     for name in ("a.png", "b.png"):
         Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / name)
     (tmp_path / "self").symlink_to(".")

@@ -568,6 +568,8 @@ group = "near"
     )
     assert code == 0, err
     assert "digits 5-9" in out and "report:" in out
+    # log lines are plain text: "[encoder]" is not swallowed as a rich markup tag
+    assert "[efficientnet-lite0@64] extracting features" in out
     # 400 training images < 1280 dimensions: the Gaussian fit warns, once, in one line
     assert [line for line in err.splitlines() if "warning" in line.lower()] == [
         "warning: mahalanobis: 400 training samples in 5 group(s) cannot estimate a full-rank "

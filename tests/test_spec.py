@@ -46,7 +46,8 @@ def _error(config: dict[str, Any]) -> str:
         ("bootstrap", True, "bootstrap must be an integer >= 0, got True"),
         ("tpr", "high", "tpr must be a number in (0, 1], got 'high'; e.g. tpr = 0.95 for FPR@95"),
         ("tpr", 95, "tpr must be a number in (0, 1], got 95; e.g. tpr = 0.95 for FPR@95"),
-        ("seed", "x", "seed must be an integer, got 'x'"),
+        ("seed", "x", "seed must be an integer >= 0, got 'x'"),
+        ("seed", -1, "seed must be an integer >= 0, got -1"),
         ("gallery_size", 1.5, "gallery_size must be an integer >= 0, got 1.5"),
         ("description", 3, "description must be a string, got 3"),
         ("encoders", [1], "encoders must be a list of non-empty strings, got [1]"),
@@ -191,6 +192,25 @@ def test_a_spec_built_in_code_is_validated_too() -> None:
                 tpr=float("nan"),
             )
         )
+
+
+def test_detector_options_with_a_repeated_key_or_no_name_are_refused() -> None:
+    with pytest.raises(InvalidParameterError) as caught:
+        parse_detector_option("knn:k=1,k=2")
+    assert str(caught.value) == "detector option 'knn:k=1,k=2' sets 'k' twice; give each key once"
+    with pytest.raises(InvalidParameterError, match="detector option ':k=1' has no detector name"):
+        parse_detector_option(":k=1")
+
+
+def test_a_probe_device_this_machine_lacks_is_refused_when_the_spec_is_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    spec = spec_from_dict(_config())
+    with pytest.raises(InvalidParameterError, match="device 'cuda' was requested but no CUDA"):
+        spec.with_overrides(detectors=["linear-probe:device=cuda"])
 
 
 def test_detector_option_parsing() -> None:

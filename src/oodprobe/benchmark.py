@@ -22,6 +22,7 @@ import numpy as np
 from oodprobe.benchmark_outputs import (
     DetectorOutcome,
     Split,
+    check_output_folder,
     provenance,
     write_outputs,
     write_scores,
@@ -103,6 +104,8 @@ def run_benchmark(
 
     started = time.perf_counter()
     # every check that needs no image runs first: device, precision, compatibility by name
+    output = Path(output_dir)
+    check_output_folder(output)
     torch_device = select_device(device)
     resolved_precision = resolve_precision(precision, torch_device)
     datasets = {
@@ -120,7 +123,6 @@ def run_benchmark(
     # fingerprints once per data set per run (a stat per file)
     data = {role: (s, d, d.fingerprint()) for role, (s, d) in datasets.items()}
     _warn_on_overlap(data)
-    output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     rows: list[ResultRow] = []
     id_accuracy: list[dict[str, Any]] = []

@@ -56,6 +56,33 @@ class DetectorOutcome:
         return self.id_scores is None
 
 
+OUTPUT_FILES = ("results.json", "results.csv", "results.md", "report.html")
+"""The files a run writes into its output folder, beside the ``scores/`` folder."""
+
+
+def check_output_folder(output: Path) -> None:
+    """Refuse, before any work, an output path that a run could not write into."""
+    from oodprobe.errors import InvalidParameterError
+
+    if output.exists() and not output.is_dir():
+        raise InvalidParameterError(
+            f"the output {output} is a file; give a folder (a run writes "
+            f"{', '.join(OUTPUT_FILES)} and scores/ into it)"
+        )
+    for name in OUTPUT_FILES:
+        if (output / name).is_dir():
+            raise InvalidParameterError(
+                f"{output / name} is a folder, and the run writes a file there; remove it or "
+                f"choose another output folder"
+            )
+    scores = output / "scores"
+    if scores.exists() and not scores.is_dir():
+        raise InvalidParameterError(
+            f"{scores} is a file, and the run writes per-image scores into a folder there; "
+            f"remove it or choose another output folder"
+        )
+
+
 def versions() -> dict[str, str]:
     """Python and the versions of the packages that can change a number."""
     found = {"python": platform.python_version()}

@@ -173,12 +173,20 @@ def parse_detector_option(text: str) -> DetectorSpec:
     checks names and types when the spec is validated.
     """
     name, _, options = text.partition(":")
+    if not name.strip():
+        raise InvalidParameterError(
+            f"detector option {text!r} has no detector name; write NAME or NAME:key=value,…"
+        )
     params: dict[str, Any] = {}
     for item in filter(None, options.split(",")):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise InvalidParameterError(
                 f"detector option {item!r} in {text!r} must look like key=value"
+            )
+        if key.strip() in params:
+            raise InvalidParameterError(
+                f"detector option {text!r} sets {key.strip()!r} twice; give each key once"
             )
         try:
             params[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
@@ -313,7 +321,7 @@ def validate(spec: BenchmarkSpec) -> BenchmarkSpec:
             f"tpr must be a number in (0, 1], got {spec.tpr!r}; e.g. tpr = 0.95 for FPR@95"
         )
     _check_int(spec.bootstrap, "bootstrap", minimum=0)
-    _check_int(spec.seed, "seed")
+    _check_int(spec.seed, "seed", minimum=0)  # numpy's generators take no negative seed
     _check_int(spec.gallery_size, "gallery_size", minimum=0)
     _check_data(spec.id_train, "[id].train")
     _check_data(spec.id_test, "[id].test")

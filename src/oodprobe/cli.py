@@ -495,7 +495,8 @@ def bench(
             batch_size=batch_size,
             num_workers=workers,
             download=download,
-            log=lambda message: console.print(message, style="dim"),
+            # markup off: "[encoder]" and "digits:train:" are text, not rich tags or emoji
+            log=lambda message: console.print(message, style="dim", markup=False, emoji=False),
         )
     except DataError as error:
         if config is not None:

@@ -57,6 +57,9 @@ def check_detector_specs(detectors: Iterable[DetectorSpec]) -> None:
         if cls is None:
             raise UnknownNameError("detector", detector.name, DETECTORS)
         cls.check_params(dict(detector.params))
+        device = detector.params.get("device", "auto")  # probes train on a device of their own
+        if device != "auto":
+            check_device(device)
 
 
 def detector_params(spec: DetectorSpec) -> dict[str, Any]:

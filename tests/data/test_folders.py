@@ -449,3 +449,18 @@ def test_imagenet_synset_folders_get_curated_names(tmp_path: Path) -> None:
     )
     dataset = create_dataset(str(tmp_path))
     assert dataset.class_names == ("tench", "crane (bird)", "crane (machine)")
+
+
+def test_subfolders_of_a_flat_folder_are_listed_as_not_read(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from oodprobe.data import create_dataset
+
+    (tmp_path / "cats").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "top.png")
+    dataset = create_dataset(str(tmp_path))
+    assert len(dataset) == 1 and dataset.labels is None
+    [record] = dataset.scan_skipped
+    assert record.source == str(tmp_path / "cats")
+    assert record.reason.startswith("subfolder not read: the folder has images at its top level")

@@ -304,6 +304,17 @@ class ImageFolderDataset(_FileDataset):
         if any(is_image_file(e.relpath) and stat.S_ISREG(e.info.st_mode) for e in images if e.info):
             for entry in sorted(images, key=lambda e: e.is_link):  # a file's own path first
                 scanner.visit(entry, {}, -1, follow=True)
+            real_root = Path(os.path.realpath(folder))
+            for entry in folders:  # images at the top make the folder flat: say what is left
+                target = Path(os.path.realpath(folder / entry.relpath))
+                if target == real_root or target in real_root.parents:
+                    continue  # a link back up holds nothing that is not read already
+                scanner.skip(
+                    entry.relpath,
+                    "subfolder not read: the folder has images at its top level, so it is read "
+                    "as one unlabelled set; move those images into a class folder to use the "
+                    "subfolders as classes",
+                )
             found = sorted((image for _, image in scanner.found), key=lambda i: i.relpath)
             self.relpaths = tuple(image.relpath for image in found)
             self.labels = None
