@@ -193,6 +193,8 @@ def test_extract_lists_skipped_files(
     for path in sorted(digit_folders["flat"].glob("*.png"))[:3]:
         (folder / path.name).write_bytes(path.read_bytes())
     (folder / "empty.png").write_bytes(b"")
+    (folder / "x.png").symlink_to("y.png")  # a link loop: left out by the walk, not undecodable
+    (folder / "y.png").symlink_to("x.png")
     code, out, _ = _run(
         capsys,
         "extract",
@@ -204,7 +206,8 @@ def test_extract_lists_skipped_files(
     )
     assert code == 0
     assert "(3, 1280)" in out
-    assert "skipped 1 undecodable image(s)" in out and "empty.png" in out
+    assert "skipped 1 undecodable image(s) and 2 path(s) left out by the folder walk:" in out
+    assert "empty.png" in out and "x.png: symbolic link loop" in out
 
 
 @pytest.mark.parametrize(

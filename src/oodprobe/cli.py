@@ -132,13 +132,18 @@ def _print_skipped(
     shown: int = SKIPPED_SHOWN,
     more: str = "",
 ) -> None:
-    """``skipped N undecodable image(s)[ of WHERE]:`` and the first ``shown``, one per line."""
+    """``skipped N undecodable image(s) [and M path(s) …][ of WHERE]:``, then the first few."""
     from rich.markup import escape
 
     if not skipped:
         return
     of = f" of {escape(where)}" if where else ""
-    console.print(f"[yellow]skipped {len(skipped)} undecodable image(s){of}:[/]")
+    # index -1: what the folder walk left out (link loops, dangling links, duplicates)
+    walked = sum(1 for item in skipped if getattr(item, "index", 0) < 0)
+    parts = [f"{len(skipped) - walked} undecodable image(s)"] if len(skipped) > walked else []
+    if walked:
+        parts.append(f"{walked} path(s) left out by the folder walk")
+    console.print(f"[yellow]skipped {' and '.join(parts)}{of}:[/]")
     for item in skipped[:shown]:
         # soft_wrap: a long path stays on one line when piped; escape: '[...]' in a file name
         console.print(f"  {escape(item.source)}: {escape(item.reason)}", soft_wrap=True)
