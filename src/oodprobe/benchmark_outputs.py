@@ -245,14 +245,7 @@ def write_outputs(
         rows=[row.as_dict() for row in rows],
         score_sets=score_sets,
         galleries=[g for outcome in outcomes for g in galleries(outcome, spec.gallery_size)],
-        convention={
-            "name": convention.name,
-            "positive": convention.positive,
-            "rule": convention.rule,
-            "aupr_method": convention.aupr_method,
-            "description": convention.description,
-            "tpr": spec.tpr,
-        },
+        convention={**convention.as_dict(), "tpr": spec.tpr},
         provenance=run_provenance,
         id_accuracy=id_accuracy,
     )

@@ -18,6 +18,7 @@ check that each replicate equals the scikit-learn value on the resampled arrays.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -302,6 +303,10 @@ class MetricConvention:
         _check_choice(self.positive, POSITIVE_CLASSES, "positive class")
         _check_choice(self.rule, FPR_RULES, "FPR rule")
         _check_choice(self.aupr_method, AUPR_METHODS, "AUPR method")
+
+    def as_dict(self) -> dict[str, str]:
+        """The fields (name, positive, rule, aupr_method, description): what a report shows."""
+        return dataclasses.asdict(self)
 
 
 _PRESETS = (

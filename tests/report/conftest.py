@@ -108,14 +108,7 @@ def make_report_data(detectors: tuple[str, str] = ("knn", "mahalanobis")) -> Rep
         rows=rows,
         score_sets=score_sets,
         galleries=galleries,
-        convention={
-            "name": convention.name,
-            "positive": convention.positive,
-            "rule": convention.rule,
-            "aupr_method": convention.aupr_method,
-            "description": convention.description,
-            "tpr": 0.95,
-        },
+        convention={**convention.as_dict(), "tpr": 0.95},
         provenance={
             "versions": {"oodprobe": "0.1.0", "numpy": "2.0", "torch": "2.14.1"},
             "id_fingerprint": "sha256:1f2e3d",
