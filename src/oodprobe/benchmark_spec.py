@@ -89,10 +89,28 @@ class DataSpec:
         return f"{base} ({self.part} {share:.0%})"
 
     def create(self, download: bool = False) -> Any:
-        """Build the ImageDataset this spec names."""
+        """Build the ImageDataset this spec names (its part of the split, with test_fraction)."""
+        if self.test_fraction is None:
+            return self._create_whole(download)
+        train, test = self.create_split(download)
+        return test if self.part == "test" else train
+
+    def split_of(self, other: DataSpec) -> bool:
+        """Whether ``other`` is the other part of the same split (the same images, once read)."""
+        return replace(self, part=None) == replace(other, part=None) and self.part != other.part
+
+    def create_split(self, download: bool = False) -> tuple[Any, Any]:
+        """(train, test): the selected images read once, then split (seeded, stratified)."""
+        from oodprobe.data import split_dataset
+
+        if self.test_fraction is None:
+            raise InvalidParameterError(f"{self.label!r} has no test_fraction to split by")
+        return split_dataset(self._create_whole(download), self.test_fraction, seed=self.seed)
+
+    def _create_whole(self, download: bool) -> Any:
         from oodprobe.data import create_dataset
 
-        dataset = create_dataset(
+        return create_dataset(
             self.source,
             classes=list(self.classes) if self.classes is not None else None,
             per_class=self.per_class,
@@ -100,12 +118,6 @@ class DataSpec:
             seed=self.seed,
             download=download,
         )
-        if self.test_fraction is None:
-            return dataset
-        from oodprobe.data import split_dataset
-
-        train, test = split_dataset(dataset, self.test_fraction, seed=self.seed)
-        return test if self.part == "test" else train
 
 
 @dataclass(frozen=True)
