@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import weakref
 from pathlib import Path
@@ -94,7 +93,7 @@ def test_encoders_are_built_one_at_a_time(
     live_at_creation: list[int] = []
 
     def create(name: str) -> Any:
-        gc.collect()
+        # no gc.collect() here: the runner collects the released encoder itself
         live_at_creation.append(sum(ref() is not None for ref in alive))
         encoder = real_create(name)
         alive.append(weakref.ref(encoder))
@@ -162,3 +161,28 @@ def test_an_output_path_the_run_cannot_write_is_refused_before_work(
     with pytest.raises(InvalidParameterError, match=r"(is a file|is a folder)"):
         run_benchmark(_spec(), output, cache_root=cache_root, progress=False)
     assert not cache_root.exists()
+
+
+def test_one_folder_split_into_train_and_test_is_read_once(
+    tmp_path: Path, cache_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import oodprobe.data as data
+
+    real_create = data.create_dataset
+    calls: list[str] = []
+
+    def create(source: str, **options: Any) -> Any:
+        calls.append(source)
+        return real_create(source, **options)
+
+    monkeypatch.setattr(data, "create_dataset", create)
+    spec = _spec(
+        id={
+            "images": {"source": "digits:train", "classes": "0-4", "per_class": 30},
+            "test_fraction": 0.25,
+        },
+        detectors=[{"name": "knn"}],
+    )
+    run = run_benchmark(spec, tmp_path / "out", cache_root=cache_root, progress=False)
+    assert calls.count("digits:train") == 1  # ID images read once, then split
+    assert run.rows[0].context.n_train == 5 * round(30 * 0.75)

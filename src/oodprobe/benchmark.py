@@ -70,6 +70,19 @@ def _create(data: DataSpec, role: str, download: bool) -> Any:
         raise DataError(f"{role} {data.label!r}: {error}") from error
 
 
+def _create_id_sets(spec: BenchmarkSpec, download: bool) -> tuple[Any, Any]:
+    """The ID training and test sets; one folder split by ``test_fraction`` is read once."""
+    if spec.id_train.test_fraction is not None and spec.id_train.split_of(spec.id_test):
+        try:
+            return spec.id_train.create_split(download)
+        except DataError as error:
+            raise DataError(f"ID images {spec.id_train.source!r}: {error}") from error
+    return (
+        _create(spec.id_train, "ID training set", download),
+        _create(spec.id_test, "ID test set", download),
+    )
+
+
 def _warn_on_overlap(data: dict[str, tuple[DataSpec, Any, str]]) -> None:
     """An OOD set with the same images as the ID test or training set measures nothing."""
     for role, (ood_spec, _, fingerprint) in data.items():
@@ -108,9 +121,10 @@ def run_benchmark(
     check_output_folder(output)
     torch_device = select_device(device)
     resolved_precision = resolve_precision(precision, torch_device)
+    id_train, id_test = _create_id_sets(spec, download)
     datasets = {
-        "id_train": (spec.id_train, _create(spec.id_train, "ID training set", download)),
-        "id_test": (spec.id_test, _create(spec.id_test, "ID test set", download)),
+        "id_train": (spec.id_train, id_train),
+        "id_test": (spec.id_test, id_test),
         **{f"ood:{ood.label}": (ood, _create(ood, "OOD set", download)) for ood in spec.ood},
     }
     labelled = datasets["id_train"][1].labels is not None
@@ -192,8 +206,8 @@ def run_benchmark(
                 )
             outcomes.append(outcome)
             write_scores(output, outcome)
-        _release(encoder)
         del encoder
+        _free_memory()
     seconds = time.perf_counter() - started
     run = BenchmarkRun(
         spec,
@@ -218,11 +232,14 @@ def run_benchmark(
     return run
 
 
-def _release(encoder: Any) -> None:
-    """Free an encoder's memory before the next one is built (host and GPU)."""
+def _free_memory() -> None:
+    """Collect a released encoder now (host and GPU), before the next one is built.
+
+    Extraction already returned it to the device it was built on; the caller drops its last
+    reference first.
+    """
     import torch
 
-    encoder.to("cpu")
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
