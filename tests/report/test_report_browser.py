@@ -26,6 +26,8 @@ from PIL import Image
 
 from oodprobe.report import ReportData, render_html
 
+from .conftest import make_study
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = pytest.mark.skipif(
@@ -115,6 +117,17 @@ def test_report_loads_in_chromium_without_errors(report_data: ReportData, tmp_pa
     record = _probe(page, tmp_path)
     assert record["errors"] == []
     assert record["images"] == 2 + 2 + 8 + 4  # ROC, histograms, gallery thumbnails
+    assert record["loaded"] == record["images"]
+
+
+def test_report_with_a_study_loads_in_chromium_without_errors(
+    report_data: ReportData, tmp_path: Path
+) -> None:
+    report_data.study = make_study(12, lp_vs_ft=True)
+    page = render_html(report_data, tmp_path / "report.html")
+    record = _probe(page, tmp_path)
+    assert record["errors"] == []
+    assert record["images"] == 7 + 2 + 2 + 8 + 4  # study fits, ROC, histograms, galleries
     assert record["loaded"] == record["images"]
 
 

@@ -8,10 +8,12 @@ from oodprobe.report.atomic import write_text_atomic
 from oodprobe.report.files import SCHEMA_VERSION, render_csv, render_markdown, write_results
 from oodprobe.report.html_report import render_html, report_html
 from oodprobe.report.model import MAIN_ROW_KEYS, Gallery, GalleryImage, ReportData, ScoreSet
+from oodprobe.report.study import STUDY_SCHEMA_VERSION
 
 __all__ = [
     "MAIN_ROW_KEYS",
     "SCHEMA_VERSION",
+    "STUDY_SCHEMA_VERSION",
     "Gallery",
     "GalleryImage",
     "ReportData",

@@ -10,14 +10,21 @@ from typing import Any
 
 from oodprobe.report.atomic import write_text_atomic
 from oodprobe.report.model import MAIN_ROW_KEYS, ReportData
+from oodprobe.report.study import (
+    render_study_csv,
+    render_study_fits_csv,
+    study_document,
+    study_markdown,
+)
 from oodprobe.report.tables import (
     EncoderTable,
     build_tables,
-    compact_json,
+    csv_cell,
     format_ci,
     format_percent,
     fpr_label,
     jsonable,
+    md_escape,
 )
 
 __all__ = ["SCHEMA_VERSION", "csv_columns", "render_csv", "render_markdown", "write_results"]
@@ -56,18 +63,6 @@ def csv_columns(rows: list[dict[str, Any]]) -> list[str]:
     return [*MAIN_ROW_KEYS, *extra]
 
 
-def _csv_cell(value: Any) -> str:
-    """A CSV cell: '' for None/NaN, compact JSON for dicts/lists, ``repr``-exact floats."""
-    value = jsonable(value)
-    if value is None:
-        return ""
-    if isinstance(value, dict | list):
-        return compact_json(value)
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
 def render_csv(rows: list[dict[str, Any]]) -> str:
     """``results.csv``: one line per row (encoder x detector x OOD set), stable column order."""
     columns = csv_columns(rows)
@@ -75,13 +70,8 @@ def render_csv(rows: list[dict[str, Any]]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
-        writer.writerow([_csv_cell(row.get(column)) for column in columns])
+        writer.writerow([csv_cell(row.get(column)) for column in columns])
     return buffer.getvalue()
-
-
-def _md_escape(text: str) -> str:
-    """Text safe inside a Markdown table cell (pipes and newlines would break the row)."""
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def _md_table(table: EncoderTable, fpr_name: str) -> list[str]:
@@ -92,11 +82,11 @@ def _md_table(table: EncoderTable, fpr_name: str) -> list[str]:
         tag = f" ({group})" if group in ("near", "far") else ""
         header += [f"{column}{tag} AUROC ↑", f"{column}{tag} {fpr_name} ↓"]
     lines = [
-        "| " + " | ".join(_md_escape(cell) for cell in header) + " |",
+        "| " + " | ".join(md_escape(cell) for cell in header) + " |",
         "|" + "---|" + "---:|" * (len(header) - 1),
     ]
     for detector in table.detectors:
-        cells = [_md_escape(detector)]
+        cells = [md_escape(detector)]
         for column in table.columns:
             for metric in ("auroc", "fpr"):
                 cell = table.cells[detector].get((column, metric))
@@ -112,15 +102,18 @@ def _md_table(table: EncoderTable, fpr_name: str) -> list[str]:
 
 
 def render_markdown(report: ReportData) -> str:
-    """``results.md``: per encoder a detectors x OOD sets table, means, and ID accuracy."""
+    """``results.md``: per encoder a detectors x OOD sets table, means, and ID accuracy.
+
+    With a study, its ranking and the primary detector's fits come first.
+    """
     convention = report.convention
     tpr = convention.get("tpr", report.rows[0].get("tpr") if report.rows else None)
     fpr_name = fpr_label(tpr)
     lines = [f"# {report.title}", ""]
     description = str(convention.get("description") or "")
     name = str(convention.get("name") or "unnamed")
-    detail = f" — {fpr_name}: {_md_escape(description)}" if description else ""
-    lines.append(f"Convention: **{_md_escape(name)}**{detail}")
+    detail = f" — {fpr_name}: {md_escape(description)}" if description else ""
+    lines.append(f"Convention: **{md_escape(name)}**{detail}")
     lines += [
         "",
         "Values are percentages; [low, high] is the bootstrap confidence interval where one was "
@@ -128,24 +121,32 @@ def render_markdown(report: ReportData) -> str:
         "column. Scores: higher = more in-distribution.",
         "",
     ]
+    if report.study is not None:
+        lines += study_markdown(report.study)
     for table in build_tables(report.rows):
         lines += [f"## Encoder `{table.encoder}`", "", *_md_table(table, fpr_name), ""]
     if report.id_accuracy:
         lines += ["## ID classification accuracy", "", "| encoder | method | accuracy |"]
         lines.append("|---|---|---:|")
         for entry in report.id_accuracy:
-            encoder = _md_escape(str(entry.get("encoder", "")))
-            method = _md_escape(str(entry.get("method", "")))
+            encoder = md_escape(str(entry.get("encoder", "")))
+            method = md_escape(str(entry.get("method", "")))
             lines.append(f"| {encoder} | {method} | {format_percent(entry.get('accuracy'))} |")
         lines.append("")
     return "\n".join(lines)
 
 
+def _json_text(document: dict[str, Any]) -> str:
+    return json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
 def write_results(report: ReportData, output_dir: Path) -> dict[str, Path]:
     """Write ``results.json``, ``results.csv`` and ``results.md`` into ``output_dir``.
 
-    Returns ``{"json": path, "csv": path, "markdown": path}``. The directory is created if
-    needed; NaN/inf values become JSON ``null`` and empty CSV cells. All three are rendered
+    Returns ``{"json": path, "csv": path, "markdown": path}``; with ``report.study`` also
+    ``study.json``, ``study.csv`` (one line per model) and ``study_fits.csv`` (one per fit)
+    under ``"study_json"``, ``"study_csv"`` and ``"study_fits_csv"``. The directory is created
+    if needed; NaN/inf values become JSON ``null`` and empty CSV cells. Every file is rendered
     before any is written, and each is written atomically: a failure leaves the previous files
     whole.
     """
@@ -157,11 +158,21 @@ def write_results(report: ReportData, output_dir: Path) -> dict[str, Path]:
         "markdown": output_dir / "results.md",
     }
     texts = {
-        "json": json.dumps(results_document(report), indent=2, ensure_ascii=False, allow_nan=False)
-        + "\n",
+        "json": _json_text(results_document(report)),
         "csv": render_csv(report.rows),
         "markdown": render_markdown(report),
     }
+    if report.study is not None:
+        paths.update(
+            study_json=output_dir / "study.json",
+            study_csv=output_dir / "study.csv",
+            study_fits_csv=output_dir / "study_fits.csv",
+        )
+        texts.update(
+            study_json=_json_text(study_document(report.study)),
+            study_csv=render_study_csv(report.study),
+            study_fits_csv=render_study_fits_csv(report.study),
+        )
     for kind, text in texts.items():
         write_text_atomic(paths[kind], text)
     return paths

@@ -17,6 +17,7 @@ from oodprobe import __version__
 from oodprobe.report.atomic import write_text_atomic
 from oodprobe.report.model import MAIN_ROW_KEYS, Gallery, ReportData
 from oodprobe.report.plots import histogram_figure, roc_figure, set_colors, thumbnail
+from oodprobe.report.study import study_section
 from oodprobe.report.style import CSS
 from oodprobe.report.tables import (
     EncoderTable,
@@ -316,7 +317,8 @@ def report_html(report: ReportData) -> str:
     tables = build_tables(report.rows)
     # Wide tables (over 5 column pairs: OOD sets + means) get the full width, convention above.
     layout = " stacked" if max((len(t.columns) for t in tables), default=0) > 5 else ""
-    sections = [
+    sections = [study_section(report.study, fpr_name)] if report.study is not None else []
+    sections += [
         f'<section id="results"><h2>Results</h2><div class="results-layout{layout}">'
         '<div class="results-tables">'
         + "".join(_encoder_table(table, fpr_name) for table in tables)
@@ -326,7 +328,8 @@ def report_html(report: ReportData) -> str:
         + "</section>",
         _id_accuracy(report.id_accuracy),
     ]
-    links = [("results", "Results")] + ([("id-accuracy", "ID accuracy")] * bool(report.id_accuracy))
+    links = [("study", "Study")] if report.study is not None else []
+    links += [("results", "Results")] + [("id-accuracy", "ID accuracy")] * bool(report.id_accuracy)
     if report.score_sets:
         roc_note = f"Dashed line: TPR {tpr:.0%}, the operating point of {fpr_name}."
         hist_note = f"Dashed line: threshold at TPR {tpr:.0%} ({positive.upper()} positive)."

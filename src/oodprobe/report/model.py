@@ -81,6 +81,9 @@ class ReportData:
 
     ``convention`` has ``name``, ``positive``, ``rule``, ``aupr_method``, ``description`` and
     ``tpr``; ``id_accuracy`` is a list of ``{"encoder", "method", "accuracy"}`` (fraction).
+    ``study``, when given, is the finished dict of ``oodprobe study`` (models, fits, ranking,
+    LP vs FT; layout in :mod:`oodprobe.report.study`): it adds ``study.json``, ``study.csv`` and
+    ``study_fits.csv`` and a "Study" section at the top of the report.
     """
 
     title: str
@@ -90,3 +93,4 @@ class ReportData:
     convention: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     id_accuracy: list[dict[str, Any]] = field(default_factory=list)
+    study: dict[str, Any] | None = None

@@ -9,7 +9,8 @@ from __future__ import annotations
 import base64
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -24,6 +25,8 @@ __all__ = [
     "histogram_figure",
     "roc_figure",
     "set_colors",
+    "short_label",
+    "study_fit_figure",
     "thumbnail",
 ]
 
@@ -58,11 +61,11 @@ def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def _figure_uri(figure: Figure) -> str:
+def _figure_uri(figure: Figure, dpi: float = DPI) -> str:
     """Render ``figure`` to a PNG ``data:`` URI (no timestamp or software metadata)."""
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    figure.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
     return data_uri(buffer.getvalue())
 
 
@@ -256,3 +259,219 @@ def thumbnail(image: Image.Image, size: int = 96) -> tuple[str, int, int]:
         if jpeg.tell() < len(data):
             data, mime = jpeg.getvalue(), "image/jpeg"
     return data_uri(data, mime), picture.width, picture.height
+
+
+# -- study scatter plots ------------------------------------------------------------------------
+
+POINT_COLOR = "#2f6fde"
+LINE_COLOR = "#374151"
+BAND_COLOR = "#9db8ec"
+LABEL_SIZE = 6.5  # points: readable in the PNG, small enough for 12 names on one plot
+LABEL_CHARS = 30
+STUDY_DPI = 110  # the study's headline plots: sharper than the others, so small labels read
+
+
+def short_label(name: str, limit: int = LABEL_CHARS) -> str:
+    """``name`` cut in the middle to ``limit`` characters (both ends tell encoders apart)."""
+    if len(name) <= limit:
+        return name
+    head = (limit - 1) // 2
+    return f"{name[:head]}…{name[len(name) - (limit - 1 - head) :]}"
+
+
+def _finite_pairs(points: Sequence[Mapping[str, Any]]) -> list[tuple[float, float, str]]:
+    """``(accuracy %, AUROC %, encoder)`` of each point whose two values are finite numbers."""
+    pairs = []
+    for point in points:
+        accuracy, auroc = _as_number(point.get("accuracy")), _as_number(point.get("auroc"))
+        if accuracy is not None and auroc is not None:
+            pairs.append((100.0 * accuracy, 100.0 * auroc, str(point.get("encoder", ""))))
+    return pairs
+
+
+def _as_number(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _band_arrays(band: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The band's ``x``, ``low``, ``high`` in percent, or None when absent or malformed."""
+    if not isinstance(band, Mapping):
+        return None
+    try:
+        arrays = [np.asarray(band.get(key), dtype=np.float64) for key in ("x", "low", "high")]
+    except (TypeError, ValueError):
+        return None
+    if any(a.ndim != 1 for a in arrays) or len({a.size for a in arrays}) != 1 or not arrays[0].size:
+        return None
+    x, low, high = (100.0 * a for a in arrays)
+    order = np.argsort(x, kind="stable")
+    return x[order], low[order], high[order]
+
+
+def _limits(
+    values: list[float], minimum_span: float = 2.0, pad: float = 0.1
+) -> tuple[float, float]:
+    """Axis limits around ``values`` with ``pad`` of the span each side (span >= minimum_span)."""
+    if not values:
+        return 0.0, 100.0
+    low, high = min(values), max(values)
+    span = max(high - low, minimum_span)
+    middle = (low + high) / 2
+    return middle - span * (0.5 + pad), middle + span * (0.5 + pad)
+
+
+# Label offsets in points, nearest first; labels further out get a thin leader line.
+_OFFSETS = [
+    (radius * dx, radius * dy)
+    for radius in (5.0, 11.0, 18.0)
+    for dx, dy in ((1, 0.6), (1, -0.6), (-1, 0.6), (-1, -0.6), (0, 1.3), (0, -1.3), (1, 0), (-1, 0))
+]
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    return width * height if width > 0 and height > 0 else 0.0
+
+
+def _place_labels(
+    figure: Figure, axes: Any, pairs: list[tuple[float, float, str]], fontsize: float
+) -> None:
+    """Annotate each point with its encoder, choosing offsets greedily to avoid overlaps.
+
+    Works in display points: text sizes come from the Agg renderer, point positions from the
+    (fixed) axes transform. Each label takes the nearest offset whose box overlaps the fewest
+    other labels and markers and stays inside the axes; deterministic for the same input.
+    """
+    from matplotlib.font_manager import FontProperties
+
+    canvas = FigureCanvasAgg(figure)
+    renderer = canvas.get_renderer()
+    scale = 72.0 / figure.dpi  # display pixels -> points
+    prop = FontProperties(size=fontsize)
+    box = axes.get_window_extent(renderer)
+    frame = (box.x0 * scale, box.y0 * scale, box.x1 * scale, box.y1 * scale)
+    centres = [
+        (float(px) * scale, float(py) * scale)
+        for px, py in axes.transData.transform([(x, y) for x, y, _ in pairs])
+    ]
+    marker = 3.0
+    taken = [(cx - marker, cy - marker, cx + marker, cy + marker) for cx, cy in centres]
+    order = sorted(range(len(pairs)), key=lambda i: (centres[i][0], centres[i][1]))
+    for index in order:
+        x, y, name = pairs[index]
+        text = _label(short_label(name))
+        width, height, _ = renderer.get_text_width_height_descent(text, prop, ismath=False)
+        width, height = width * scale + 1.0, height * scale + 1.0
+        cx, cy = centres[index]
+        best: tuple[float, int] | None = None
+        for choice, (dx, dy) in enumerate(_OFFSETS):
+            left = cx + dx if dx > 0 else cx + dx - width if dx < 0 else cx - width / 2
+            bottom = cy + dy if dy > 0 else cy + dy - height if dy < 0 else cy - height / 2
+            label_box = (left, bottom, left + width, bottom + height)
+            cost = sum(_overlap(label_box, other) for other in taken)
+            inside = _overlap(label_box, frame)
+            cost += 4.0 * (width * height - inside)  # leaving the axes is worse than crowding
+            cost += 0.05 * choice  # prefer near offsets when otherwise equal
+            if best is None or cost < best[0]:
+                best = (cost, choice)
+        assert best is not None
+        dx, dy = _OFFSETS[best[1]]
+        left = cx + dx if dx > 0 else cx + dx - width if dx < 0 else cx - width / 2
+        bottom = cy + dy if dy > 0 else cy + dy - height if dy < 0 else cy - height / 2
+        taken.append((left, bottom, left + width, bottom + height))
+        far = abs(dx) > 6 or abs(dy) > 7
+        axes.annotate(
+            text,
+            (x, y),
+            xytext=(dx, dy),
+            textcoords="offset points",
+            ha="left" if dx > 0 else "right" if dx < 0 else "center",
+            va="bottom" if dy > 0 else "top" if dy < 0 else "center",
+            fontsize=fontsize,
+            color="#1f2937",
+            arrowprops={"arrowstyle": "-", "color": "#9aa1aa", "linewidth": 0.5} if far else None,
+            annotation_clip=False,
+        )
+
+
+def study_fit_figure(
+    fit: Mapping[str, Any],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str = "OOD AUROC (%)",
+    confidence: float = 0.95,
+    note: str = "",
+) -> str:
+    """Scatter of AUROC against ID accuracy over models, with the fit line and band (PNG URI).
+
+    ``fit`` is one entry of a study's ``fits``: ``points`` (``encoder``, ``accuracy``,
+    ``auroc`` fractions), ``slope``/``intercept`` (AUROC per accuracy, in fractions) and an
+    optional ``band`` at ``confidence`` (``x``, ``low``, ``high`` fractions, drawn with
+    ``fill_between``).
+    Axes are in percent. Points with a missing value are left out; nothing is recomputed.
+    """
+    pairs = _finite_pairs(fit.get("points") or [])
+    band = _band_arrays(fit.get("band"))
+    figure = Figure(figsize=(5.6, 4.4), dpi=STUDY_DPI)
+    figure.subplots_adjust(left=0.12, right=0.97, bottom=0.12, top=0.91)
+    axes = figure.add_subplot()
+    xs = [x for x, _, _ in pairs]
+    ys = [y for _, y, _ in pairs]
+    xlim = _limits(xs, pad=0.14)
+    ylim = _limits(ys, pad=0.16)
+    slope, intercept = _as_number(fit.get("slope")), _as_number(fit.get("intercept"))
+    if band is not None:
+        band_x, low, high = band
+        finite = np.isfinite(band_x) & np.isfinite(low) & np.isfinite(high)
+        axes.fill_between(
+            band_x,
+            low,
+            high,
+            where=finite,
+            color=BAND_COLOR,
+            alpha=0.35,
+            linewidth=0,
+            label=f"{100 * confidence:g}% band",
+        )
+    if slope is not None and intercept is not None:
+        if band is not None and np.isfinite(band[0]).any():
+            line_x = np.array([np.nanmin(band[0]), np.nanmax(band[0])])
+        else:
+            line_x = np.array(xlim)
+        # slope is AUROC per accuracy (both fractions), so in percent: y% = 100 b0 + b1 x%.
+        axes.plot(
+            line_x,
+            100.0 * intercept + slope * line_x,
+            color=LINE_COLOR,
+            linewidth=1.3,
+            label="least squares",
+        )
+    axes.scatter(xs, ys, s=22, color=POINT_COLOR, zorder=3, edgecolors="white", linewidths=0.6)
+    axes.set_xlim(*xlim)
+    axes.set_ylim(*ylim)
+    axes.set_xlabel(_label(xlabel), fontsize=9)
+    axes.set_ylabel(_label(ylabel), fontsize=9)
+    axes.set_title(_label(title), fontsize=10)
+    axes.tick_params(labelsize=8)
+    axes.grid(True, color="#eceef1", linewidth=0.8)
+    for spine in ("top", "right"):
+        axes.spines[spine].set_visible(False)
+    if not pairs:
+        note = note or "no models with both values"
+    if note:
+        axes.text(
+            0.02, 0.98, _label(note), ha="left", va="top", transform=axes.transAxes,
+            fontsize=7.5, color="#8a4b00", wrap=True,
+        )  # fmt: skip
+    _place_labels(figure, axes, pairs, LABEL_SIZE)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(loc="lower right", fontsize=7, frameon=True, framealpha=0.9)
+    return _figure_uri(figure, dpi=STUDY_DPI)

@@ -95,5 +95,10 @@ table.long td.extra {
   font-size: 11px; color: var(--muted); max-width: 520px; overflow-wrap: anywhere; text-align: left;
 }
 table.long td.extra .key { color: var(--ink); }
+.study-meta { margin: 0 0 4px; }
+figure.study-fit { flex: 0 1 600px; }
+figure.study-fit .fit-note { color: #8a4b00; margin-top: 2px; }
+table.study td.note-cell { font-size: 12px; color: var(--muted); max-width: 320px; }
+table.study td code { white-space: nowrap; }
 footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
 """

@@ -17,10 +17,12 @@ __all__ = [
     "TableCell",
     "build_tables",
     "compact_json",
+    "csv_cell",
     "format_ci",
     "format_percent",
     "fpr_label",
     "jsonable",
+    "md_escape",
 ]
 
 GROUP_ORDER = ("near", "far")
@@ -77,6 +79,26 @@ def jsonable(value: Any) -> Any:
 def compact_json(value: Any) -> str:
     """Compact, key-sorted JSON of ``value`` (for CSV cells and small HTML annotations)."""
     return json.dumps(jsonable(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def csv_cell(value: Any) -> str:
+    """A CSV cell: '' for None/NaN, compact JSON for dicts/lists, ``repr``-exact floats."""
+    value = jsonable(value)
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        return compact_json(value)
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def md_escape(text: str) -> str:
+    """Text safe inside a Markdown table cell.
+
+    Pipes and newlines would break the row; ``<`` would open raw HTML in most renderers.
+    """
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "\\<").replace("\n", " ")
 
 
 def ordered_unique(values: Iterable[str]) -> list[str]:
