@@ -382,6 +382,8 @@ def _figure(fit: Mapping[str, Any], confidence: float) -> str:
     (slope, slope_ci), _, _, (pearson, _), (spearman, _) = fit_cells(fit)
     stats = f"slope {slope}" + (f" {slope_ci}" if slope_ci else "")
     stats += f" · Pearson r {pearson} · Spearman ρ {spearman}"
+    if {slope, pearson, spearman} == {MISSING}:
+        stats = "no fit"
     shown = f'<div class="fit-note">{_esc(note)}</div>' if note else ""
     return (
         f'<figure class="study-fit"><img src="{uri}" alt="{_esc(alt)}">'
