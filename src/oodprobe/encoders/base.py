@@ -10,6 +10,11 @@ the same code:
 
 Vision-language encoders (``TextImageEncoder``) also give text embeddings in the joint space and
 the ``image_projection`` that maps stored (pre-projection) image features into it.
+
+Encoders with intermediate taps (``tap_kind`` "block" or "layer") give, from
+``forward_taps(pixels, taps)``, the globally pooled output of any of their blocks in the same
+pass; :class:`TappedEncoder` turns that into named outputs (an intermediate variant such as
+``efficientnet-lite0/block4``, or one pass serving several variants).
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
+
+from oodprobe.errors import InvalidParameterError
 
 PixelTransform = Callable[[Image.Image], torch.Tensor]
 
@@ -35,6 +42,9 @@ class ImageEncoder(torch.nn.Module):
     ``identity`` (a JSON-able dict naming the weights and preprocessing; it becomes ``cache_id``).
     Encoders whose weights were read from local files set ``weights_location`` (the file, or a
     folder whose files all count); ``weights_digest`` is then their sha256.
+
+    Encoders whose blocks can be tapped set ``tap_kind`` ("block" or "layer", the word in their
+    variant names) and implement ``tap_count``, ``tap_channels`` and ``forward_taps``.
     """
 
     name: str
@@ -46,6 +56,7 @@ class ImageEncoder(torch.nn.Module):
     pixel_mean: torch.Tensor
     pixel_std: torch.Tensor
     weights_location: Path | None = None
+    tap_kind: str | None = None
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -63,10 +74,34 @@ class ImageEncoder(torch.nn.Module):
         """(B, 3, H, W) pixels in [0, 1] → (B, feature_dim) features (differentiable)."""
         return self(pixels)["features"]
 
+    @property
+    def identity_class(self) -> str:
+        """The class name that enters ``cache_id`` (a renamed class may keep its old one)."""
+        return type(self).__qualname__
+
+    @property
+    def tap_count(self) -> int:
+        """How many blocks/layers ``forward_taps`` can tap (numbered from 1)."""
+        raise InvalidParameterError(f"encoder {self.name!r} has no intermediate blocks to tap")
+
+    def tap_channels(self) -> tuple[int, ...]:
+        """Width of each tap's pooled output, tap 1 first."""
+        raise InvalidParameterError(f"encoder {self.name!r} has no intermediate blocks to tap")
+
+    def forward_taps(
+        self, pixels: torch.Tensor, taps: Sequence[int], *, final: bool = True
+    ) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+        """One pass: (the ``forward`` outputs, or {} if not ``final``; {tap: (B, C) pooled}).
+
+        ``taps`` are 1-based block/layer numbers within ``1..tap_count``. Without ``final`` the
+        pass may stop after the last tapped block.
+        """
+        raise InvalidParameterError(f"encoder {self.name!r} has no intermediate blocks to tap")
+
     def _digest_with(self, identity: dict[str, Any]) -> str:
         """32 hex digits of the class, outputs, preprocessing and ``identity``."""
         payload = {
-            "class": type(self).__qualname__,
+            "class": self.identity_class,
             "outputs": list(self.outputs),
             "mean": self.pixel_mean.flatten().tolist(),
             "std": self.pixel_std.flatten().tolist(),
@@ -143,6 +178,92 @@ class TextImageEncoder(ImageEncoder):
         if self.image_projection is None:
             return features
         return features @ self.image_projection.to(features.dtype)
+
+
+def check_taps(encoder: ImageEncoder, taps: Sequence[int], name: str) -> None:
+    """InvalidParameterError unless every tap is a block/layer number ``encoder`` has."""
+    if encoder.tap_kind is None:
+        raise InvalidParameterError(
+            f"encoder {name!r}: {encoder.name!r} has no intermediate blocks or layers to tap; "
+            f"use the encoder's name without the variant"
+        )
+    count = encoder.tap_count
+    for tap in taps:
+        if not 1 <= tap <= count:
+            raise InvalidParameterError(
+                f"encoder {name!r}: {encoder.tap_kind} {tap} is out of range; {encoder.name} has "
+                f"{encoder.tap_kind}s 1 to {count}"
+            )
+
+
+class TappedEncoder(ImageEncoder):
+    """One pass of ``base`` that also returns the pooled outputs of some of its blocks.
+
+    ``taps`` maps 1-based block/layer numbers to output names. With ``keep_base`` the outputs are
+    the base's own (``features`` first, ``logits`` where it has them) and then one (B, C) array
+    per tap, in block order; this is how one forward pass serves several encoder variants.
+    Without it there is exactly one tap, returned as ``features``: an intermediate variant such
+    as ``efficientnet-lite0/block4``, whose pass stops after that block where the model allows.
+    ``cache_id`` names the base's identity and the taps, so each tap set has its own.
+    """
+
+    base: ImageEncoder
+
+    def __init__(
+        self, base: ImageEncoder, taps: Mapping[int, str], *, name: str, keep_base: bool
+    ) -> None:
+        check_taps(base, list(taps), name)
+        if not keep_base and list(taps.values()) != ["features"]:
+            raise ValueError(f"an intermediate variant has one tap named 'features', got {taps}")
+        super().__init__(base.pixel_mean.flatten().tolist(), base.pixel_std.flatten().tolist())
+        self.base = base
+        self.model = base.model
+        self.name = name
+        self.taps = dict(sorted(taps.items()))
+        self.keep_base = keep_base
+        self.pixel_transform = base.pixel_transform
+        self.weights_location = base.weights_location
+        if keep_base:
+            self.outputs = (*base.outputs, *self.taps.values())
+            self.feature_dim = base.feature_dim
+        else:
+            self.outputs = ("features",)
+            self.feature_dim = base.tap_channels()[next(iter(self.taps)) - 1]
+        self.identity = {
+            **base.identity,
+            "base_class": base.identity_class,
+            "base_outputs": list(base.outputs) if keep_base else [],
+            "taps": {str(tap): key for tap, key in self.taps.items()},
+        }
+        self.freeze()
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        final, pooled = self.base.forward_taps(pixels, tuple(self.taps), final=self.keep_base)
+        outputs = dict(final)
+        for tap, key in self.taps.items():
+            outputs[key] = pooled[tap]
+        return outputs
+
+
+class TappedTextImageEncoder(TappedEncoder, TextImageEncoder):
+    """A :class:`TappedEncoder` over a vision-language base that keeps its outputs: the text
+    tower and projection stay usable (the features are the base's own)."""
+
+    base: TextImageEncoder
+
+    def __init__(self, base: TextImageEncoder, taps: Mapping[int, str], *, name: str) -> None:
+        super().__init__(base, taps, name=name, keep_base=True)
+        self.embed_dim = base.embed_dim
+        self.image_projection = base.image_projection
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.base.encode_texts(texts)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> TappedTextImageEncoder:
+        super()._apply(fn, recurse)  # moves the base, and with it its image_projection
+        if hasattr(self, "base"):
+            self.image_projection = self.base.image_projection
+        return self
 
 
 def split_normalize(transform: Any) -> tuple[PixelTransform, list[float], list[float]]:
