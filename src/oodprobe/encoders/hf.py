@@ -5,6 +5,13 @@ CLIP gives the pooled image features **before** ``visual_projection`` (Adaloglou
 2024) and keeps the projection; SigLIP's vision tower ends in an attention-pooling head with no
 separate projection, so its output embedding is used (``image_projection = None``); image-only
 models (DINOv2 and the rest) give their pooled output.
+
+Layer taps (``hf:ID_OR_DIR,layer=N``) read ``output_hidden_states=True``: ``hidden_states[N]``,
+the output of encoder layer (or stage) N, 1-based (``hidden_states[0]`` is the embedding
+output), averaged over its positions. Token outputs leave out the leading non-patch tokens
+(CLIP's and DINOv2's class token, DINOv2's register tokens): as many as the sequence holds
+beyond the (H / patch) x (W / patch) patch grid. SigLIP has none; a (B, C, H, W) stage output
+(ConvNeXt, ResNet) is averaged over H and W. A layer variant of CLIP or SigLIP has no text tower.
 """
 
 from __future__ import annotations
@@ -92,6 +99,69 @@ def _mean_std(processor: Any) -> tuple[list[float], list[float]]:
     return list(map(float, processor.image_mean)), list(map(float, processor.image_std))
 
 
+class _HFTaps:
+    """Layer taps shared by both transformers encoders, from ``output_hidden_states``."""
+
+    tap_kind: str | None = "layer"
+    _tap_shapes: tuple[tuple[int, ...], ...] | None = None
+    pixel_transform: Any
+
+    def _run(self, pixels: torch.Tensor, hidden_states: bool) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def _final(self, outputs: Any) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _patch_size(self) -> tuple[int, int] | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Per-sample shape of each hidden state after the embedding, probed once."""
+        if self._tap_shapes is None:
+            from PIL import Image
+
+            pixels = self.pixel_transform(Image.new("RGB", (64, 64))).unsqueeze(0)
+            with torch.inference_mode():
+                states = self._run(pixels, True).hidden_states
+            self._tap_shapes = tuple(tuple(state.shape[1:]) for state in states[1:])
+        return self._tap_shapes
+
+    @property
+    def tap_count(self) -> int:
+        return len(self._shapes())
+
+    def tap_channels(self) -> tuple[int, ...]:
+        return tuple(shape[0] if len(shape) == 3 else shape[-1] for shape in self._shapes())
+
+    def forward_taps(
+        self, pixels: torch.Tensor, taps: Sequence[int], *, final: bool = True
+    ) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+        outputs = self._run(pixels, True)
+        states = outputs.hidden_states
+        pooled = {tap: self._pool_state(states[tap], pixels) for tap in sorted(set(taps))}
+        return (self._final(outputs) if final else {}), pooled
+
+    def _pool_state(self, state: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        if state.ndim == 4:  # (B, C, H, W) stage output
+            return state.mean(dim=(2, 3))
+        patch = self._patch_size()
+        n_tokens = state.shape[1]
+        grid = (
+            (pixels.shape[-2] // patch[0]) * (pixels.shape[-1] // patch[1]) if patch else n_tokens
+        )
+        # the leading tokens beyond the patch grid are class / register tokens
+        n_prefix = n_tokens - grid if n_tokens >= grid else 0
+        return state[:, n_prefix:].mean(dim=1)
+
+
+def _pair(size: Any) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return size, size
+    return int(size[0]), int(size[1])
+
+
 def _pooled(outputs: Any) -> torch.Tensor:
     pooled = getattr(outputs, "pooler_output", None)
     if pooled is None:  # backbones without a pooler: mean of the tokens
@@ -99,7 +169,7 @@ def _pooled(outputs: Any) -> torch.Tensor:
     return pooled.flatten(1) if pooled.ndim > 2 else pooled
 
 
-class HFImageEncoder(ImageEncoder):
+class HFImageEncoder(_HFTaps, ImageEncoder):
     """An image-only transformers backbone (DINOv2, ViT, ConvNeXt, …): its pooled output."""
 
     def __init__(self, source: str, model: Any, processor: Any, identity: dict[str, Any]) -> None:
@@ -113,10 +183,22 @@ class HFImageEncoder(ImageEncoder):
         self.freeze()
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"features": _pooled(self.model(pixel_values=self.normalize(pixels)))}
+        return self._final(self._run(pixels, False))
+
+    def _run(self, pixels: torch.Tensor, hidden_states: bool) -> Any:
+        normalized = self.normalize(pixels)
+        if hidden_states:
+            return self.model(pixel_values=normalized, output_hidden_states=True)
+        return self.model(pixel_values=normalized)
+
+    def _final(self, outputs: Any) -> dict[str, torch.Tensor]:
+        return {"features": _pooled(outputs)}
+
+    def _patch_size(self) -> tuple[int, int] | None:
+        return _pair(getattr(self.model.config, "patch_size", None))
 
 
-class HFTextImageEncoder(TextImageEncoder):
+class HFTextImageEncoder(_HFTaps, TextImageEncoder):
     """A transformers CLIP or SigLIP model: image features, projection, text embeddings."""
 
     def __init__(
@@ -143,8 +225,20 @@ class HFTextImageEncoder(TextImageEncoder):
         self.freeze()
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        outputs = self.model.vision_model(pixel_values=self.normalize(pixels))
+        return self._final(self._run(pixels, False))
+
+    def _run(self, pixels: torch.Tensor, hidden_states: bool) -> Any:
+        normalized = self.normalize(pixels)
+        if hidden_states:
+            return self.model.vision_model(pixel_values=normalized, output_hidden_states=True)
+        return self.model.vision_model(pixel_values=normalized)
+
+    def _final(self, outputs: Any) -> dict[str, torch.Tensor]:
         return {"features": outputs.pooler_output}
+
+    def _patch_size(self) -> tuple[int, int] | None:
+        vision = getattr(self.model.config, "vision_config", self.model.config)
+        return _pair(getattr(vision, "patch_size", None))
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         # SigLIP was trained on max-length padded text; CLIP pools at the EOS token.

@@ -5,6 +5,11 @@ Image features are taken **before** the final projection, as in Adaloglou et al.
 the projection is kept as ``image_projection`` for zero-shot scoring. Towers without a linear
 projection parameter (ResNet attention pooling, timm/ConvNeXt towers) give their output embedding
 and ``image_projection = None``, as the paper does for ConvNeXt CLIP.
+
+Layer taps (``openclip:ARCH/TAG,layer=N``, ViT image towers only) come from the tower's
+``forward_intermediates``: the output of residual block N (1-based) of
+``visual.transformer.resblocks``, before ``ln_post``, averaged over the patch tokens (the class
+token left out). A tap lives in no joint space, so a layer variant has no text tower.
 """
 
 from __future__ import annotations
@@ -108,6 +113,9 @@ class OpenClipEncoder(TextImageEncoder):
         with torch.inference_mode():
             probe = self(torch.zeros(1, 3, *_input_size(visual)))["features"]
         self.feature_dim = int(probe.shape[-1])
+        resblocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+        if resblocks is not None and hasattr(visual, "forward_intermediates"):
+            self.tap_kind = "layer"
         self.embed_dim = int(
             self.image_projection.shape[1]
             if self.image_projection is not None
@@ -117,6 +125,38 @@ class OpenClipEncoder(TextImageEncoder):
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"features": self.model.visual(self.normalize(pixels))}
+
+    @property
+    def tap_count(self) -> int:
+        if self.tap_kind is None:
+            raise InvalidParameterError(
+                f"encoder {self.name!r} has no ViT image tower with forward_intermediates "
+                f"(visual.transformer.resblocks) to tap; layer variants need one"
+            )
+        return len(self.model.visual.transformer.resblocks)
+
+    def tap_channels(self) -> tuple[int, ...]:
+        return (int(self.model.visual.transformer.width),) * self.tap_count
+
+    def forward_taps(
+        self, pixels: torch.Tensor, taps: Sequence[int], *, final: bool = True
+    ) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+        indices = sorted({tap - 1 for tap in taps})
+        if not indices:
+            return (self(pixels) if final else {}), {}
+        result = self.model.visual.forward_intermediates(
+            self.normalize(pixels),
+            indices=indices,
+            stop_early=not final,
+            intermediates_only=not final,
+            output_fmt="NLC",  # patch tokens only: the class token is split off
+        )
+        pooled = {
+            index + 1: tokens.mean(dim=1)
+            for index, tokens in zip(indices, result["image_intermediates"], strict=True)
+        }
+        # visual.proj is None (taken out above), so image_features are pre-projection
+        return ({"features": result["image_features"]} if final else {}), pooled
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         device = self.pixel_mean.device

@@ -3,10 +3,16 @@ checkpoint) and ``timm:NAME/random`` (random weights, for tests).
 
 Features are the pre-logits pooled features (``forward_head(pre_logits=True)``); models with a
 classifier also give their ``logits``.
+
+Layer taps (``timm:NAME,layer=N``) use timm's ``forward_intermediates``: N (1-based) indexes the
+model's ``feature_info``, i.e. the transformer blocks of a ViT and the stem and stages of a
+CNN. The tap is that output (before the final norm) averaged over its spatial positions; for a
+ViT these are the patch tokens, with the class, distillation and register tokens left out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +75,51 @@ class TimmEncoder(ImageEncoder):
         self.has_classifier = int(getattr(model, "num_classes", 0) or 0) > 0
         self.outputs = ("features", "logits") if self.has_classifier else ("features",)
         self.feature_dim = int(model.num_features)
+        if hasattr(model, "forward_intermediates") and getattr(model, "feature_info", None):
+            self.tap_kind = "layer"
         self.freeze()
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        tokens = self.model.forward_features(self.normalize(pixels))
+        return self._head(self.model.forward_features(self.normalize(pixels)))
+
+    def _head(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = {"features": self.model.forward_head(tokens, pre_logits=True)}
         if self.has_classifier:
             outputs["logits"] = self.model.forward_head(tokens)
         return outputs
+
+    @property
+    def tap_count(self) -> int:
+        if self.tap_kind is None:
+            return super().tap_count
+        return len(self.model.feature_info)
+
+    def tap_channels(self) -> tuple[int, ...]:
+        if self.tap_kind is None:
+            return super().tap_channels()
+        return tuple(int(info["num_chs"]) for info in self.model.feature_info)
+
+    def forward_taps(
+        self, pixels: torch.Tensor, taps: Sequence[int], *, final: bool = True
+    ) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+        if self.tap_kind is None:
+            return super().forward_taps(pixels, taps, final=final)
+        indices = sorted({tap - 1 for tap in taps})
+        if not indices:
+            return (self(pixels) if final else {}), {}
+        normalized = self.normalize(pixels)
+        outputs: dict[str, torch.Tensor] = {}
+        if final:
+            tokens, intermediates = self.model.forward_intermediates(normalized, indices=indices)
+            outputs = self._head(tokens)
+        else:
+            intermediates = self.model.forward_intermediates(
+                normalized, indices=indices, intermediates_only=True, stop_early=True
+            )
+        pooled = {index + 1: _pool(t) for index, t in zip(indices, intermediates, strict=True)}
+        return outputs, pooled
+
+
+def _pool(intermediate: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) → (B, C) mean over positions; (B, L, C) tokens → mean over tokens."""
+    return intermediate.mean(dim=(2, 3)) if intermediate.ndim == 4 else intermediate.mean(dim=1)
