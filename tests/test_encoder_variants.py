@@ -4,6 +4,7 @@ forward pass serving several variants (create_shared_encoder)."""
 from __future__ import annotations
 
 import gc
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -350,6 +351,12 @@ def test_timm_vit_layer_is_the_mean_of_its_patch_tokens() -> None:
         InvalidParameterError, match=r"layer 13 is out of range; .* has layers 1 to 12"
     ):
         create_encoder(f"{name},layer=13")
+    with pytest.raises(
+        InvalidParameterError,
+        match=rf"^encoder '{re.escape(name)},layer=13': layer 13 is out of range; "
+        rf"{re.escape(name)} has layers 1 to 12$",
+    ):
+        create_shared_encoder([name, f"{name},layer=2", f"{name},layer=13"])
 
 
 def test_timm_cnn_layers_are_its_feature_info_stages() -> None:

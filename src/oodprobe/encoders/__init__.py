@@ -28,6 +28,7 @@ from oodprobe.encoders.base import (
     TappedEncoder,
     TappedTextImageEncoder,
     TextImageEncoder,
+    check_taps,
 )
 from oodprobe.errors import InvalidParameterError, UnknownNameError
 
@@ -373,6 +374,9 @@ def create_shared_encoder(names: Sequence[str]) -> tuple[ImageEncoder, dict[str,
     keys = {name: entry.output_key for name, entry in zip(names, parsed, strict=True)}
     base = parsed[0].source.build(parsed[0].spec)
     taps = {entry.tap: entry.output_key for entry in parsed if entry.tap is not None}
+    for entry in parsed:  # a layer the model lacks is named as the user wrote it
+        if entry.tap is not None:
+            check_taps(base, [entry.tap], entry.canonical)
     if not taps:
         return base, keys
     name = base.name + "".join(f"+{key}" for _, key in sorted(taps.items()))
