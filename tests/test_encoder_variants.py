@@ -500,6 +500,7 @@ def test_lite_block_counts_match_the_loader() -> None:
 
     from efficientnet_lite_pytorch import EfficientNet
 
+    from oodprobe.encoders import _LITE_STAGE_ENDS
     from oodprobe.encoders.efficientnet import LITE_MODELS
 
     for model, (size, blocks) in LITE_MODELS.items():
@@ -507,6 +508,10 @@ def test_lite_block_counts_match_the_loader() -> None:
             network = EfficientNet.from_name(model)
         assert (EfficientNet.get_image_size(model), len(network._blocks)) == (size, blocks)
         assert network._conv_head.out_channels == 1280 and network._fc.out_features == 1000
+        widths = [int(block._bn2.num_features) for block in network._blocks]
+        ends = tuple(i + 1 for i in range(blocks) if i + 1 == blocks or widths[i + 1] != widths[i])
+        assert ends == _LITE_STAGE_ENDS[model]
+        assert f"stages end at blocks {', '.join(map(str, ends))}" in ENCODERS[model].description
 
 
 def test_lite0_cache_id_is_the_digest_it_had_before_lite1_and_lite2(

