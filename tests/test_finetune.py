@@ -94,21 +94,26 @@ import os, signal, sys
 from oodprobe.data import create_dataset
 from oodprobe.finetune import FinetuneRecipe, finetune
 
-output, workers, kill = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "kill"
-
 def stop_mid_epoch_2(epoch, step):
-    if kill and epoch == 1 and step == 0:  # after the first step of epoch 2, before its checkpoint
+    if epoch == 1 and step == 0:  # after the first step of epoch 2, before its checkpoint
         os.kill(os.getpid(), signal.SIGKILL)
 
-dataset = create_dataset("digits:train", classes=[0, 1, 2, 3], per_class=4)
-recipe = FinetuneRecipe(
-    epochs=2, batch_size=6, warmup_epochs=0.5, mixup=0.8, cutmix=1.0, randaugment=True
-)
-result = finetune(
-    "efficientnet-lite0@32", dataset, output, recipe=recipe, num_workers=workers,
-    progress=False, callback=stop_mid_epoch_2,
-)
-print("resumed from", result.resumed_from_epoch)
+def run(output, workers, callback=None):
+    dataset = create_dataset("digits:train", classes=[0, 1, 2, 3], per_class=4)
+    recipe = FinetuneRecipe(
+        epochs=2, batch_size=6, warmup_epochs=0.5, mixup=0.8, cutmix=1.0, randaugment=True
+    )
+    result = finetune(
+        "efficientnet-lite0@32", dataset, output, recipe=recipe, num_workers=workers,
+        progress=False, callback=callback,
+    )
+    print("resumed from", result.resumed_from_epoch, flush=True)
+
+if sys.argv[1] == "kill":  # an uninterrupted run without workers, then one killed mid-epoch 2
+    run(sys.argv[2], 0)
+    run(sys.argv[3], 1, stop_mid_epoch_2)
+else:  # resume, with a worker
+    run(sys.argv[2], 1)
 """
 
 
@@ -120,22 +125,21 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path: P
     # one thread: two OpenMP threads on 2 busy cores can run 100x slower (spinning barriers)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def run(output: Path, workers: int, mode: str) -> subprocess.CompletedProcess[str]:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, str(script), str(output), str(workers), mode],
+            [sys.executable, str(script), *args],
             capture_output=True,
             text=True,
             env=env,
             timeout=300,
         )
 
-    whole = run(tmp_path / "whole", 0, "run")
-    assert whole.returncode == 0, whole.stderr
-    killed = run(tmp_path / "killed", 1, "kill")
+    killed = run("kill", str(tmp_path / "whole"), str(tmp_path / "killed"))
     assert killed.returncode == -9, killed.stderr
+    assert killed.stdout == "resumed from 0\n"  # the first run finished, the second did not
     checkpoint = torch.load(tmp_path / "killed" / CHECKPOINT_FILE, weights_only=True)
     assert checkpoint["epoch"] == 1 and not (tmp_path / "killed" / WEIGHTS_FILE).exists()
-    resumed = run(tmp_path / "killed", 1, "run")
+    resumed = run("resume", str(tmp_path / "killed"))
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from 1" in resumed.stdout
     expected = load_file(str(tmp_path / "whole" / WEIGHTS_FILE))
@@ -350,7 +354,7 @@ def test_a_benchmark_scores_the_finetuned_encoder(
 
 
 def test_cli_finetune_trains_on_the_configs_id_train_part(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_openclip: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from oodprobe.cli import main
 
@@ -373,7 +377,8 @@ def test_cli_finetune_trains_on_the_configs_id_train_part(
     )
     output = tmp_path / "model"
     argv = [
-        "finetune", str(config), "-o", str(output), "--epochs", "1", "--batch-size", "8",
+        "finetune", str(config), "-e", tiny_openclip, "-o", str(output), "--epochs", "1",
+        "--batch-size", "8",
         "--ema-decay", "0", "--workers", "0", "--device", "cpu",
     ]  # fmt: skip
     assert main(argv) == 0
@@ -381,7 +386,50 @@ def test_cli_finetune_trains_on_the_configs_id_train_part(
     assert f"finetuned:{output}" in printed and "saved the trained weights" in printed
     meta = json.loads((output / METADATA_FILE).read_text())
     assert meta["n_images"] == 16 and meta["recipe"]["ema_decay"] == 0.0  # 80% of 20 images
+    assert meta["base_encoder"] == tiny_openclip
     assert main(argv) == 1
     assert "already holds a fine-tuned model" in capsys.readouterr().err
     assert main(["finetune", str(config)]) == 1
     assert "--output" in capsys.readouterr().err
+    two = tmp_path / "two.toml"
+    both = '["efficientnet-lite0@32", "efficientnet-lite0@64"]'
+    two.write_text(config.read_text().replace('["efficientnet-lite0@32"]', both))
+    assert main(["finetune", str(two), "-o", str(tmp_path / "other")]) == 1
+    assert "names 2 encoders; pick one with -e" in capsys.readouterr().err
+
+
+def test_bf16_autocast_trains_on_the_cpu(tiny_openclip: str, tmp_path: Path) -> None:
+    dataset = ArrayDataset(random_images(8, size=32), np.arange(8) % 2)
+    recipe = FinetuneRecipe(epochs=1, batch_size=4, precision="bf16")
+    result = _run(tiny_openclip, dataset, tmp_path, recipe=recipe, device="cpu")
+    assert np.isfinite(result.history[0]["loss"])
+    meta = json.loads(result.metadata_path.read_text())
+    assert meta["precision"] == "bf16"
+    tensors = load_file(str(result.model_path))
+    assert all(t.dtype in (torch.float32, torch.int64) for t in tensors.values())  # fp32 weights
+    with pytest.raises(InvalidParameterError, match="precision fp16 needs a GPU"):
+        _run(
+            tiny_openclip,
+            dataset,
+            tmp_path / "fp16",
+            recipe=FinetuneRecipe(precision="fp16"),
+            device="cpu",
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make test-gpu)")
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
+def test_finetune_on_cuda(precision: str, tmp_path: Path) -> None:
+    """fp16 with the gradient scaler, bf16 and fp32 autocast on the GPU, EMA and mixing on."""
+    recipe = FinetuneRecipe(
+        epochs=2, batch_size=8, precision=precision, mixup=0.8, cutmix=1.0, randaugment=True
+    )
+    result = _run(LITE, _digits(), tmp_path, recipe=recipe, device="cuda")
+    assert all(np.isfinite(entry["loss"]) for entry in result.history)
+    meta = json.loads(result.metadata_path.read_text())
+    assert meta["device"].startswith("cuda") and meta["precision"] == precision
+    encoder = FinetunedEncoder(str(tmp_path)).to("cuda")
+    with torch.no_grad():
+        logits = encoder(torch.rand(2, 3, 64, 64, device="cuda"))["logits"]
+    assert logits.shape == (2, 4) and bool(torch.isfinite(logits).all())

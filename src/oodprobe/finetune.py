@@ -821,7 +821,12 @@ class _Training:
         self.tower.train()
         for module in self.frozen:
             module.eval()
-        loss_sum, correct, seen = 0.0, 0, 0
+        # sums stay on the device (no sync per step); a step whose loss is not finite is
+        # counted: fp16's gradient scaler skips such steps, in fp32/bf16 the run has diverged
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        bad_steps = torch.zeros((), dtype=torch.int64, device=device)
+        seen, n_steps = 0, 0
         known = {item.index for item in self.skipped}
         started = time.perf_counter()
         total = sum(len(batch) for batch in batches)
@@ -860,12 +865,6 @@ class _Training:
                     if self.mixup is not None
                     else self.hard_loss(logits.float(), targets)
                 )
-                if not torch.isfinite(loss):
-                    raise InvalidParameterError(
-                        f"fine-tuning diverged: loss {loss.item()} at epoch {epoch + 1}, step "
-                        f"{batch_number + 1}; lower the learning rate (lr={recipe.lr}) or use "
-                        "precision fp32/bf16"
-                    )
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
@@ -874,9 +873,12 @@ class _Training:
                 self.step += 1
                 if self.ema is not None:
                     self.ema.update(self.trained, step=self.step)
-                loss_sum += float(loss.detach()) * len(indices)
-                correct += int((logits.detach().argmax(dim=1) == hard_targets).sum())
+                finite = torch.isfinite(loss.detach())
+                loss_sum += torch.where(finite, loss.detach(), 0.0) * len(indices)
+                bad_steps += ~finite
+                correct += (logits.detach().argmax(dim=1) == hard_targets).sum()
                 seen += len(indices)
+                n_steps += 1
                 if callback is not None:
                     callback(epoch, batch_number)
         self.encoder.eval()
@@ -886,10 +888,17 @@ class _Training:
                 f"no image of {self.dataset.name!r} could be decoded for training "
                 f"({len(self.skipped)} skipped); fix or replace those files"
             )
+        n_bad = int(bad_steps)
+        if n_bad and (self.precision != "fp16" or 2 * n_bad > n_steps):
+            raise InvalidParameterError(
+                f"fine-tuning diverged: the loss was not finite in {n_bad} of {n_steps} steps "
+                f"of epoch {epoch + 1}; lower the learning rate (lr={recipe.lr})"
+                + (" or use precision fp32/bf16" if self.precision == "fp16" else "")
+            )
         entry = {
             "epoch": float(epoch + 1),
-            "loss": loss_sum / seen,
-            "accuracy": correct / seen,
+            "loss": float(loss_sum) / seen,
+            "accuracy": int(correct) / seen,
             "lr": float(self.scheduler.get_last_lr()[0]),
             "images": float(seen),
             "seconds": seconds,
