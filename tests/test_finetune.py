@@ -19,7 +19,12 @@ from conftest import ArrayDataset, random_images
 from oodprobe.data import create_dataset
 from oodprobe.encoders import TextImageEncoder, create_encoder
 from oodprobe.encoders.finetuned import FinetunedEncoder
-from oodprobe.errors import DataError, InvalidParameterError, MissingWeightsError
+from oodprobe.errors import (
+    DataError,
+    InvalidParameterError,
+    MissingWeightsError,
+    UnknownNameError,
+)
 from oodprobe.finetune import (
     CHECKPOINT_FILE,
     METADATA_FILE,
@@ -253,6 +258,11 @@ def test_data_and_folder_are_checked_before_training(tiny_openclip: str, tmp_pat
         _run(tiny_openclip, labelled, tmp_path / "file")
     with pytest.raises(InvalidParameterError, match="already fine-tuned"):
         _run("finetuned:x", labelled, tmp_path / "c")
+    with pytest.raises(InvalidParameterError, match="intermediate-block variant"):
+        _run("efficientnet-lite0/block4@32", labelled, tmp_path / "c")
+    with pytest.raises(UnknownNameError, match="unknown encoder 'nope:x'"):
+        _run("nope:x", labelled, tmp_path / "c")
+    assert not (tmp_path / "c").exists()  # refused before the folder was made
     with pytest.raises(InvalidParameterError, match="freeze_blocks must be at most 2"):
         _run(tiny_openclip, labelled, tmp_path / "d", recipe=FinetuneRecipe(freeze_blocks=3))
     assert not (tmp_path / "d" / CHECKPOINT_FILE).exists()
@@ -279,6 +289,24 @@ def test_image_tower_per_encoder_family(tiny_openclip: str) -> None:
     assert image_tower(clip) == (clip.model.visual, "model.visual")
     with pytest.raises(InvalidParameterError, match="cannot be fine-tuned"):
         image_tower(create_encoder("efficientnet-lite0/block4@32"))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_hf_clip_dir", "tiny_hf_dinov2_dir"])
+def test_transformers_vision_towers_fine_tune(
+    fixture: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    name = f"hf:{request.getfixturevalue(fixture)}"
+    dataset = ArrayDataset(random_images(8, size=32), np.arange(8) % 2)
+    recipe = FinetuneRecipe(epochs=1, batch_size=4, lr=1e-3, ema_decay=0.0, freeze_blocks=1)
+    result = _run(name, dataset, tmp_path, recipe=recipe)
+    base = create_encoder(name)
+    tower, path = image_tower(base)
+    assert path == ("model.vision_model" if "clip" in fixture else "model")
+    changed, total = _changed(load_file(str(result.model_path)), tower)
+    assert 0 < changed < total  # trained, but the embeddings and block 1 stayed frozen
+    encoder = FinetunedEncoder(str(tmp_path))
+    with torch.no_grad():
+        assert encoder(torch.rand(2, 3, 32, 32))["logits"].shape == (2, 2)
 
 
 def test_finetuned_encoder_extracts_features_with_its_own_cache_id(

@@ -537,7 +537,7 @@ def finetune(
     ``skipped``. ``callback(epoch, step)`` (both 0-based) runs after every optimiser step.
     The global random generators are left as they were found.
     """
-    from oodprobe.encoders import create_encoder
+    from oodprobe.encoders import create_encoder, parse_encoder_name
     from oodprobe.features import default_num_workers, resolve_precision, select_device
 
     recipe = FinetuneRecipe() if recipe is None else recipe
@@ -552,6 +552,11 @@ def finetune(
     if encoder_name.startswith("finetuned:"):
         raise InvalidParameterError(
             f"{encoder_name!r} is already fine-tuned; fine-tune its base encoder instead"
+        )
+    if parse_encoder_name(encoder_name).tap is not None:  # also refuses unknown names, cheaply
+        raise InvalidParameterError(
+            f"{encoder_name!r} is an intermediate-block variant; fine-tune the whole encoder "
+            f"({parse_encoder_name(encoder_name).base!r})"
         )
     torch_device = select_device(device)
     precision = resolve_precision(recipe.precision, torch_device)
