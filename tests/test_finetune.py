@@ -461,3 +461,14 @@ def test_finetune_on_cuda(precision: str, tmp_path: Path) -> None:
     with torch.no_grad():
         logits = encoder(torch.rand(2, 3, 64, 64, device="cuda"))["logits"]
     assert logits.shape == (2, 4) and bool(torch.isfinite(logits).all())
+
+
+def test_undecodable_images_are_left_out_and_listed(tiny_openclip: str, tmp_path: Path) -> None:
+    dataset = ArrayDataset(random_images(8, size=32), np.arange(8) % 2, broken=frozenset({3}))
+    result = _run(tiny_openclip, dataset, tmp_path, recipe=FinetuneRecipe(epochs=2, batch_size=4))
+    assert [(item.index, item.source, item.reason) for item in result.skipped] == [
+        (3, "arrays[3]", "image file is truncated")
+    ]
+    assert [entry["images"] for entry in result.history] == [7, 7]
+    meta = json.loads(result.metadata_path.read_text())
+    assert meta["skipped"] == [[3, "arrays[3]", "image file is truncated"]]
