@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck test-slow test-gpu system-data clean
+.PHONY: setup demo study test lint typecheck test-slow test-gpu system-data clean
 
 setup: $(STAMP) system-data
 
@@ -33,6 +33,12 @@ system-data:
 # printed and its report written to oodprobe-results/offline-default/report.html.
 demo: setup
 	$(BIN)/oodprobe bench
+
+# The paper's model-selection study, offline: nine EfficientNet-Lite encoders (three models x
+# two blocks + final features, one forward pass per model) on the offline benchmark; report in
+# oodprobe-results/offline-study/report.html.
+study: setup
+	$(BIN)/oodprobe study
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -12,10 +12,10 @@ from __future__ import annotations
 import gc
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from oodprobe.benchmark_outputs import (
     write_outputs,
     write_scores,
 )
-from oodprobe.benchmark_spec import BenchmarkSpec, DataSpec, DetectorSpec
+from oodprobe.benchmark_spec import BenchmarkSpec, DataSpec, DetectorSpec, validate
 from oodprobe.errors import DataError, OodprobeError
 from oodprobe.pipeline import (
     build_detector,
@@ -38,6 +38,9 @@ from oodprobe.pipeline import (
     needs_text,
 )
 from oodprobe.results import ResultRow, RowContext, failed_rows, metric_row
+
+if TYPE_CHECKING:
+    from oodprobe.features import FeatureSet
 
 Log = Callable[[str], None]
 
@@ -112,7 +115,137 @@ def run_benchmark(
     log: Log = lambda message: None,
 ) -> BenchmarkRun:
     """Run every encoder × detector × OOD set of ``spec``; write results and the report."""
-    from oodprobe.encoders import create_encoder
+    execution = execute_benchmark(
+        spec,
+        output_dir,
+        cache_root=cache_root,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        download=download,
+        progress=progress,
+        log=log,
+    )
+    return finish_benchmark(execution)
+
+
+@dataclass
+class EncoderRecord:
+    """One encoder of a run: its identity, and which forward pass gave its features.
+
+    ``shared_pass`` names the extraction the encoder's features came from: encoders with the
+    same one (blocks of one model at one input size) were served by a single forward pass per
+    image, ``output`` being the array of that pass that holds this encoder's features. ``base``
+    is the encoder a fine-tuned one started from; ``head_accuracy`` the ID test accuracy of a
+    fine-tuned encoder's own classification head.
+    """
+
+    name: str
+    cache_id: str
+    weights_sha256: str | None
+    shared_pass: str
+    output: str
+    base: str | None = None
+    head_accuracy: float | None = None
+
+
+@dataclass
+class BenchmarkExecution:
+    """A finished run before its files are written (what ``study`` adds its analysis to)."""
+
+    spec: BenchmarkSpec
+    output_dir: Path
+    rows: list[ResultRow]
+    id_accuracy: list[dict[str, Any]]
+    outcomes: list[DetectorOutcome]
+    encoders: list[EncoderRecord]
+    data: dict[str, tuple[DataSpec, Any, str]]
+    skipped: dict[str, list[Any]]
+    seconds: float
+    device: str
+    precision: str
+
+
+def finish_benchmark(
+    execution: BenchmarkExecution, *, study: dict[str, Any] | None = None
+) -> BenchmarkRun:
+    """Write the files of an executed run (with a study's analysis, when given)."""
+    run = BenchmarkRun(
+        execution.spec,
+        execution.rows,
+        execution.id_accuracy,
+        execution.output_dir,
+        seconds=execution.seconds,
+        device=execution.device,
+        precision=execution.precision,
+        skipped=execution.skipped,
+    )
+    run.files = write_outputs(
+        execution.spec,
+        execution.output_dir,
+        execution.rows,
+        execution.id_accuracy,
+        execution.outcomes,
+        provenance(
+            execution.spec,
+            execution.data,
+            seconds=execution.seconds,
+            device=execution.device,
+            precision=execution.precision,
+        ),
+        study=study,
+    )
+    return run
+
+
+def shared_passes(encoder_names: Sequence[str]) -> list[list[str]]:
+    """Group encoder names that one forward pass serves, in the order they first appear."""
+    from oodprobe.encoders import shared_pass_key
+
+    groups: dict[str, list[str]] = {}
+    for name in encoder_names:
+        groups.setdefault(shared_pass_key(name), []).append(name)
+    return list(groups.values())
+
+
+def _feature_view(features: FeatureSet, output: str, name: str) -> FeatureSet:
+    """The FeatureSet of one encoder of a shared pass: its output becomes ``features``.
+
+    The final-layer encoder keeps the pass's other outputs of the same depth (``logits``);
+    an intermediate block has its pooled output only.
+    """
+    if output == "features":
+        arrays = {
+            key: value for key, value in features.arrays.items() if key in ("features", "logits")
+        }
+    else:
+        arrays = {"features": features.arrays[output]}
+    return replace(features, arrays=arrays, encoder_name=name)
+
+
+def execute_benchmark(
+    spec: BenchmarkSpec,
+    output_dir: str | Path,
+    *,
+    cache_root: str | Path | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    download: bool = False,
+    progress: bool = True,
+    log: Log = lambda message: None,
+    detectors_if_labelled: Sequence[DetectorSpec] = (),
+) -> BenchmarkExecution:
+    """Extract, fit, score and measure; write the per-detector score files, not the report.
+
+    Encoders that are blocks of one model at one input size share one forward pass per image
+    (:func:`shared_passes`); each pass's model is built, used and released before the next.
+    ``detectors_if_labelled`` join the spec's when the ID training set has labels (the study's
+    linear probe); the returned execution's spec lists them.
+    """
+    from oodprobe.encoders import create_encoder, create_shared_encoder, shared_pass_key
     from oodprobe.features import resolve_precision, select_device
 
     started = time.perf_counter()
@@ -128,12 +261,15 @@ def run_benchmark(
         **{f"ood:{ood.label}": (ood, _create(ood, "OOD set", download)) for ood in spec.ood},
     }
     labelled = datasets["id_train"][1].labels is not None
+    if labelled and detectors_if_labelled:
+        spec = validate(replace(spec, detectors=(*spec.detectors, *detectors_if_labelled)))
     check_compatibility(
         spec.detectors,
         labelled=labelled,
         id_label=spec.id_train.label,
         encoders=dict.fromkeys(spec.encoders),
     )
+    passes = shared_passes(spec.encoders)
     # fingerprints once per data set per run (a stat per file)
     data = {role: (s, d, d.fingerprint()) for role, (s, d) in datasets.items()}
     _warn_on_overlap(data)
@@ -141,6 +277,7 @@ def run_benchmark(
     rows: list[ResultRow] = []
     id_accuracy: list[dict[str, Any]] = []
     outcomes: list[DetectorOutcome] = []
+    records: list[EncoderRecord] = []
     skipped: dict[str, list[Any]] = {}
 
     def extract(role: str, encoder: Any) -> Split:
@@ -168,68 +305,90 @@ def run_benchmark(
             skipped.setdefault(data_spec.label, features.skipped)
         return Split(data_spec, dataset, features, fingerprint)
 
-    for encoder_name in spec.encoders:
-        log(f"[{encoder_name}] loading")
-        encoder = create_encoder(encoder_name)
-        check_compatibility(
-            spec.detectors,
-            labelled=labelled,
-            id_label=spec.id_train.label,
-            encoders={encoder_name: encoder},
-        )
-        log(f"[{encoder_name}] extracting features")
-        train = extract("id_train", encoder)
-        test = extract("id_test", encoder)
-        oods = [extract(f"ood:{ood.label}", encoder) for ood in spec.ood]
+    for pass_index, names in enumerate(passes, start=1):
+        shown = names[0] if len(names) == 1 else f"{', '.join(names)} (one forward pass)"
+        log(f"[{shown}] loading ({pass_index}/{len(passes)})")
+        if len(names) == 1:
+            encoder = create_encoder(names[0])
+            outputs = {names[0]: "features"}
+        else:
+            encoder, outputs = create_shared_encoder(names)
+        for name in names:
+            check_compatibility(
+                spec.detectors,
+                labelled=labelled,
+                id_label=spec.id_train.label,
+                encoders={name: encoder if outputs[name] == "features" else None},
+            )
+        log(f"[{shown}] extracting features")
+        pass_splits = [extract(role, encoder) for role in data]
         class_embeddings = None
-        if needs_text(spec.detectors):
-            names = spec.class_names or train.dataset.class_names
-            class_embeddings = compute_text_embeddings(encoder, names, spec.prompts)
-        if train.features.labels is not None and test.features.labels is not None:
-            id_accuracy.append(_knn_accuracy(encoder_name, train, test))
-        for detector_spec in spec.detectors:
-            log(f"[{encoder_name}] {detector_spec.display}")
-            context = _row_context(
-                spec, detector_spec, encoder, train, test, str(torch_device), resolved_precision
+        if needs_text(spec.detectors):  # only final-layer encoders pass the check above
+            names_of_classes = spec.class_names or id_train.class_names
+            class_embeddings = compute_text_embeddings(encoder, names_of_classes, spec.prompts)
+        for name in names:
+            output_key = outputs[name]
+            train, test, *oods = (
+                replace(split, features=_feature_view(split.features, output_key, name))
+                for split in pass_splits
             )
-            outcome = _evaluate_detector(
-                spec, detector_spec, context, encoder, class_embeddings, train, test, oods, log
+            record = EncoderRecord(
+                name=name,
+                cache_id=(
+                    encoder.cache_id if len(names) == 1 else f"{encoder.cache_id}/{output_key}"
+                ),
+                weights_sha256=encoder.weights_digest,
+                shared_pass=shared_pass_key(name),
+                output=output_key,
+                base=getattr(encoder, "base_name", None),
             )
-            rows.extend(outcome.rows)
-            if outcome.accuracy is not None:
-                id_accuracy.append(
-                    {
-                        "encoder": encoder_name,
-                        "method": detector_spec.display,
-                        "accuracy": outcome.accuracy,
-                    }
+            if train.features.labels is not None and test.features.labels is not None:
+                id_accuracy.append(_knn_accuracy(name, train, test))
+                record.head_accuracy = _head_accuracy(encoder, test)
+            records.append(record)
+            for detector_spec in spec.detectors:
+                log(f"[{name}] {detector_spec.display}")
+                context = _row_context(
+                    spec, detector_spec, record, train, test, str(torch_device), resolved_precision
                 )
-            outcomes.append(outcome)
-            write_scores(output, outcome)
+                outcome = _evaluate_detector(
+                    spec, detector_spec, context, encoder, class_embeddings, train, test, oods, log
+                )
+                rows.extend(outcome.rows)
+                if outcome.accuracy is not None:
+                    id_accuracy.append(
+                        {
+                            "encoder": name,
+                            "method": detector_spec.display,
+                            "accuracy": outcome.accuracy,
+                        }
+                    )
+                outcomes.append(outcome)
+                write_scores(output, outcome)
         del encoder
         _free_memory()
-    seconds = time.perf_counter() - started
-    run = BenchmarkRun(
-        spec,
-        rows,
-        id_accuracy,
-        output,
-        seconds=seconds,
+    return BenchmarkExecution(
+        spec=spec,
+        output_dir=output,
+        rows=rows,
+        id_accuracy=id_accuracy,
+        outcomes=outcomes,
+        encoders=records,
+        data=data,
+        skipped=skipped,
+        seconds=time.perf_counter() - started,
         device=str(torch_device),
         precision=resolved_precision,
-        skipped=skipped,
     )
-    run.files = write_outputs(
-        spec,
-        output,
-        rows,
-        id_accuracy,
-        outcomes,
-        provenance(
-            spec, data, seconds=seconds, device=str(torch_device), precision=resolved_precision
-        ),
-    )
-    return run
+
+
+def _head_accuracy(encoder: Any, test: Split) -> float | None:
+    """ID test accuracy of a fine-tuned encoder's own head (its logits are the ID classes)."""
+    logits = test.features.logits
+    if getattr(encoder, "base_name", None) is None or logits is None:
+        return None
+    assert test.features.labels is not None  # the caller checked
+    return float(np.mean(np.argmax(logits, axis=1) == test.features.labels))
 
 
 def _free_memory() -> None:
@@ -267,7 +426,7 @@ def _knn_accuracy(encoder_name: str, train: Split, test: Split) -> dict[str, Any
 def _row_context(
     spec: BenchmarkSpec,
     detector_spec: DetectorSpec,
-    encoder: Any,
+    encoder: EncoderRecord,
     train: Split,
     test: Split,
     device: str,
@@ -279,7 +438,7 @@ def _row_context(
     return RowContext(
         encoder=encoder.name,
         encoder_cache_id=encoder.cache_id,
-        encoder_weights_sha256=encoder.weights_digest,
+        encoder_weights_sha256=encoder.weights_sha256,
         detector=detector_spec.display,
         detector_name=detector_spec.name,
         detector_params=detector_params(detector_spec),
@@ -362,9 +521,9 @@ def _evaluate_detector(
             bootstrap=spec.bootstrap,
             error=message,
         )
-        return DetectorOutcome(encoder.name, detector_spec.display, rows, test, oods)
+        return DetectorOutcome(context.encoder, detector_spec.display, rows, test, oods)
     return DetectorOutcome(
-        encoder.name,
+        context.encoder,
         detector_spec.display,
         rows,
         test,

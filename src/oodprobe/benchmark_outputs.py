@@ -223,8 +223,14 @@ def write_outputs(
     id_accuracy: list[dict[str, Any]],
     outcomes: list[DetectorOutcome],
     run_provenance: dict[str, Any],
+    *,
+    study: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """results.json/.csv/.md and report.html for a finished run; returns the paths."""
+    """results.json/.csv/.md and report.html for a finished run; returns the paths.
+
+    A study's analysis (:mod:`oodprobe.study`) adds study.json/.csv and the report's study
+    section.
+    """
     from oodprobe.metrics import get_convention
     from oodprobe.report import ReportData, ScoreSet, render_html, write_results
 
@@ -248,6 +254,7 @@ def write_outputs(
         convention={**convention.as_dict(), "tpr": spec.tpr},
         provenance=run_provenance,
         id_accuracy=id_accuracy,
+        study=study,
     )
     files = dict(write_results(report, output_dir))
     files["report"] = render_html(report, output_dir / "report.html")

@@ -139,6 +139,20 @@ class DetectorSpec:
 
 
 @dataclass(frozen=True)
+class StudySpec:
+    """What ``oodprobe study`` adds to a benchmark (the TOML's ``[study]`` table).
+
+    ``encoders``: the models to compare (empty: the benchmark's ``encoders``);
+    ``bootstrap``: resamples of the models for the fit's intervals (0: none);
+    ``confidence``: level of those intervals.
+    """
+
+    encoders: tuple[str, ...] = ()
+    bootstrap: int = 1000
+    confidence: float = 0.95
+
+
+@dataclass(frozen=True)
 class BenchmarkSpec:
     """Everything a benchmark run needs: ID data, OOD sets, encoders, detectors, metrics."""
 
@@ -156,6 +170,7 @@ class BenchmarkSpec:
     seed: int = 0  # of the bootstrap resampling; data tables and probes carry their own
     gallery_size: int = 12
     description: str = ""
+    study: StudySpec = field(default_factory=StudySpec)
 
     def with_overrides(
         self,
@@ -314,13 +329,23 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
 
+def _check_encoders(encoders: Any, where: str) -> None:
+    """A list of unique encoder names that every source knows (nothing is built)."""
+    from oodprobe.encoders import encoder_name_traits
+
+    _check_str_list(encoders, where)
+    for encoder in encoders:
+        encoder_name_traits(encoder)  # an unknown source or a bad variant raises here
+    if len(set(encoders)) != len(encoders):
+        raise InvalidParameterError(f"{where} must be unique, got {list(encoders)}")
+
+
 def validate(spec: BenchmarkSpec) -> BenchmarkSpec:
     """Check every value of ``spec`` that needs no data or model; return it unchanged.
 
     Types, ranges, names of encoders, detectors, conventions and prompt sets, each detector's
     parameters (by its class), and uniqueness of labels; the first problem raises one line.
     """
-    from oodprobe.encoders import encoder_name_traits
     from oodprobe.metrics import get_convention
     from oodprobe.pipeline import check_detector_specs
 
@@ -343,11 +368,17 @@ def validate(spec: BenchmarkSpec) -> BenchmarkSpec:
         _check_data(ood, f"[[ood]] #{index + 1}")
     if not spec.encoders:
         raise InvalidParameterError("the benchmark lists no encoders")
-    _check_str_list(spec.encoders, "encoders")
-    for encoder in spec.encoders:
-        encoder_name_traits(encoder)  # an unknown source raises here, nothing is built
-    if len(set(spec.encoders)) != len(spec.encoders):
-        raise InvalidParameterError(f"encoders must be unique, got {list(spec.encoders)}")
+    _check_encoders(spec.encoders, "encoders")
+    if not isinstance(spec.study, StudySpec):
+        raise InvalidParameterError(f"study must be a [study] table, got {spec.study!r}")
+    if spec.study.encoders:
+        _check_encoders(spec.study.encoders, "[study] encoders")
+    _check_int(spec.study.bootstrap, "[study] bootstrap", minimum=0)
+    if not _is_number(spec.study.confidence) or not 0 < spec.study.confidence < 1:
+        raise InvalidParameterError(
+            f"[study] confidence must be a number in (0, 1), got {spec.study.confidence!r}; "
+            f"e.g. confidence = 0.95"
+        )
     if not spec.detectors:
         raise InvalidParameterError("the benchmark lists no detectors")
     for index, detector in enumerate(spec.detectors):
@@ -422,6 +453,7 @@ _TOP_KEYS = {
     "bootstrap",
     "seed",
     "gallery_size",
+    "study",
 }
 _ID_KEYS = {"train", "test", "images", "test_fraction", "class_names", "prompts"}
 
@@ -506,7 +538,10 @@ def spec_from_dict(config: Mapping[str, Any], base_dir: Path | None = None) -> B
         id_test=id_test,
         ood=tuple(_data_spec(t, f"[[ood]] #{i + 1}", base_dir) for i, t in enumerate(ood_tables)),
         encoders=tuple(encoders),
-        detectors=_detector_specs(config.get("detectors", [])),
+        # a study needs no detector of its own: it adds the label-free k-NN it fits
+        detectors=_detector_specs(
+            config.get("detectors", [{"name": "knn"}] if "study" in config else [])
+        ),
         class_names=tuple(class_names) if class_names is not None else None,
         prompts=prompts if isinstance(prompts, str) else tuple(prompts),
         convention=config.get("convention", "oodprobe"),
@@ -514,8 +549,26 @@ def spec_from_dict(config: Mapping[str, Any], base_dir: Path | None = None) -> B
         bootstrap=config.get("bootstrap", 200),
         seed=config.get("seed", 0),
         gallery_size=config.get("gallery_size", 12),
+        study=_study_spec(config.get("study", {})),
     )
     return validate(spec)
+
+
+_STUDY_KEYS = {"encoders", "bootstrap", "confidence"}
+
+
+def _study_spec(table: Any) -> StudySpec:
+    study = _check_table(table, "[study]", 'encoders = ["efficientnet-lite0", ...]')
+    _check_keys(study, _STUDY_KEYS, "[study]")
+    encoders = study.get("encoders", [])
+    if isinstance(encoders, str):
+        encoders = [encoders]
+    _check_str_list(encoders, "[study] encoders")
+    return StudySpec(
+        encoders=tuple(encoders),
+        bootstrap=study.get("bootstrap", 1000),
+        confidence=study.get("confidence", 0.95),
+    )
 
 
 def load_benchmark(path: str | os.PathLike[str]) -> BenchmarkSpec:

@@ -304,10 +304,9 @@ def models(
     table = Table(title="encoders")
     for column in ("name", "offline", "examples", "what"):
         table.add_column(column)
-    for prefix, entry in ENCODERS.items():
-        name = prefix if entry.offline else f"{prefix}:…"
+    for entry in ENCODERS.values():
         table.add_row(
-            name,
+            entry.pattern,
             "yes" if entry.offline else "after download",
             "\n".join(entry.examples),
             entry.description,
@@ -429,6 +428,25 @@ def _print_results(run: Any, console: Any) -> None:
         )
 
 
+def _load_spec(config: Path | None, preset: str | None, prompts: str | None) -> Any:
+    """The benchmark spec of a CONFIG file or a preset (exactly one), with other prompts."""
+    from dataclasses import replace
+
+    from oodprobe.benchmark_spec import create_benchmark, load_benchmark, validate
+
+    if config is not None and preset is not None:
+        raise InvalidParameterError("give either a CONFIG file or --preset, not both")
+    if config is None and preset is None:
+        raise InvalidParameterError("give a benchmark CONFIG file or --preset NAME")
+    spec = load_benchmark(config) if config is not None else create_benchmark(str(preset))
+    return spec if prompts is None else validate(replace(spec, prompts=prompts))
+
+
+def _preset_data_error(error: DataError, spec: Any) -> DataError:
+    """A preset's data lives where the preset looks: its data errors say where that is."""
+    return DataError(f"{error} (preset {spec.name}: {spec.description})")
+
+
 @app.command()
 def bench(
     config: Annotated[
@@ -466,24 +484,14 @@ def bench(
     download: DownloadOption = False,
 ) -> None:
     """Run a benchmark (no arguments: the built-in offline default) and write a report."""
-    from dataclasses import replace
-
     from oodprobe.benchmark import run_benchmark
-    from oodprobe.benchmark_spec import create_benchmark, load_benchmark, validate
     from oodprobe.presets import DEFAULT_BENCHMARK
 
-    if config is not None and preset is not None:
-        raise InvalidParameterError("give either a CONFIG file or --preset, not both")
-    spec = (
-        load_benchmark(config)
-        if config is not None
-        else create_benchmark(preset or DEFAULT_BENCHMARK)
-    )
-    spec = spec.with_overrides(
+    spec = _load_spec(
+        config, preset or (None if config else DEFAULT_BENCHMARK), prompts
+    ).with_overrides(
         encoders=encoder, detectors=detector, seed=seed, bootstrap=bootstrap, convention=convention
     )
-    if prompts is not None:
-        spec = validate(replace(spec, prompts=prompts))
     console = _console()
     output_dir = output or Path("oodprobe-results") / spec.name
     console.print(
@@ -506,14 +514,271 @@ def bench(
     except DataError as error:
         if config is not None:
             raise
-        # a preset's data lives where the preset looks: say where that is
-        raise DataError(f"{error} (preset {spec.name}: {spec.description})") from error
+        raise _preset_data_error(error, spec) from error
     _print_results(run, console)
     for label, skipped in run.skipped.items():
         _print_skipped(console, skipped, where=label)
     console.print(f"finished in {run.seconds:.0f} s")
     console.print(f"results: {run.files['json']}  {run.files['csv']}")
     console.print(f"report:  [bold]{run.files['report']}[/]")
+
+
+@app.command()
+def study(
+    config: Annotated[
+        Path | None,
+        typer.Argument(help="Benchmark TOML file, optionally with a [study] table"),
+    ] = None,
+    preset: Annotated[
+        PresetName | None, typer.Option(help="Built-in preset (default: offline-study)")
+    ] = None,
+    encoder: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--encoder",
+            "-e",
+            help="Encoders to compare (at least two; default: [study] encoders, else the "
+            "config's), e.g. -e efficientnet-lite0 -e efficientnet-lite0/block10",
+        ),
+    ] = None,
+    detector: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--detector",
+            "-d",
+            help="Detector(s) replacing the config's: NAME[:k=v,…] (the label-free knn is "
+            "always added)",
+        ),
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder")] = None,
+    bootstrap: Annotated[
+        int | None,
+        typer.Option(min=0, help="Bootstrap resamples of the models for the fits' intervals"),
+    ] = None,
+    convention: Annotated[
+        ConventionName | None, typer.Option(help="Metric convention (default: the config's)")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the bootstrap resampling (default: the config's)")
+    ] = None,
+    prompts: PromptsOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    batch_size: BatchSizeOption = 64,
+    workers: WorkersOption = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root")] = None,
+    download: DownloadOption = False,
+) -> None:
+    """Compare encoders on one benchmark: ID accuracy vs OOD AUROC, fits, ranking, report."""
+    from dataclasses import replace
+
+    from oodprobe.benchmark_spec import validate
+    from oodprobe.presets import DEFAULT_STUDY
+    from oodprobe.study import run_study, study_spec
+
+    spec = _load_spec(config, preset or (None if config else DEFAULT_STUDY), prompts)
+    spec = spec.with_overrides(detectors=detector, seed=seed, convention=convention)
+    if bootstrap is not None:
+        spec = validate(replace(spec, study=replace(spec.study, bootstrap=bootstrap)))
+    spec = study_spec(spec, encoder)  # every check before any work
+    console = _console()
+    folder = spec.name if "study" in spec.name else f"{spec.name}-study"
+    output_dir = output or Path("oodprobe-results") / folder
+    console.print(
+        f"[bold]study {spec.name}[/]: {len(spec.encoders)} encoders, "
+        f"{len(spec.detectors)} detector(s), {len(spec.ood)} OOD set(s)"
+    )
+    try:
+        result = run_study(
+            spec,
+            output_dir,
+            cache_root=cache_dir,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            num_workers=workers,
+            download=download,
+            log=lambda message: console.print(message, style="dim", markup=False, emoji=False),
+        )
+    except DataError as error:
+        if config is not None:
+            raise
+        raise _preset_data_error(error, spec) from error
+    _print_study(result.study, console)
+    for label, skipped in result.run.skipped.items():
+        _print_skipped(console, skipped, where=label)
+    console.print(f"finished in {result.run.seconds:.0f} s")
+    console.print(f"study:   {result.files['study_json']}  {result.files['study_csv']}")
+    console.print(f"report:  [bold]{result.files['report']}[/]")
+
+
+def _print_study(study: dict[str, Any], console: Any) -> None:
+    """The ranking of the models, then the fits of the label-free k-NN's AUROC on accuracy."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from oodprobe.report.tables import format_percent
+
+    def number(value: Any, digits: int = 2) -> str:
+        return "—" if value is None else f"{value:.{digits}f}"
+
+    def interval(values: Any, digits: int = 2) -> str:
+        return "" if not values else f" [dim][{values[0]:.{digits}f}, {values[1]:.{digits}f}][/]"
+
+    primary = study["primary_detector"]
+    ranking = Table(title=f"models ranked by {escape(study['ranking_by'])}")
+    for column in ("rank", "encoder", "k-NN acc %", "probe acc %", f"{primary} AUROC %"):
+        ranking.add_column(escape(column), justify="left" if column == "encoder" else "right")
+    for entry in study["ranking"]:
+        ranking.add_row(
+            str(entry["rank"]),
+            escape(entry["encoder"]),
+            format_percent(entry["knn_accuracy"]),
+            format_percent(entry["probe_accuracy"]),
+            format_percent(entry["primary_auroc"]),
+        )
+    console.print(ranking)
+    fits = Table(
+        title=f"AUROC of {escape(primary)} vs {escape(study['accuracy_method'])} across models "
+        f"(least squares; {100 * study['confidence']:.0f}% bootstrap intervals over models)"
+    )
+    for column in ("OOD target", "n", "slope", "R²", "Pearson r", "Spearman ρ"):
+        fits.add_column(column, justify="left" if column == "OOD target" else "right")
+    for fit in study["fits"]:
+        if fit["detector"] != primary or fit["accuracy"] != "knn":
+            continue
+        fits.add_row(
+            escape(fit["target"]),
+            str(fit["n_models"]),
+            number(fit["slope"]) + interval(fit["slope_ci"]),
+            number(fit["r2"]) + interval(fit["r2_ci"]),
+            number(fit["pearson"]) + interval(fit["pearson_ci"]),
+            number(fit["spearman"]) + interval(fit["spearman_ci"]),
+        )
+    console.print(fits)
+    for entry in study["lp_vs_ft"]:
+        console.print(
+            f"LP vs FT ({escape(entry['base'])} → {escape(entry['finetuned'])}, "
+            f"{escape(entry['detector'])}): accuracy {format_percent(entry['lp_accuracy'])} vs "
+            f"{format_percent(entry['ft_accuracy'])}, mean AUROC "
+            f"{format_percent(entry['lp_auroc'])} vs {format_percent(entry['ft_auroc'])}"
+        )
+
+
+@app.command()
+def finetune(
+    config: Annotated[
+        Path | None,
+        typer.Argument(help="Benchmark TOML file whose ID train set is used (or --preset)"),
+    ] = None,
+    preset: Annotated[
+        PresetName | None, typer.Option(help="Built-in preset (default: offline-default)")
+    ] = None,
+    encoder: Annotated[
+        str | None,
+        typer.Option(
+            "--encoder", "-e", help="Encoder to fine-tune (default: the config's, if it has one)"
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Folder for the model and checkpoints (required)"),
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs")] = 10,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per optimiser step")] = 64,
+    lr: Annotated[
+        float, typer.Option(help="Effective learning rate of AdamW (no scaling)")
+    ] = 2.5e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW decoupled weight decay")] = 0.05,
+    warmup_epochs: Annotated[
+        float, typer.Option(help="Linear warm-up (epochs, may be a fraction), then cosine")
+    ] = 1.0,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing")] = 0.1,
+    mixup: Annotated[float, typer.Option(help="Mixup alpha (0: off; the paper: 0.8)")] = 0.0,
+    cutmix: Annotated[float, typer.Option(help="CutMix alpha (0: off; the paper: 1.0)")] = 0.0,
+    randaugment: Annotated[
+        bool, typer.Option(help="RandAugment (2 ops, magnitude 9) on the training images")
+    ] = False,
+    ema_decay: Annotated[
+        float, typer.Option(help="EMA of the weights, saved instead of them (0: off)")
+    ] = 0.9998,
+    freeze_blocks: Annotated[
+        int, typer.Option(min=0, help="Freeze the stem and the first N blocks (0: none)")
+    ] = 0,
+    precision: Annotated[
+        Precision, typer.Option(help="Training autocast precision (auto: fp16 on a GPU)")
+    ] = "auto",
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seed of the head, data order, augmentation")
+    ] = 0,
+    device: DeviceOption = "auto",
+    workers: WorkersOption = None,
+    download: DownloadOption = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Replace a finished model, or a checkpoint of another run, in the output folder"
+        ),
+    ] = False,
+) -> None:
+    """Fine-tune an encoder's image tower with a linear head on a benchmark's ID train set.
+
+    Checkpoints every epoch; rerun the same command to resume after an interruption.
+    """
+    from oodprobe.finetune import FinetuneRecipe
+    from oodprobe.finetune import finetune as run_finetune
+    from oodprobe.presets import DEFAULT_BENCHMARK
+
+    if output is None:
+        raise InvalidParameterError("give the output folder with --output/-o, e.g. -o ft-lite0")
+    spec = _load_spec(config, preset or (None if config else DEFAULT_BENCHMARK), None)
+    if encoder is None:
+        if len(spec.encoders) != 1:
+            raise InvalidParameterError(
+                f"benchmark {spec.name!r} names {len(spec.encoders)} encoders; pick one with -e"
+            )
+        encoder = spec.encoders[0]
+    recipe = FinetuneRecipe(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        label_smoothing=label_smoothing,
+        mixup=mixup,
+        cutmix=cutmix,
+        randaugment=randaugment,
+        ema_decay=ema_decay,
+        freeze_blocks=freeze_blocks,
+        precision=precision,
+        seed=seed,
+    )
+    console = _console()
+    try:
+        train = spec.id_train.create(download)  # with test_fraction: the train part only
+    except DataError as error:
+        if config is not None:
+            raise
+        raise _preset_data_error(error, spec) from error
+    console.print(f"[bold]fine-tuning {encoder}[/] on {len(train)} images of {spec.id_train.label}")
+    result = run_finetune(
+        encoder,
+        train,
+        output,
+        recipe=recipe,
+        device=device,
+        num_workers=workers,
+        force=force,
+        log=lambda message: console.print(message, style="dim", markup=False, emoji=False),
+    )
+    _print_skipped(console, result.skipped, where=spec.id_train.label)
+    console.print(
+        f"trained {result.epochs_done} epochs in {result.seconds:.0f} s "
+        f"({result.images_per_second:.1f} images/s); saved the "
+        f"{'EMA' if result.ema else 'trained'} weights: {result.model_path}",
+        soft_wrap=True,
+    )
+    console.print(f"use it as the encoder [bold]{result.encoder_name}[/]", soft_wrap=True)
 
 
 @app.command()

@@ -19,6 +19,7 @@ code" lists it.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from oodprobe.benchmark_spec import (
@@ -199,12 +200,62 @@ def imagenet() -> BenchmarkSpec:
     )
 
 
+# Blocks of each EfficientNet-Lite model the offline study sweeps: the last block of stage 3
+# and of stage 5 (of 7), beside the final 1280-d features; one forward pass per model serves all
+# three. Block indices count `model._blocks` from 1 (16 blocks in Lite0, 21 in Lite1 and Lite2).
+STUDY_BLOCKS = {
+    "efficientnet-lite0": (5, 11),
+    "efficientnet-lite1": (7, 15),
+    "efficientnet-lite2": (7, 15),
+}
+STUDY_IMAGE_SIZE = 112
+
+
+def offline_study() -> BenchmarkSpec:
+    """The offline benchmark over nine encoders: three EfficientNet-Lite models × three depths."""
+    base = offline_default()
+    encoders = tuple(
+        name
+        for model, blocks in STUDY_BLOCKS.items()
+        for name in (
+            *(f"{model}/block{block}@{STUDY_IMAGE_SIZE}" for block in blocks),
+            f"{model}@{STUDY_IMAGE_SIZE}",
+        )
+    )
+    return validate(
+        replace(
+            base,
+            name="offline-study",
+            description=(
+                "Which of nine encoders to pick (Adaloglou et al., TMLR 2024, claim 1: ID k-NN "
+                "accuracy predicts label-free OOD AUROC): EfficientNet-Lite0/1/2 at 112 px, each "
+                "at two intermediate blocks and its final features, on the offline benchmark ("
+                + base.description.split(". ", 1)[1]
+                + ")"
+            ),
+            encoders=encoders,
+            detectors=(
+                DetectorSpec("knn"),
+                DetectorSpec("deep-knn", {"k": 50}),
+                DetectorSpec("mahalanobis"),
+                DetectorSpec(
+                    "relative-mahalanobis", {"covariance": "ml"}, "relative-mahalanobis (ml)"
+                ),
+                DetectorSpec("linear-probe", {"epochs": 30, "batch_size": 256}, "linear-probe"),
+            ),
+            gallery_size=0,
+        )
+    )
+
+
 BENCHMARKS.update(
     {
         "offline-default": offline_default,
+        "offline-study": offline_study,
         "cifar10": cifar10,
         "cifar100": cifar100,
         "imagenet": imagenet,
     }
 )
 DEFAULT_BENCHMARK = "offline-default"
+DEFAULT_STUDY = "offline-study"

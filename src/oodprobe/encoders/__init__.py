@@ -46,6 +46,12 @@ class EncoderSource:
     # None: known only once the model is loaded (an HF id may be a CLIP or a DINOv2)
     has_text: bool | None = None
     outputs: tuple[str, ...] | None = None
+
+    @property
+    def pattern(self) -> str:
+        """How its names start: the bare model name, or ``prefix:…`` when a model follows."""
+        return f"{self.prefix}:…" if self.examples[0].startswith(f"{self.prefix}:") else self.prefix
+
     # the variant suffix the source takes: "block" (/blockN), "layer" (,layer=N) or None
     tap_kind: str | None = None
 
@@ -241,7 +247,7 @@ def _source(name: str) -> tuple[EncoderSource, str, bool]:
         raise UnknownNameError(
             "encoder",
             name,
-            [f"{key}{':…' * (key not in _LITE_MODELS)}" for key in ENCODERS],
+            [source.pattern for source in ENCODERS.values()],
         )
     if prefix in _LITE_MODELS and sep:
         raise InvalidParameterError(

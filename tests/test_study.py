@@ -1,0 +1,330 @@
+"""oodprobe study: fit statistics against scipy, the spec, and a real run over encoder blocks."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from oodprobe.benchmark_spec import (
+    BenchmarkSpec,
+    DataSpec,
+    DetectorSpec,
+    StudySpec,
+    spec_from_dict,
+    validate,
+)
+from oodprobe.errors import InvalidParameterError, OodprobeError
+from oodprobe.study import fit_statistics, lp_vs_ft, ood_targets, rank_models, study_spec
+
+# --------------------------------------------------------------------------------------------
+# fit statistics: the reference is scipy.stats on the same points
+
+
+def test_fit_matches_scipy_linregress_pearson_and_spearman() -> None:
+    rng = np.random.default_rng(3)
+    accuracy = rng.uniform(0.5, 0.95, 9)
+    auroc = 0.4 + 0.5 * accuracy + rng.normal(0, 0.03, 9)
+    fit = fit_statistics(accuracy, auroc, bootstrap=0)
+    line = stats.linregress(accuracy, auroc)
+    assert fit["n_models"] == 9
+    assert fit["slope"] == pytest.approx(line.slope, rel=1e-12)
+    assert fit["intercept"] == pytest.approx(line.intercept, rel=1e-12)
+    assert fit["r2"] == pytest.approx(line.rvalue**2, rel=1e-12)
+    assert fit["pearson"] == pytest.approx(stats.pearsonr(accuracy, auroc).statistic, rel=1e-12)
+    assert fit["spearman"] == pytest.approx(stats.spearmanr(accuracy, auroc).statistic, rel=1e-12)
+    assert fit["slope_ci"] is None and fit["band"] is None
+
+
+def test_bootstrap_intervals_are_percentiles_of_refits_on_resampled_models() -> None:
+    rng = np.random.default_rng(0)
+    accuracy = rng.uniform(0.5, 0.95, 8)
+    auroc = 0.3 + 0.6 * accuracy + rng.normal(0, 0.02, 8)
+    fit = fit_statistics(accuracy, auroc, bootstrap=300, confidence=0.9, seed=7)
+    # the same resamples, refitted one by one with scipy
+    picks = np.random.default_rng(7).integers(0, 8, size=(300, 8))
+    slopes, r2s, spearmans = [], [], []
+    for pick in picks:
+        x, y = accuracy[pick], auroc[pick]
+        if np.ptp(x) == 0:
+            continue
+        line = stats.linregress(x, y)
+        slopes.append(line.slope)
+        r2s.append(line.rvalue**2)
+        spearmans.append(stats.spearmanr(x, y).statistic)
+    assert fit["n_bootstrap_used"] == len(slopes)
+    assert fit["slope_ci"] == pytest.approx(np.percentile(slopes, [5, 95]), rel=1e-9)
+    assert fit["r2_ci"] == pytest.approx(np.percentile(r2s, [5, 95]), rel=1e-9)
+    spearmans_finite = np.asarray(spearmans)[np.isfinite(spearmans)]
+    assert fit["spearman_ci"] == pytest.approx(np.percentile(spearmans_finite, [5, 95]), rel=1e-9)
+    low, high = fit["slope_ci"]
+    assert low < fit["slope"] < high
+    band = fit["band"]
+    assert len(band["x"]) == len(band["low"]) == len(band["high"])
+    assert band["x"][0] == pytest.approx(accuracy.min()) and band["x"][-1] == pytest.approx(
+        accuracy.max()
+    )
+    fitted = fit["intercept"] + fit["slope"] * np.asarray(band["x"])
+    assert np.all(np.asarray(band["low"]) <= fitted + 1e-12)
+    assert np.all(fitted <= np.asarray(band["high"]) + 1e-12)
+
+
+def test_perfect_line_has_r2_one_and_too_few_models_have_no_statistics() -> None:
+    fit = fit_statistics([0.5, 0.6, 0.7, 0.8], [0.6, 0.65, 0.7, 0.75], bootstrap=50)
+    assert fit["slope"] == pytest.approx(0.5) and fit["r2"] == pytest.approx(1.0)
+    assert fit["spearman"] == pytest.approx(1.0)
+    two = fit_statistics([0.5, 0.6], [0.6, 0.7], bootstrap=50)
+    assert two["r2"] is None and "at least 3 models" in two["note"]
+    flat = fit_statistics([0.5, 0.5, 0.5], [0.6, 0.7, 0.8], bootstrap=50)
+    assert flat["slope"] is None and "same accuracy" in flat["note"]
+    constant = fit_statistics([0.5, 0.6, 0.7], [0.8, 0.8, 0.8], bootstrap=50)
+    assert constant["slope"] == 0 and constant["pearson"] is None and constant["note"]
+    json.dumps(constant)  # every value is JSON-able
+
+
+# --------------------------------------------------------------------------------------------
+# the study's spec
+
+
+def _spec(**changes: object) -> BenchmarkSpec:
+    return validate(
+        replace(
+            BenchmarkSpec(
+                name="tiny",
+                id_train=DataSpec("digits:train", classes=(0, 1, 2), limit=60),
+                id_test=DataSpec("digits:test", classes=(0, 1, 2), limit=30),
+                ood=(
+                    DataSpec("digits:test", classes=(7, 8), limit=30, name="near", group="near"),
+                    DataSpec("skimage-textures", name="textures", group="far"),
+                ),
+                encoders=("efficientnet-lite0@64",),
+                detectors=(DetectorSpec("mahalanobis"),),
+                bootstrap=0,
+            ),
+            **changes,  # type: ignore[arg-type]
+        )
+    )
+
+
+def test_study_spec_adds_the_label_free_knn_first_and_needs_two_encoders() -> None:
+    spec = study_spec(_spec(), ["efficientnet-lite0@64", "efficientnet-lite1@64"])
+    assert [d.display for d in spec.detectors] == ["knn", "mahalanobis"]
+    assert spec.encoders == ("efficientnet-lite0@64", "efficientnet-lite1@64")
+    with pytest.raises(InvalidParameterError, match="at least two"):
+        study_spec(_spec())
+    kept = study_spec(
+        _spec(detectors=(DetectorSpec("mahalanobis"), DetectorSpec("knn"))),
+        ["efficientnet-lite0@64", "efficientnet-lite1@64"],
+    )
+    assert [d.display for d in kept.detectors] == ["mahalanobis", "knn"]  # already there
+
+
+def test_study_table_of_the_toml_is_read_and_checked() -> None:
+    config = {
+        "id": {"train": "digits:train", "test": "digits:test"},
+        "ood": [{"source": "skimage-textures"}],
+        "study": {"encoders": ["efficientnet-lite0@64", "efficientnet-lite1@64"], "bootstrap": 10},
+    }
+    spec = spec_from_dict(config)
+    assert spec.study == StudySpec(("efficientnet-lite0@64", "efficientnet-lite1@64"), 10, 0.95)
+    assert study_spec(spec).encoders == spec.study.encoders
+    for study, message in (
+        ({"encoders": ["nope:x", "efficientnet-lite0"]}, "unknown encoder"),
+        ({"bootstrap": -1}, "bootstrap must be an integer >= 0, got -1"),
+        ({"confidence": 1.5}, "confidence must be a number in"),
+        ({"models": []}, "unknown key 'models' in \\[study\\]"),
+        ({"encoders": ["efficientnet-lite0", "efficientnet-lite0"]}, "must be unique"),
+    ):
+        with pytest.raises(OodprobeError, match=message):
+            spec_from_dict({**config, "study": study})
+
+
+def test_targets_rank_and_lp_vs_ft_tables() -> None:
+    spec = _spec()
+    assert ood_targets(spec) == [
+        ("near", ["near"]),
+        ("textures", ["textures"]),
+        ("mean", ["near", "textures"]),  # a group of one set has no mean of its own
+    ]
+    two_far = replace(spec, ood=(*spec.ood, DataSpec("digits:test", limit=9, name="d")))
+    assert [label for label, _ in ood_targets(two_far)] == [
+        "near",
+        "textures",
+        "d",
+        "far mean",
+        "mean",
+    ]
+    assert ood_targets(two_far)[3] == ("far mean", ["textures", "d"])
+
+    def model(name: str, acc: float, auroc: float, base: str | None = None) -> dict[str, object]:
+        return {
+            "encoder": name,
+            "base": base,
+            "knn_accuracy": acc,
+            "probe_accuracy": acc + 0.01,
+            "head_accuracy": acc + 0.02 if base else None,
+            "auroc": {"knn": {"mean": auroc}},
+            "fpr": {"knn": {"mean": 1 - auroc}},
+        }
+
+    models = [model("a", 0.7, 0.8), model("b", 0.9, 0.85), model("ft", 0.95, 0.75, base="b")]
+    ranking = rank_models(models, "knn", "mean")  # type: ignore[arg-type]
+    assert [r["encoder"] for r in ranking] == ["b", "a", "ft"]
+    assert [r["rank"] for r in ranking] == [1, 2, 3]
+    (row,) = lp_vs_ft(models, ["knn"])  # type: ignore[arg-type]
+    assert row["base"] == "b" and row["finetuned"] == "ft"
+    assert row["lp_accuracy"] == pytest.approx(0.91) and row["ft_accuracy"] == pytest.approx(0.97)
+    assert row["lp_auroc"] == 0.85 and row["ft_auroc"] == 0.75
+    assert math.isclose(row["lp_fpr"], 0.15) and math.isclose(row["ft_fpr"], 0.25)
+
+
+# --------------------------------------------------------------------------------------------
+# a real study: blocks of EfficientNet-Lite0 (real weights) on Fashion-MNIST, one forward pass
+
+DEPTHS = ("efficientnet-lite0/block2@64", "efficientnet-lite0/block8@64", "efficientnet-lite0@64")
+
+
+@pytest.fixture(scope="module")
+def real_study(tmp_path_factory: pytest.TempPathFactory) -> object:
+    from oodprobe.study import run_study
+
+    root = tmp_path_factory.mktemp("study")
+    spec = validate(
+        BenchmarkSpec(
+            name="depth",
+            id_train=DataSpec("fashion-mnist:train", classes=(0, 1, 2, 3, 4), per_class=40),
+            id_test=DataSpec("fashion-mnist:test", classes=(0, 1, 2, 3, 4), per_class=30),
+            ood=(
+                DataSpec(
+                    "fashion-mnist:test",
+                    classes=(5, 6, 7, 8, 9),
+                    per_class=20,
+                    name="fashion 5-9",
+                    group="near",
+                ),
+                DataSpec("skimage-textures", name="textures", group="far", limit=60),
+            ),
+            encoders=DEPTHS,
+            detectors=(DetectorSpec("deep-knn", {"k": 5}, "deep"),),
+            bootstrap=0,
+            gallery_size=0,
+            study=StudySpec(bootstrap=200),
+        )
+    )
+    logs: list[str] = []
+    result = run_study(
+        spec, root / "out", cache_root=root / "cache", progress=False, log=logs.append
+    )
+    return result, logs, root
+
+
+def test_real_study_fits_equal_scipy_and_deeper_blocks_classify_better(real_study: object) -> None:
+    result, logs, _ = real_study  # type: ignore[misc]
+    study = result.study
+    models = {model["encoder"]: model for model in study["models"]}
+    assert list(models) == list(DEPTHS)
+    # one forward pass served the three depths
+    assert {model["shared_pass"] for model in models.values()} == {"efficientnet-lite0@64"}
+    assert sum("loading" in line for line in logs) == 1
+    accuracy = [models[name]["knn_accuracy"] for name in DEPTHS]
+    # the early block classifies worse than both deeper ones (the middle and the final features
+    # can tie or swap: on the offline study Lite0's block 11 beats its final features)
+    assert accuracy[0] + 0.05 < min(accuracy[1:]), accuracy
+    assert all(models[name]["probe_accuracy"] is not None for name in DEPTHS)  # probe added
+    assert study["detectors"] == ["knn", "deep", "linear-probe"]
+    fits = {(f["detector"], f["target"], f["accuracy"]): f for f in study["fits"]}
+    for target in ("fashion 5-9", "textures", "mean"):
+        fit = fits[("knn", target, "knn")]
+        x = [p["accuracy"] for p in fit["points"]]
+        y = [p["auroc"] for p in fit["points"]]
+        assert x == accuracy
+        assert y == [models[name]["auroc"]["knn"][target] for name in DEPTHS]
+        line = stats.linregress(x, y)
+        assert fit["slope"] == pytest.approx(line.slope, rel=1e-10)
+        assert fit["intercept"] == pytest.approx(line.intercept, rel=1e-10, abs=1e-12)
+        assert fit["r2"] == pytest.approx(line.rvalue**2, rel=1e-10)
+        assert fit["spearman"] == pytest.approx(stats.spearmanr(x, y).statistic)
+    # the AUROC of each model is the benchmark row's
+    row = next(
+        r
+        for r in result.run.records
+        if r["encoder"] == DEPTHS[1] and r["detector"] == "knn" and r["ood_set"] == "textures"
+    )
+    assert models[DEPTHS[1]]["auroc"]["knn"]["textures"] == row["auroc"]
+    files = result.files
+    document = json.loads(files["study_json"].read_text())
+    assert [m["encoder"] for m in document["models"]] == list(DEPTHS)
+    html = files["report"].read_text()
+    assert "Study" in html and "R² =" in html
+    assert len(files["study_csv"].read_text().strip().splitlines()) == 1 + len(DEPTHS)
+
+
+def test_study_reruns_from_the_cache(real_study: object) -> None:
+    from oodprobe.study import run_study
+
+    result, _, root = real_study  # type: ignore[misc]
+    logs: list[str] = []
+    again = run_study(
+        result.run.spec, root / "again", cache_root=root / "cache", progress=False, log=logs.append
+    )
+    assert sum("(cache)" in line for line in logs) == 4  # ID train, ID test, two OOD sets
+    assert again.study["models"][0]["knn_accuracy"] == result.study["models"][0]["knn_accuracy"]
+
+
+def test_cli_study_runs_a_config_with_encoders_and_prints_the_fit(
+    real_study: object, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from oodprobe.cli import main
+
+    _, _, root = real_study  # type: ignore[misc]
+    config = tmp_path / "study.toml"
+    config.write_text(
+        """
+name = "cli-study"
+[id]
+train = { source = "fashion-mnist:train", classes = [0, 1, 2, 3, 4], per_class = 40 }
+test = { source = "fashion-mnist:test", classes = [0, 1, 2, 3, 4], per_class = 30 }
+[[ood]]
+source = "fashion-mnist:test"
+classes = [5, 6, 7, 8, 9]
+per_class = 20
+name = "fashion 5-9"
+group = "near"
+[study]
+bootstrap = 50
+"""
+    )
+    code = main(
+        [
+            "study",
+            str(config),
+            *(option for name in DEPTHS for option in ("-e", name)),
+            "-o",
+            str(tmp_path / "out"),
+            "--cache-dir",
+            str(root / "cache"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "models ranked by" in out and "efficientnet-lite0/block8@64" in out
+    assert "R²" in out
+    document = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert document["bootstrap"] == 50 and len(document["models"]) == 3
+
+
+def test_cli_study_refuses_one_encoder_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from oodprobe.cli import main
+
+    code = main(["study", "--preset", "offline-default", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.strip().startswith("error: a study compares encoders and needs at least two")
+    assert not (tmp_path / "out").exists()
