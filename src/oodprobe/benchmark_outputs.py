@@ -229,7 +229,7 @@ def write_outputs(
     """results.json/.csv/.md and report.html for a finished run; returns the paths.
 
     A study's analysis (:mod:`oodprobe.study`) adds study.json/.csv and the report's study
-    section.
+    section; its score figures are those of the study's primary detector.
     """
     from oodprobe.metrics import get_convention
     from oodprobe.report import ReportData, ScoreSet, render_html, write_results
@@ -245,6 +245,9 @@ def write_outputs(
         )
         for outcome in outcomes
         if outcome.id_scores is not None
+        # a study's report plots ROC curves and histograms of its primary detector only: nine
+        # encoders x five detectors would be 90 figures (30 s of matplotlib on 2 cores)
+        and (study is None or outcome.detector == study["primary_detector"])
     ]
     report = ReportData(
         title=f"oodprobe benchmark: {spec.name}",
