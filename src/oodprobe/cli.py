@@ -106,6 +106,13 @@ ClassNamesOption = Annotated[
 DownloadOption = Annotated[
     bool, typer.Option(help="Allow downloading a built-in dataset that is not on disk")
 ]
+CacheDirOption = Annotated[
+    Path | None, typer.Option(help="Feature cache root (default $OODPROBE_CACHE or ~/.cache)")
+]
+OutputFolderOption = Annotated[Path | None, typer.Option("--output", "-o", help="Output folder")]
+ConventionOption = Annotated[
+    ConventionName | None, typer.Option(help="Metric convention (default: the config's)")
+]
 KeyFileOption = Annotated[
     Path | None,
     typer.Option(
@@ -217,9 +224,7 @@ def extract(
     workers: WorkersOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
-    cache_dir: Annotated[
-        Path | None, typer.Option(help="Feature cache root (default $OODPROBE_CACHE or ~/.cache)")
-    ] = None,
+    cache_dir: CacheDirOption = None,
     on_error: Annotated[
         OnError, typer.Option(help="Undecodable images: skip (and list them) or raise")
     ] = "skip",
@@ -447,6 +452,34 @@ def _preset_data_error(error: DataError, spec: Any) -> DataError:
     return DataError(f"{error} (preset {spec.name}: {spec.description})")
 
 
+def _run_spec(
+    runner: Any, spec: Any, config: Path | None, output_dir: Path, console: Any, **options: Any
+) -> Any:
+    """``runner(spec, output_dir, **options)`` (bench, study) with the run's log on the console.
+
+    A preset's data errors say where the preset looks for its data.
+    """
+    try:
+        return runner(
+            spec,
+            output_dir,
+            # markup off: "[encoder]" and "digits:train:" are text, not rich tags or emoji
+            log=lambda message: console.print(message, style="dim", markup=False, emoji=False),
+            **options,
+        )
+    except DataError as error:
+        if config is not None:
+            raise
+        raise _preset_data_error(error, spec) from error
+
+
+def _print_finish(run: Any, console: Any) -> None:
+    """The images each set left out, and how long the run took."""
+    for label, skipped in run.skipped.items():
+        _print_skipped(console, skipped, where=label)
+    console.print(f"finished in {run.seconds:.0f} s")
+
+
 @app.command()
 def bench(
     config: Annotated[
@@ -460,14 +493,12 @@ def bench(
         list[str] | None,
         typer.Option("--detector", "-d", help="Detector(s) replacing the config's: NAME[:k=v,…]"),
     ] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder")] = None,
+    output: OutputFolderOption = None,
     bootstrap: Annotated[
         int | None,
         typer.Option(min=0, help="Bootstrap resamples for confidence intervals (0: none)"),
     ] = None,
-    convention: Annotated[
-        ConventionName | None, typer.Option(help="Metric convention (default: the config's)")
-    ] = None,
+    convention: ConventionOption = None,
     seed: Annotated[
         int | None,
         typer.Option(
@@ -480,7 +511,7 @@ def bench(
     precision: PrecisionOption = "auto",
     batch_size: BatchSizeOption = 64,
     workers: WorkersOption = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root")] = None,
+    cache_dir: CacheDirOption = None,
     download: DownloadOption = False,
 ) -> None:
     """Run a benchmark (no arguments: the built-in offline default) and write a report."""
@@ -498,27 +529,21 @@ def bench(
         f"[bold]benchmark {spec.name}[/]: {len(spec.encoders)} encoder(s), "
         f"{len(spec.detectors)} detector(s), {len(spec.ood)} OOD set(s)"
     )
-    try:
-        run = run_benchmark(
-            spec,
-            output_dir,
-            cache_root=cache_dir,
-            device=device,
-            precision=precision,
-            batch_size=batch_size,
-            num_workers=workers,
-            download=download,
-            # markup off: "[encoder]" and "digits:train:" are text, not rich tags or emoji
-            log=lambda message: console.print(message, style="dim", markup=False, emoji=False),
-        )
-    except DataError as error:
-        if config is not None:
-            raise
-        raise _preset_data_error(error, spec) from error
+    run = _run_spec(
+        run_benchmark,
+        spec,
+        config,
+        output_dir,
+        console,
+        cache_root=cache_dir,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        num_workers=workers,
+        download=download,
+    )
     _print_results(run, console)
-    for label, skipped in run.skipped.items():
-        _print_skipped(console, skipped, where=label)
-    console.print(f"finished in {run.seconds:.0f} s")
+    _print_finish(run, console)
     console.print(f"results: {run.files['json']}  {run.files['csv']}")
     console.print(f"report:  [bold]{run.files['report']}[/]")
 
@@ -550,14 +575,12 @@ def study(
             "always added)",
         ),
     ] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder")] = None,
+    output: OutputFolderOption = None,
     bootstrap: Annotated[
         int | None,
         typer.Option(min=0, help="Bootstrap resamples of the models for the fits' intervals"),
     ] = None,
-    convention: Annotated[
-        ConventionName | None, typer.Option(help="Metric convention (default: the config's)")
-    ] = None,
+    convention: ConventionOption = None,
     seed: Annotated[
         int | None, typer.Option(help="Seed of the bootstrap resampling (default: the config's)")
     ] = None,
@@ -566,7 +589,7 @@ def study(
     precision: PrecisionOption = "auto",
     batch_size: BatchSizeOption = 64,
     workers: WorkersOption = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root")] = None,
+    cache_dir: CacheDirOption = None,
     download: DownloadOption = False,
 ) -> None:
     """Compare encoders on one benchmark: ID accuracy vs OOD AUROC, fits, ranking, report."""
@@ -588,26 +611,21 @@ def study(
         f"[bold]study {spec.name}[/]: {len(spec.encoders)} encoders, "
         f"{len(spec.detectors)} detector(s), {len(spec.ood)} OOD set(s)"
     )
-    try:
-        result = run_study(
-            spec,
-            output_dir,
-            cache_root=cache_dir,
-            device=device,
-            precision=precision,
-            batch_size=batch_size,
-            num_workers=workers,
-            download=download,
-            log=lambda message: console.print(message, style="dim", markup=False, emoji=False),
-        )
-    except DataError as error:
-        if config is not None:
-            raise
-        raise _preset_data_error(error, spec) from error
+    result = _run_spec(
+        run_study,
+        spec,
+        config,
+        output_dir,
+        console,
+        cache_root=cache_dir,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        num_workers=workers,
+        download=download,
+    )
     _print_study(result.study, console)
-    for label, skipped in result.run.skipped.items():
-        _print_skipped(console, skipped, where=label)
-    console.print(f"finished in {result.run.seconds:.0f} s")
+    _print_finish(result.run, console)
     console.print(f"study:   {result.files['study_json']}  {result.files['study_csv']}")
     console.print(f"report:  [bold]{result.files['report']}[/]")
 
@@ -800,7 +818,7 @@ def fit(
     precision: PrecisionOption = "auto",
     batch_size: BatchSizeOption = 64,
     workers: WorkersOption = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root")] = None,
+    cache_dir: CacheDirOption = None,
     download: DownloadOption = False,
     key_file: KeyFileOption = None,
 ) -> None:
@@ -869,7 +887,7 @@ def score(
     precision: PrecisionOption = "auto",
     batch_size: BatchSizeOption = 64,
     workers: WorkersOption = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root")] = None,
+    cache_dir: CacheDirOption = None,
     download: DownloadOption = False,
     key_file: KeyFileOption = None,
 ) -> None:

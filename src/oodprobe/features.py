@@ -18,7 +18,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -532,6 +532,31 @@ def _borrowed(encoder: ImageEncoder, device: torch.device) -> Iterator[None]:
             module.training = training
 
 
+def batch_loader(
+    items: Any,
+    batches: list[list[Any]],
+    collate: Callable[[list[Any]], Any],
+    *,
+    num_workers: int,
+    device: torch.device,
+) -> Any:
+    """A DataLoader over ``batches`` of keys of ``items``, decoding in single-threaded workers.
+
+    The one home of the loader extraction and fine-tuning share: workers (if any) run one
+    torch thread each and prefetch four batches; host memory is pinned for a CUDA device.
+    """
+    return torch.utils.data.DataLoader(
+        items,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=collate,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
 def _extract_missing_shards(
     dataset: ImageDataset,
     encoder: ImageEncoder,
@@ -559,15 +584,12 @@ def _extract_missing_shards(
     batches = _shard_batches(missing, n_images, shard_size, batch_size)
     if not batches:
         return 0
-    loader = torch.utils.data.DataLoader(
+    loader = batch_loader(
         _DecodeDataset(dataset, encoder.pixel_transform),
-        batch_sampler=batches,
+        batches,
+        _collate,
         num_workers=num_workers,
-        collate_fn=_collate,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if num_workers > 0 else None,
-        persistent_workers=False,
+        device=device,
     )
     autocast = (
         torch.autocast(device.type, dtype=_DTYPES[precision])

@@ -365,12 +365,6 @@ def _collate(items: list[_Item]) -> tuple[list[int], torch.Tensor | None, list[t
     return [index for index, _ in good], batch, failed
 
 
-def _worker_init(_: int) -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def _train_transform(encoder: ImageEncoder, recipe: FinetuneRecipe) -> Any:
     from PIL import Image
     from torchvision import transforms
@@ -801,18 +795,16 @@ class _Training:
         import torch
 
         from oodprobe.data.base import SkippedImage
-        from oodprobe.features import _progress_bar
+        from oodprobe.features import _progress_bar, batch_loader
 
         recipe, device = self.recipe, self.device
         batches = _epoch_batches(recipe, len(self.dataset), epoch)
-        loader: Any = torch.utils.data.DataLoader(
-            _TrainImages(self.dataset, self.transform),  # type: ignore[arg-type]
-            batch_sampler=batches,
+        loader = batch_loader(
+            _TrainImages(self.dataset, self.transform),
+            batches,
+            _collate,
             num_workers=num_workers,
-            collate_fn=_collate,
-            worker_init_fn=_worker_init if num_workers > 0 else None,
-            pin_memory=device.type == "cuda",
-            prefetch_factor=4 if num_workers > 0 else None,
+            device=device,
         )
         autocast = (
             torch.autocast(

@@ -19,6 +19,7 @@ from PIL import Image
 from sklearn.metrics import roc_curve
 
 from oodprobe.report.model import ScoreSet
+from oodprobe.report.tables import as_float
 
 __all__ = [
     "data_uri",
@@ -283,20 +284,10 @@ def _finite_pairs(points: Sequence[Mapping[str, Any]]) -> list[tuple[float, floa
     """``(accuracy %, AUROC %, encoder)`` of each point whose two values are finite numbers."""
     pairs = []
     for point in points:
-        accuracy, auroc = _as_number(point.get("accuracy")), _as_number(point.get("auroc"))
+        accuracy, auroc = as_float(point.get("accuracy")), as_float(point.get("auroc"))
         if accuracy is not None and auroc is not None:
             pairs.append((100.0 * accuracy, 100.0 * auroc, str(point.get("encoder", ""))))
     return pairs
-
-
-def _as_number(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _band_arrays(band: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -427,7 +418,7 @@ def study_fit_figure(
     ys = [y for _, y, _ in pairs]
     xlim = _limits(xs, pad=0.14)
     ylim = _limits(ys, pad=0.16)
-    slope, intercept = _as_number(fit.get("slope")), _as_number(fit.get("intercept"))
+    slope, intercept = as_float(fit.get("slope")), as_float(fit.get("intercept"))
     if band is not None:
         band_x, low, high = band
         finite = np.isfinite(band_x) & np.isfinite(low) & np.isfinite(high)
