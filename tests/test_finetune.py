@@ -472,3 +472,19 @@ def test_undecodable_images_are_left_out_and_listed(tiny_openclip: str, tmp_path
     assert [entry["images"] for entry in result.history] == [7, 7]
     meta = json.loads(result.metadata_path.read_text())
     assert meta["skipped"] == [[3, "arrays[3]", "image file is truncated"]]
+
+
+def test_freezing_leaves_the_trained_blocks_in_training_mode(tiny_openclip: str) -> None:
+    from oodprobe.finetune import _freeze
+
+    encoder = create_encoder(tiny_openclip)
+    tower, _ = image_tower(encoder)
+    tower.requires_grad_(True)  # as training does: the encoder was built frozen
+    frozen = _freeze(tower, 1, encoder.name)
+    blocks = list(tower.transformer.resblocks)  # type: ignore[union-attr]
+    # the root holds the class and position embeddings (stem) but also the trained blocks
+    assert not any(module is tower for module in frozen)
+    assert any(module is blocks[0] for module in frozen)
+    assert not any(module is blocks[1] for module in frozen)
+    assert not any(p.requires_grad for p in blocks[0].parameters())
+    assert all(p.requires_grad for p in blocks[1].parameters())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import stats
 
 from oodprobe.benchmark_spec import (
@@ -328,3 +329,107 @@ def test_cli_study_refuses_one_encoder_before_any_work(
     assert code == 1
     assert err.strip().startswith("error: a study compares encoders and needs at least two")
     assert not (tmp_path / "out").exists()
+
+
+def test_study_sets_a_finetuned_encoder_beside_its_base_and_skips_what_blocks_cannot_serve(
+    tmp_path: Path,
+) -> None:
+    """ID labels 5-9 (not 0..C-1): the head's accuracy maps its columns back to the labels."""
+    from oodprobe.features import extract_features
+    from oodprobe.finetune import FinetuneRecipe, finetune
+    from oodprobe.study import run_study
+
+    spec = validate(
+        BenchmarkSpec(
+            name="lp-ft",
+            id_train=DataSpec("digits:train", classes=(5, 6, 7, 8, 9), per_class=8),
+            id_test=DataSpec("digits:test", classes=(5, 6, 7, 8, 9), per_class=6),
+            ood=(DataSpec("digits:test", classes=(0, 1, 2), per_class=6, name="0-2"),),
+            encoders=("efficientnet-lite0@64",),
+            detectors=(
+                DetectorSpec("logits", {"score": "msp"}, "head msp"),
+                DetectorSpec("linear-probe", {"epochs": 5}, "probe"),
+            ),
+            bootstrap=0,
+            gallery_size=0,
+        )
+    )
+    folder = tmp_path / "ft"
+    recipe = FinetuneRecipe(epochs=2, batch_size=8, lr=1e-3, ema_decay=0.0)
+    finetune("efficientnet-lite0@64", spec.id_train.create(), folder, recipe=recipe, progress=False)
+    finetuned = f"finetuned:{folder}"
+    names = ["efficientnet-lite0@64", "efficientnet-lite0/block8@64", finetuned]
+    logs: list[str] = []
+    result = run_study(
+        spec,
+        tmp_path / "out",
+        encoders=names,
+        cache_root=tmp_path / "c",
+        progress=False,
+        log=logs.append,
+    )
+    study = result.study
+    models = {model["encoder"]: model for model in study["models"]}
+    # reference: the fine-tuned head's argmax, mapped to the labels it was trained on (5..9)
+    test = extract_features(spec.id_test.create(), finetuned, cache_root=tmp_path / "c")
+    assert test.logits is not None and test.labels is not None
+    expected = np.mean(np.array([5, 6, 7, 8, 9])[test.logits.argmax(axis=1)] == test.labels)
+    assert models[finetuned]["head_accuracy"] == pytest.approx(expected)
+    assert models[finetuned]["head_accuracy"] > 0
+    assert models[finetuned]["base"] == "efficientnet-lite0@64"
+    assert study["fit_excludes"] == [finetuned]
+    assert all(p["encoder"] != finetuned for fit in study["fits"] for p in fit["points"])
+    # the head's logits cannot be scored on block 8: left out there, kept elsewhere
+    assert any("head msp: not applicable" in line for line in logs)
+    assert models["efficientnet-lite0/block8@64"]["auroc"]["head msp"]["0-2"] is None
+    assert models["efficientnet-lite0@64"]["auroc"]["head msp"]["0-2"] is not None
+    table = {row["detector"]: row for row in study["lp_vs_ft"]}
+    headline = table["MSP (LP: probe, FT: head msp)"]
+    assert headline["lp_accuracy"] == models["efficientnet-lite0@64"]["probe_accuracy"]
+    assert headline["ft_accuracy"] == models[finetuned]["head_accuracy"]
+    assert headline["lp_auroc"] == models["efficientnet-lite0@64"]["auroc"]["probe"]["mean"]
+    assert headline["ft_auroc"] == models[finetuned]["auroc"]["head msp"]["mean"]
+    # rows name each encoder by its own cache id, shared pass or not
+    from oodprobe.encoders import create_encoder
+
+    ids = {row["encoder"]: row["encoder_cache_id"] for row in result.run.records}
+    assert (
+        ids["efficientnet-lite0/block8@64"]
+        == create_encoder("efficientnet-lite0/block8@64").cache_id
+    )
+    assert ids["efficientnet-lite0@64"] == create_encoder("efficientnet-lite0@64").cache_id
+
+
+def test_study_refuses_before_any_work_what_it_cannot_measure(tmp_path: Path) -> None:
+    from oodprobe.study import run_study
+
+    with pytest.raises(InvalidParameterError, match="are both 'efficientnet-lite0'"):
+        study_spec(_spec(), ["efficientnet-lite0", "efficientnet-lite0@224"])
+    with pytest.raises(OodprobeError, match="no fine-tuned model folder"):
+        study_spec(_spec(), ["efficientnet-lite0@64", f"finetuned:{tmp_path / 'none'}"])
+    few = replace(_spec(), id_train=DataSpec("digits:train", classes=(0, 1, 2), limit=12))
+    cache = tmp_path / "cache"
+    with pytest.raises(OodprobeError, match="has 12 images; give it at least 20"):
+        run_study(
+            few,
+            tmp_path / "out",
+            encoders=["efficientnet-lite0@64", "efficientnet-lite0/block4@64"],
+            cache_root=cache,
+            progress=False,
+        )
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for index in range(25):
+        Image.fromarray(np.full((16, 16, 3), index * 10, np.uint8)).save(flat / f"{index}.png")
+    unlabelled = replace(_spec(), id_train=DataSpec(str(flat)))
+    with pytest.raises(OodprobeError, match="has no labels"):
+        run_study(
+            unlabelled,
+            tmp_path / "out",
+            encoders=["efficientnet-lite0@64", "efficientnet-lite0/block4@64"],
+            cache_root=cache,
+            progress=False,
+        )
+    assert not cache.exists()  # nothing was extracted
+    with pytest.raises(InvalidParameterError, match="bootstrap must be at most 100000"):
+        validate(replace(_spec(), study=StudySpec(bootstrap=10**9)))

@@ -44,6 +44,12 @@ if TYPE_CHECKING:
 
 Log = Callable[[str], None]
 
+KNN_CLASSIFIER_K = 20
+KNN_CLASSIFIER_TEMPERATURE = 0.02
+"""The paper's k-NN classifier of ID accuracy (Adaloglou et al., TMLR 2024): k = 20 neighbours,
+weights ``exp(cos / 0.02)``."""
+KNN_ACCURACY_METHOD = f"knn classifier (k={KNN_CLASSIFIER_K}, T={KNN_CLASSIFIER_TEMPERATURE})"
+
 
 @dataclass
 class BenchmarkRun:
@@ -237,15 +243,22 @@ def execute_benchmark(
     progress: bool = True,
     log: Log = lambda message: None,
     detectors_if_labelled: Sequence[DetectorSpec] = (),
+    skip_inapplicable: bool = False,
+    require_accuracy: bool = False,
 ) -> BenchmarkExecution:
     """Extract, fit, score and measure; write the per-detector score files, not the report.
 
     Encoders that are blocks of one model at one input size share one forward pass per image
     (:func:`shared_passes`); each pass's model is built, used and released before the next.
     ``detectors_if_labelled`` join the spec's when the ID training set has labels (the study's
-    linear probe); the returned execution's spec lists them.
+    linear probe); the returned execution's spec lists them. With ``skip_inapplicable`` a
+    detector an encoder cannot serve (logits or text on an intermediate block) is left out for
+    that encoder, and logged, instead of stopping the run; one no encoder can serve still
+    stops it. ``require_accuracy`` refuses, before any extraction, ID data on which the k-NN
+    classifier's accuracy cannot be measured (no labels, fewer than k = 20 training images).
     """
     from oodprobe.encoders import create_encoder, create_shared_encoder, shared_pass_key
+    from oodprobe.encoders.base import TappedEncoder
     from oodprobe.features import resolve_precision, select_device
 
     started = time.perf_counter()
@@ -263,12 +276,24 @@ def execute_benchmark(
     labelled = datasets["id_train"][1].labels is not None
     if labelled and detectors_if_labelled:
         spec = validate(replace(spec, detectors=(*spec.detectors, *detectors_if_labelled)))
-    check_compatibility(
-        spec.detectors,
-        labelled=labelled,
-        id_label=spec.id_train.label,
-        encoders=dict.fromkeys(spec.encoders),
-    )
+    if require_accuracy:
+        _check_accuracy_measurable(spec, datasets["id_train"][1], datasets["id_test"][1])
+
+    def applicable(name: str, encoder: Any, quiet: bool = False) -> list[DetectorSpec]:
+        """The detectors ``encoder`` (None: judged by its name) can serve."""
+        return _applicable_detectors(
+            spec, name, encoder, labelled, skip_inapplicable, (lambda _: None) if quiet else log
+        )
+
+    by_name = {name: applicable(name, None, quiet=True) for name in spec.encoders}
+    for detector in spec.detectors:  # one that no encoder can serve is a mistake in the spec
+        if not any(detector in served for served in by_name.values()):
+            check_compatibility(
+                [detector],
+                labelled=labelled,
+                id_label=spec.id_train.label,
+                encoders=dict.fromkeys(spec.encoders),
+            )
     passes = shared_passes(spec.encoders)
     # fingerprints once per data set per run (a stat per file)
     data = {role: (s, d, d.fingerprint()) for role, (s, d) in datasets.items()}
@@ -313,17 +338,14 @@ def execute_benchmark(
             outputs = {names[0]: "features"}
         else:
             encoder, outputs = create_shared_encoder(names)
-        for name in names:
-            check_compatibility(
-                spec.detectors,
-                labelled=labelled,
-                id_label=spec.id_train.label,
-                encoders={name: encoder if outputs[name] == "features" else None},
-            )
+        served = {
+            name: applicable(name, encoder if outputs[name] == "features" else None)
+            for name in names
+        }
         log(f"[{shown}] extracting features")
         pass_splits = [extract(role, encoder) for role in data]
         class_embeddings = None
-        if needs_text(spec.detectors):  # only final-layer encoders pass the check above
+        if needs_text([d for ds in served.values() for d in ds]):  # final-layer encoders only
             names_of_classes = spec.class_names or id_train.class_names
             class_embeddings = compute_text_embeddings(encoder, names_of_classes, spec.prompts)
         for name in names:
@@ -335,7 +357,9 @@ def execute_benchmark(
             record = EncoderRecord(
                 name=name,
                 cache_id=(
-                    encoder.cache_id if len(names) == 1 else f"{encoder.cache_id}/{output_key}"
+                    encoder.variant_cache_id(output_key)
+                    if isinstance(encoder, TappedEncoder)
+                    else encoder.cache_id
                 ),
                 weights_sha256=encoder.weights_digest,
                 shared_pass=shared_pass_key(name),
@@ -343,10 +367,16 @@ def execute_benchmark(
                 base=getattr(encoder, "base_name", None),
             )
             if train.features.labels is not None and test.features.labels is not None:
-                id_accuracy.append(_knn_accuracy(name, train, test))
+                if len(train.features) >= KNN_CLASSIFIER_K:
+                    id_accuracy.append(_knn_accuracy(name, train, test))
+                else:
+                    log(
+                        f"[{name}] no k-NN accuracy: {len(train.features)} training images, "
+                        f"fewer than k = {KNN_CLASSIFIER_K}"
+                    )
                 record.head_accuracy = _head_accuracy(encoder, test)
             records.append(record)
-            for detector_spec in spec.detectors:
+            for detector_spec in served[name]:
                 log(f"[{name}] {detector_spec.display}")
                 context = _row_context(
                     spec, detector_spec, record, train, test, str(torch_device), resolved_precision
@@ -383,12 +413,74 @@ def execute_benchmark(
 
 
 def _head_accuracy(encoder: Any, test: Split) -> float | None:
-    """ID test accuracy of a fine-tuned encoder's own head (its logits are the ID classes)."""
+    """ID test accuracy of a fine-tuned encoder's own head, or None.
+
+    The head's column i is the label ``encoder.classes[i]`` of its training set (fine-tuning
+    keeps the classes present, in label order). None when the encoder has no such head, or
+    when the ID test labels are not among those classes (a model fine-tuned on other data).
+    """
     logits = test.features.logits
-    if getattr(encoder, "base_name", None) is None or logits is None:
+    classes = getattr(encoder, "classes", None)
+    if getattr(encoder, "base_name", None) is None or logits is None or classes is None:
         return None
-    assert test.features.labels is not None  # the caller checked
-    return float(np.mean(np.argmax(logits, axis=1) == test.features.labels))
+    labels = test.features.labels
+    assert labels is not None  # the caller checked
+    classes = np.asarray(classes)
+    if len(classes) != logits.shape[1] or not np.isin(labels, classes).all():
+        return None
+    return float(np.mean(classes[np.argmax(logits, axis=1)] == labels))
+
+
+def _applicable_detectors(
+    spec: BenchmarkSpec,
+    name: str,
+    encoder: Any,
+    labelled: bool,
+    skip: bool,
+    log: Log,
+) -> list[DetectorSpec]:
+    """The spec's detectors that encoder ``name`` can serve (``encoder`` None: by its name).
+
+    Without ``skip`` the first that it cannot serve raises; with it, each is logged and left out.
+    """
+    if not skip:
+        check_compatibility(
+            spec.detectors,
+            labelled=labelled,
+            id_label=spec.id_train.label,
+            encoders={name: encoder},
+        )
+        return list(spec.detectors)
+    served = []
+    for detector in spec.detectors:
+        try:
+            check_compatibility(
+                [detector],
+                labelled=labelled,
+                id_label=spec.id_train.label,
+                encoders={name: encoder},
+            )
+        except OodprobeError as error:
+            log(f"[{name}] {detector.display}: not applicable ({error})")
+            continue
+        served.append(detector)
+    return served
+
+
+def _check_accuracy_measurable(spec: BenchmarkSpec, id_train: Any, id_test: Any) -> None:
+    """DataError unless the k-NN classifier's ID accuracy can be measured on this data."""
+    for role, dataset in (("training", id_train), ("test", id_test)):
+        if dataset.labels is None:
+            raise DataError(
+                f"a study measures ID accuracy, and the ID {role} set {dataset.name!r} has no "
+                f"labels; use folders with one subfolder per class (or a labelled dataset)"
+            )
+    if len(id_train) < KNN_CLASSIFIER_K:
+        raise DataError(
+            f"a study measures ID accuracy with the k-NN classifier (k = {KNN_CLASSIFIER_K}), "
+            f"and the ID training set {id_train.name!r} has {len(id_train)} images; give it at "
+            f"least {KNN_CLASSIFIER_K}"
+        )
 
 
 def _free_memory() -> None:
@@ -413,12 +505,12 @@ def _knn_accuracy(encoder_name: str, train: Split, test: Split) -> dict[str, Any
         train.features.labels,
         test.features.features,
         test.features.labels,
-        k=20,
-        temperature=0.02,
+        k=KNN_CLASSIFIER_K,
+        temperature=KNN_CLASSIFIER_TEMPERATURE,
     )
     return {
         "encoder": encoder_name,
-        "method": "knn classifier (k=20, T=0.02)",
+        "method": KNN_ACCURACY_METHOD,
         "accuracy": float(accuracy),
     }
 

@@ -138,6 +138,9 @@ class DetectorSpec:
         return f"{self.name}({options})"
 
 
+MAX_STUDY_BOOTSTRAP = 100_000
+
+
 @dataclass(frozen=True)
 class StudySpec:
     """What ``oodprobe study`` adds to a benchmark (the TOML's ``[study]`` table).
@@ -330,14 +333,30 @@ def _slug(text: str) -> str:
 
 
 def _check_encoders(encoders: Any, where: str) -> None:
-    """A list of unique encoder names that every source knows (nothing is built)."""
-    from oodprobe.encoders import encoder_name_traits
+    """A list of distinct encoder names that their sources know (nothing is built).
+
+    Two spellings of one encoder (``efficientnet-lite0`` and ``efficientnet-lite0@224``) are
+    refused: a study would count the model twice. A ``finetuned:PATH`` must name a finished
+    fine-tuning folder (its small metadata file is read, not the model).
+    """
+    from oodprobe.encoders import parse_encoder_name
 
     _check_str_list(encoders, where)
-    for encoder in encoders:
-        encoder_name_traits(encoder)  # an unknown source or a bad variant raises here
     if len(set(encoders)) != len(encoders):
         raise InvalidParameterError(f"{where} must be unique, got {list(encoders)}")
+    seen: dict[str, str] = {}
+    for encoder in encoders:
+        parsed = parse_encoder_name(encoder)  # an unknown source or a bad variant raises here
+        if parsed.canonical in seen:
+            raise InvalidParameterError(
+                f"{where} must be distinct encoders, and {seen[parsed.canonical]!r} and "
+                f"{encoder!r} are both {parsed.canonical!r}; list it once"
+            )
+        seen[parsed.canonical] = encoder
+        if parsed.source.prefix == "finetuned":
+            from oodprobe.encoders.finetuned import read_finetune_metadata
+
+            read_finetune_metadata(Path(parsed.spec).expanduser(), parsed.spec)
 
 
 def validate(spec: BenchmarkSpec) -> BenchmarkSpec:
@@ -374,6 +393,11 @@ def validate(spec: BenchmarkSpec) -> BenchmarkSpec:
     if spec.study.encoders:
         _check_encoders(spec.study.encoders, "[study] encoders")
     _check_int(spec.study.bootstrap, "[study] bootstrap", minimum=0)
+    if spec.study.bootstrap > MAX_STUDY_BOOTSTRAP:  # the resamples are held in memory at once
+        raise InvalidParameterError(
+            f"[study] bootstrap must be at most {MAX_STUDY_BOOTSTRAP}, got "
+            f"{spec.study.bootstrap}; 1000 is the default"
+        )
     if not _is_number(spec.study.confidence) or not 0 < spec.study.confidence < 1:
         raise InvalidParameterError(
             f"[study] confidence must be a number in (0, 1), got {spec.study.confidence!r}; "

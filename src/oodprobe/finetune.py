@@ -239,7 +239,7 @@ def image_tower(encoder: ImageEncoder) -> tuple[torch.nn.Module, str]:
     else:
         raise InvalidParameterError(
             f"encoder {encoder.name!r} ({type(encoder).__name__}) cannot be fine-tuned; "
-            "fine-tune an efficientnet-lite0, openclip:…, timm:… or hf:… encoder"
+            "fine-tune an efficientnet-lite0/1/2, openclip:…, timm:… or hf:… encoder"
         )
     module: Any = encoder
     for part in path.split("."):
@@ -279,17 +279,20 @@ def _freeze(tower: torch.nn.Module, n_blocks: int, encoder_name: str) -> list[to
         if id(parameter) in first_block:
             break
         stem.add(id(parameter))
-    frozen_modules: list[torch.nn.Module] = list(blocks[:n_blocks])
-    for module in tower.modules():
-        own = list(module.parameters(recurse=False))
-        if own and all(id(p) in stem for p in own):
-            frozen_modules.append(module)
     for parameter in tower.parameters():
         if id(parameter) in stem:
             parameter.requires_grad_(False)
     for block in blocks[:n_blocks]:
         block.requires_grad_(False)
-    return frozen_modules
+    # eval mode (batch-norm statistics, dropout, drop-path) for every module that is frozen as
+    # a whole, recursively: never an ancestor of a trained block, such as a ViT tower's root,
+    # whose own parameters (class and position embeddings) belong to the stem
+    return [
+        module
+        for module in tower.modules()
+        if any(True for _ in module.parameters())
+        and not any(p.requires_grad for p in module.parameters())
+    ]
 
 
 # -- randomness as a function of (seed, epoch, index) -----------------------------------------
@@ -588,6 +591,8 @@ def finetune(
         "n_images": len(train_dataset),
         "classes": [int(c) for c in classes],
         "recipe": recipe.as_dict(),
+        # precision "auto" resolves per device: a run resumed elsewhere must not change it
+        "precision": precision,
     }
     state = _load_checkpoint(checkpoint_path, run, force)
     if force:

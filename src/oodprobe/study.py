@@ -13,7 +13,10 @@ probing beats fine-tuning) is the LP-vs-FT table: a ``finetuned:PATH`` encoder b
 Where this differs from the paper: the paper's R² is over CLIP models on full CIFAR/ImageNet
 benchmarks; a study here ranges over whatever encoders and data it is given, and says how many
 models each fit has. Fits with fewer than three models, or whose models all have one accuracy,
-have no statistics (a note says why) instead of a meaningless R² of 1.
+have no statistics (a note says why) instead of a meaningless R² of 1. Fine-tuned encoders are
+left out of the fits (the claim concerns pretrained models; ``fit_excludes`` lists them) and
+compared with their base in the LP-vs-FT table. Detectors an encoder cannot serve (logits or
+text on an intermediate block) are left out for that encoder only.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from oodprobe.benchmark import (
+    KNN_ACCURACY_METHOD,
     BenchmarkExecution,
     BenchmarkRun,
     Log,
@@ -38,7 +42,6 @@ from oodprobe.errors import InvalidParameterError
 PRIMARY_DETECTOR = "knn"
 """The paper's label-free detector: max cosine similarity to the ID training features (k = 1)."""
 
-KNN_ACCURACY_METHOD = "knn classifier (k=20, T=0.02)"
 PROBE_DETECTOR = "linear-probe"
 MIN_MODELS_FOR_FIT = 3
 BAND_POINTS = 50
@@ -71,7 +74,9 @@ def study_spec(spec: BenchmarkSpec, encoders: Sequence[str] | None = None) -> Be
         )
     detectors = spec.detectors
     if _primary_index(detectors) is None:
-        detectors = (DetectorSpec(PRIMARY_DETECTOR), *detectors)
+        taken = {d.display for d in detectors}
+        label = PRIMARY_DETECTOR if PRIMARY_DETECTOR not in taken else f"{PRIMARY_DETECTOR} (k=1)"
+        detectors = (DetectorSpec(PRIMARY_DETECTOR, label=label), *detectors)
     return validate(replace(spec, encoders=chosen, detectors=detectors))
 
 
@@ -123,6 +128,8 @@ def run_study(
         progress=progress,
         log=log,
         detectors_if_labelled=probe,
+        skip_inapplicable=True,  # e.g. a logits detector beside intermediate blocks
+        require_accuracy=True,
     )
     study = analyse(execution)
     return StudyRun(finish_benchmark(execution, study=study), study)
@@ -141,6 +148,8 @@ def analyse(execution: BenchmarkExecution) -> dict[str, Any]:
     models = [_model_entry(execution, record, detectors, targets) for record in execution.encoders]
     fits = []
     kinds = ["knn"] + (["probe"] * any(m["probe_accuracy"] is not None for m in models))
+    # claim 1 is about pretrained models: a fine-tuned one is compared with its base instead
+    pretrained = [model for model in models if model["base"] is None]
     for detector in detectors:
         for target in [label for label, _ in targets]:
             for kind in kinds:
@@ -150,7 +159,7 @@ def analyse(execution: BenchmarkExecution) -> dict[str, Any]:
                         "accuracy": model[f"{kind}_accuracy"],
                         "auroc": model["auroc"][detector][target],
                     }
-                    for model in models
+                    for model in pretrained
                     if model[f"{kind}_accuracy"] is not None
                     and model["auroc"][detector][target] is not None
                 ]
@@ -184,6 +193,7 @@ def analyse(execution: BenchmarkExecution) -> dict[str, Any]:
         "fits": fits,
         "ranking": rank_models(models, primary, ranking_target),
         "ranking_by": f"mean AUROC of {primary} over all OOD sets, then k-NN accuracy",
+        "fit_excludes": [model["encoder"] for model in models if model["base"] is not None],
         "lp_vs_ft": lp_vs_ft(models, detectors, classifier_msp_pair(spec)),
     }
 
@@ -302,7 +312,7 @@ def fit_statistics(
         **empty,
         "slope": float(line.slope),
         "intercept": float(line.intercept),
-        "r2": float(line.rvalue**2),
+        "r2": None if constant_auroc else float(line.rvalue**2),
         "pearson": None if constant_auroc else float(line.rvalue),
         "spearman": None if constant_auroc else float(stats.spearmanr(x, y).statistic),
         "note": "every model has the same AUROC" if constant_auroc else None,
@@ -333,7 +343,7 @@ def fit_statistics(
     result.update(
         slope_ci=interval(slopes),
         intercept_ci=interval(intercepts),
-        r2_ci=interval(pearsons**2),
+        r2_ci=None if constant_auroc else interval(pearsons**2),
         pearson_ci=None if constant_auroc else interval(pearsons),
         spearman_ci=None if constant_auroc else interval(spearmans),
         band={
@@ -400,10 +410,10 @@ def lp_vs_ft(
     probe's MSP detector, the head's MSP detector) adds the paper's headline row: MSP of the
     linear probe on the frozen base against MSP of the fine-tuned model's own head.
     """
-    by_name = {model["encoder"]: model for model in models}
+    by_name = {_canonical(model["encoder"]): model for model in models}
     table = []
     for model in models:
-        base = by_name.get(model["base"] or "")
+        base = by_name.get(_canonical(model["base"])) if model["base"] else None
         if base is None:
             continue
         pairs = [(detector, detector, detector) for detector in detectors]
@@ -426,6 +436,17 @@ def lp_vs_ft(
                 }
             )
     return table
+
+
+def _canonical(name: str) -> str:
+    """One spelling per encoder (``efficientnet-lite0@224`` is ``efficientnet-lite0``)."""
+    from oodprobe.encoders import parse_encoder_name
+    from oodprobe.errors import OodprobeError
+
+    try:
+        return parse_encoder_name(name).canonical
+    except OodprobeError:
+        return name
 
 
 def classifier_msp_pair(spec: BenchmarkSpec) -> tuple[str, str] | None:

@@ -98,11 +98,11 @@ class ImageEncoder(torch.nn.Module):
         """
         raise InvalidParameterError(f"encoder {self.name!r} has no intermediate blocks to tap")
 
-    def _digest_with(self, identity: dict[str, Any]) -> str:
+    def _digest_with(self, identity: dict[str, Any], outputs: Sequence[str] | None = None) -> str:
         """32 hex digits of the class, outputs, preprocessing and ``identity``."""
         payload = {
             "class": self.identity_class,
-            "outputs": list(self.outputs),
+            "outputs": list(self.outputs if outputs is None else outputs),
             "mean": self.pixel_mean.flatten().tolist(),
             "std": self.pixel_std.flatten().tolist(),
             "transform": repr(self.pixel_transform),
@@ -145,18 +145,30 @@ class ImageEncoder(torch.nn.Module):
         digest = self.weights_digest
         if digest is None:
             return self.cache_id
-        identity = {
-            key: value
-            for key, value in self.identity.items()
-            if key not in ("weights_path", "weights_files")
-        }
-        return self._digest_with({**identity, "weights_file_sha256": digest})
+        return self._digest_with(
+            {**_without_locations(self.identity), "weights_file_sha256": digest}
+        )
 
     def freeze(self) -> ImageEncoder:
         """Eval mode, no parameter gradients (pixel gradients still flow)."""
         self.eval()
         self.requires_grad_(False)
         return self
+
+
+_LOCATION_KEYS = ("weights_path", "weights_files")
+
+
+def _without_locations(identity: dict[str, Any]) -> dict[str, Any]:
+    """``identity`` without where weights lie (path, sizes, mtimes), at any depth.
+
+    A fine-tuned encoder nests its base's identity, wheel path included.
+    """
+    return {
+        key: _without_locations(value) if isinstance(value, dict) else value
+        for key, value in identity.items()
+        if key not in _LOCATION_KEYS
+    }
 
 
 class TextImageEncoder(ImageEncoder):
@@ -236,6 +248,24 @@ class TappedEncoder(ImageEncoder):
             "taps": {str(tap): key for tap, key in self.taps.items()},
         }
         self.freeze()
+
+    def variant_cache_id(self, output: str) -> str:
+        """The ``cache_id`` of the encoder whose features are ``output`` of this pass.
+
+        Equal to ``create_encoder(name).cache_id`` for that variant's own name: the base's for
+        its final features, the intermediate variant's (``…/blockN``) for a tap. So result rows
+        name an encoder the same way whether or not it shared a forward pass.
+        """
+        if output in self.base.outputs:
+            return self.base.cache_id
+        tap = next(number for number, key in self.taps.items() if key == output)
+        identity = {
+            **self.base.identity,
+            "base_class": self.base.identity_class,
+            "base_outputs": [],
+            "taps": {str(tap): "features"},
+        }
+        return self._digest_with(identity, outputs=("features",))
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         final, pooled = self.base.forward_taps(pixels, tuple(self.taps), final=self.keep_base)

@@ -499,8 +499,14 @@ def study_section(study: Mapping[str, Any], fpr_name: str = "FPR@95") -> str:
         f'<p class="note">Fits: {_esc(how)}. One point per model; the line is the least-squares '
         "fit, the shaded area its band. Slope: AUROC points per accuracy point. "
         f"Values in %; {MISSING} = not computable.</p>",
-        f"<h3>Detector <code>{_esc(primary)}</code>: OOD AUROC against ID accuracy</h3>",
     ]
+    excluded = [_text(name) for name in _list(study.get("fit_excludes"))]
+    if excluded:
+        parts.append(
+            '<p class="note">Left out of the fits (fine-tuned; the finding concerns pretrained '
+            f"models, see linear probe vs fine-tuned): {_esc(', '.join(excluded))}.</p>"
+        )
+    parts.append(f"<h3>Detector <code>{_esc(primary)}</code>: OOD AUROC against ID accuracy</h3>")
     if mine:
         figures = "".join(_figure(fit, confidence) for fit in mine)
         parts.append(f'<div class="figures">{figures}</div>')
