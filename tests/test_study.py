@@ -433,3 +433,58 @@ def test_study_refuses_before_any_work_what_it_cannot_measure(tmp_path: Path) ->
     assert not cache.exists()  # nothing was extracted
     with pytest.raises(InvalidParameterError, match="bootstrap must be at most 100000"):
         validate(replace(_spec(), study=StudySpec(bootstrap=10**9)))
+
+
+def test_each_encoder_of_a_shared_pass_has_the_cache_entry_bench_reads(real_study: object) -> None:
+    from oodprobe.features import extract_features
+
+    result, _, root = real_study  # type: ignore[misc]
+    cache = root / "cache"
+    # one entry per encoder and data set, none left by the shared pass itself
+    entries = [p for p in (cache / "features").glob("*/*") if (p / "meta.json").exists()]
+    assert len(entries) == len(DEPTHS) * 4
+    id_train = result.run.spec.id_train.create()
+    for name in DEPTHS:
+        alone = extract_features(id_train, name, cache_root=cache, progress=False)
+        assert alone.from_cache, name
+        assert alone.arrays.keys() == (
+            {"features", "logits"} if name == DEPTHS[-1] else {"features"}
+        )
+    # the arrays are those of a standalone extraction, bit for bit
+    fresh = extract_features(id_train, DEPTHS[1], use_cache=False, progress=False)
+    cached = extract_features(id_train, DEPTHS[1], cache_root=cache, progress=False)
+    assert np.array_equal(fresh.features, cached.features)
+
+
+def test_a_shared_pass_splits_skip_records_and_shards_like_separate_extractions(
+    tmp_path: Path,
+) -> None:
+    from oodprobe.data import create_dataset
+    from oodprobe.encoders import create_shared_encoder
+    from oodprobe.features import extract_features, extract_shared_features
+
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for index in range(7):
+            pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / label / f"{index}.png")
+    (folder / "b" / "broken.png").write_bytes(b"not an image")
+    dataset = create_dataset(str(folder))
+    names = ["efficientnet-lite0/block3@32", "efficientnet-lite0@32"]
+    shared, outputs = create_shared_encoder(names)
+    split = extract_shared_features(
+        dataset, shared, outputs, cache_root=tmp_path / "c", shard_size=4, progress=False
+    )
+    for name in names:
+        alone = extract_features(
+            dataset, name, cache_root=tmp_path / "alone", shard_size=4, progress=False
+        )
+        assert split[name].skipped == alone.skipped and len(alone.skipped) == 1
+        assert np.array_equal(split[name].indices, alone.indices)
+        assert split[name].arrays.keys() == alone.arrays.keys()
+        for key in alone.arrays:
+            assert np.array_equal(split[name].arrays[key], alone.arrays[key]), (name, key)
+        again = extract_features(dataset, name, cache_root=tmp_path / "c", shard_size=4)
+        assert again.from_cache and again.skipped == alone.skipped

@@ -40,7 +40,7 @@ from oodprobe.pipeline import (
 from oodprobe.results import ResultRow, RowContext, failed_rows, metric_row
 
 if TYPE_CHECKING:
-    from oodprobe.features import FeatureSet
+    pass
 
 Log = Callable[[str], None]
 
@@ -215,21 +215,6 @@ def shared_passes(encoder_names: Sequence[str]) -> list[list[str]]:
     return list(groups.values())
 
 
-def _feature_view(features: FeatureSet, output: str, name: str) -> FeatureSet:
-    """The FeatureSet of one encoder of a shared pass: its output becomes ``features``.
-
-    The final-layer encoder keeps the pass's other outputs of the same depth (``logits``);
-    an intermediate block has its pooled output only.
-    """
-    if output == "features":
-        arrays = {
-            key: value for key, value in features.arrays.items() if key in ("features", "logits")
-        }
-    else:
-        arrays = {"features": features.arrays[output]}
-    return replace(features, arrays=arrays, encoder_name=name)
-
-
 def execute_benchmark(
     spec: BenchmarkSpec,
     output_dir: str | Path,
@@ -305,20 +290,25 @@ def execute_benchmark(
     records: list[EncoderRecord] = []
     skipped: dict[str, list[Any]] = {}
 
-    def extract(role: str, encoder: Any) -> Split:
-        from oodprobe.features import extract_features
+    def extract(role: str, encoder: Any, outputs: dict[str, str]) -> dict[str, Split]:
+        """Each encoder's features of one data set: one pass, each cached in its own entry."""
+        from oodprobe.features import extract_features, extract_shared_features
 
         data_spec, dataset, fingerprint = data[role]
-        features = extract_features(
-            dataset,
-            encoder,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            device=device,
-            precision=precision,  # type: ignore[arg-type]
-            cache_root=cache_root,
-            progress=progress,
-        )
+        options: dict[str, Any] = {
+            "batch_size": batch_size,
+            "num_workers": num_workers,
+            "device": device,
+            "precision": precision,
+            "cache_root": cache_root,
+            "progress": progress,
+        }
+        if len(outputs) == 1:
+            (name,) = outputs
+            per_name = {name: extract_features(dataset, encoder, **options)}
+        else:
+            per_name = extract_shared_features(dataset, encoder, outputs, **options)
+        features = next(iter(per_name.values()))
         origin = (
             "cache" if features.from_cache else f"{features.stats['images_per_second']:.0f} img/s"
         )
@@ -328,7 +318,7 @@ def execute_benchmark(
         )
         if features.skipped:
             skipped.setdefault(data_spec.label, features.skipped)
-        return Split(data_spec, dataset, features, fingerprint)
+        return {name: Split(data_spec, dataset, f, fingerprint) for name, f in per_name.items()}
 
     for pass_index, names in enumerate(passes, start=1):
         shown = names[0] if len(names) == 1 else f"{', '.join(names)} (one forward pass)"
@@ -343,17 +333,14 @@ def execute_benchmark(
             for name in names
         }
         log(f"[{shown}] extracting features")
-        pass_splits = [extract(role, encoder) for role in data]
+        splits = [extract(role, encoder, outputs) for role in data]
         class_embeddings = None
         if needs_text([d for ds in served.values() for d in ds]):  # final-layer encoders only
             names_of_classes = spec.class_names or id_train.class_names
             class_embeddings = compute_text_embeddings(encoder, names_of_classes, spec.prompts)
         for name in names:
             output_key = outputs[name]
-            train, test, *oods = (
-                replace(split, features=_feature_view(split.features, output_key, name))
-                for split in pass_splits
-            )
+            train, test, *oods = (per_name[name] for per_name in splits)
             record = EncoderRecord(
                 name=name,
                 cache_id=(

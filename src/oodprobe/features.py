@@ -294,15 +294,7 @@ def extract_features(
         "shard_size": shard_size,
         "progress": progress,
     }
-    key = cache.cache_key(
-        {
-            "encoder": encoder.cache_id,
-            "precision": resolved_precision,
-            "dataset": dataset.fingerprint(),
-            "n_images": len(dataset),
-            "shard_size": shard_size,
-        }
-    )
+    key = _entry_key(encoder.cache_id, resolved_precision, dataset, shard_size)
     if not use_cache:  # extract into a temporary folder and keep the arrays in memory
         with tempfile.TemporaryDirectory(prefix="oodprobe-") as scratch:
             result = _cached_extraction(
@@ -322,6 +314,164 @@ def extract_features(
     result.stats.pop("messages", None)
     check_nothing_lost(dataset, result.indices, result.skipped)
     return result
+
+
+def _entry_key(cache_id: str, precision: str, dataset: ImageDataset, shard_size: int) -> str:
+    """The cache key of one encoder's features of ``dataset``: all that changes them."""
+    return cache.cache_key(
+        {
+            "encoder": cache_id,
+            "precision": precision,
+            "dataset": dataset.fingerprint(),
+            "n_images": len(dataset),
+            "shard_size": shard_size,
+        }
+    )
+
+
+@dataclass(frozen=True)
+class _VariantView:
+    """What a cache entry records of one encoder served by a shared pass (no model)."""
+
+    name: str
+    cache_id: str
+    outputs: tuple[str, ...]
+    source: str  # the shared pass's output that holds this encoder's features
+
+
+def extract_shared_features(
+    dataset: ImageDataset,
+    encoder: ImageEncoder,
+    outputs: dict[str, str],
+    *,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    device: str = "auto",
+    precision: Precision = "auto",
+    cache_root: str | os.PathLike[str] | None = None,
+    shard_size: int = 2048,
+    progress: bool = True,
+) -> dict[str, FeatureSet]:
+    """Features of every encoder one forward pass serves, each cached in its own entry.
+
+    ``encoder`` is a shared pass (:func:`oodprobe.encoders.create_shared_encoder`) and
+    ``outputs`` maps each encoder name to the output holding its features. Each name's features
+    live in the entry ``extract_features(dataset, name)`` reads and writes: encoders already
+    cached (by ``bench``, or an earlier study) are read, and only if one is missing does the
+    pass run, once, for all of them; its entry is then split into the names' own entries and
+    removed. The final-layer encoder keeps the pass's ``logits``.
+    """
+    from oodprobe.encoders.base import TappedEncoder
+
+    torch_device = select_device(device)
+    resolved_precision = resolve_precision(precision, torch_device)
+    root = Path(cache_root) if cache_root is not None else cache.default_cache_root()
+    views = {}
+    for name, output in outputs.items():
+        is_final = not isinstance(encoder, TappedEncoder) or output in encoder.base.outputs
+        base_outputs = (
+            encoder.base.outputs if isinstance(encoder, TappedEncoder) else encoder.outputs
+        )
+        views[name] = _VariantView(
+            name=name,
+            cache_id=(
+                encoder.variant_cache_id(output)
+                if isinstance(encoder, TappedEncoder)
+                else encoder.cache_id
+            ),
+            outputs=tuple(base_outputs) if is_final else ("features",),
+            source=output,
+        )
+    keys = {
+        name: _entry_key(view.cache_id, resolved_precision, dataset, shard_size)
+        for name, view in views.items()
+    }
+    results: dict[str, FeatureSet] = {}
+    for name, view in views.items():
+        directory = cache.entry_dir(root, keys[name])
+        with cache.locked(directory):
+            if (directory / "meta.json").exists():
+                try:
+                    results[name] = _feature_set(
+                        directory, dataset, view, keys[name], from_cache=True
+                    )
+                except CacheError as error:
+                    warnings.warn(
+                        f"feature cache entry is damaged ({error}); rebuilding it", stacklevel=2
+                    )
+                    cache.remove_entry(directory)
+    missing = [name for name in views if name not in results]
+    if missing:
+        shared = extract_features(
+            dataset,
+            encoder,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            precision=precision,
+            cache_root=root,
+            shard_size=shard_size,
+            progress=progress,
+        )
+        assert shared.path is not None  # extracted into the cache
+        n_shards = -(-len(dataset) // shard_size)
+        for name in missing:
+            view, directory = views[name], cache.entry_dir(root, keys[name])
+            with cache.locked(directory):
+                _write_view_entry(shared.path, directory, view, keys[name], n_shards, dataset)
+                result = _feature_set(
+                    directory, dataset, view, keys[name], from_cache=False, verify=False
+                )
+            result.stats.update(shared.stats)
+            results[name] = result
+        with cache.locked(shared.path):
+            cache.remove_entry(shared.path)  # its arrays now live in the names' own entries
+    for result in results.values():
+        result.stats.pop("messages", None)
+        check_nothing_lost(dataset, result.indices, result.skipped)
+    return {name: results[name] for name in outputs}
+
+
+def _write_view_entry(
+    source: Path,
+    directory: Path,
+    view: _VariantView,
+    key: str,
+    n_shards: int,
+    dataset: ImageDataset,
+) -> None:
+    """One encoder's entry, cut from the complete entry of the shared pass that computed it.
+
+    Written shard by shard as extraction writes them (rows and skip records by dataset index),
+    so the entry is the one ``extract_features`` would have written for that encoder.
+    """
+    arrays, source_meta = cache.read_entry(source, verify=False)  # verified as it was written
+    shard_size = int(source_meta["shard_size"])
+    indices = arrays["indices"]
+    for shard in range(n_shards):
+        low, high = shard * shard_size, (shard + 1) * shard_size
+        rows = (indices >= low) & (indices < high)
+        kept = {"features": arrays[view.source][rows], "indices": indices[rows]}
+        kept.update({name: arrays[name][rows] for name in view.outputs if name != "features"})
+        records = [r for r in source_meta["skipped"] if low <= int(r[0]) < high]
+        cache.write_shard(directory, shard, kept, {"key": key, "skipped": records})
+    meta: dict[str, Any] = {
+        **{
+            name: source_meta[name]
+            for name in ("device", "precision", "versions", "python")
+            if name in source_meta
+        },
+        "encoder": view.name,
+        "encoder_cache_id": view.cache_id,
+        "shared_pass": source_meta.get("encoder"),
+        "dataset": dataset.name,
+        "dataset_fingerprint": dataset.fingerprint(),
+        "n_images": len(dataset),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "shard_size": shard_size,
+        "key": key,
+    }
+    cache.write_entry(directory, n_shards, meta)
 
 
 def check_nothing_lost(
@@ -672,7 +822,7 @@ def _output_shape(encoder: ImageEncoder, name: str) -> tuple[int, ...]:
 def _feature_set(
     directory: Path,
     dataset: ImageDataset,
-    encoder: ImageEncoder,
+    encoder: ImageEncoder | _VariantView,
     key: str,
     *,
     from_cache: bool,
