@@ -264,7 +264,7 @@ def test_shared_pass_gives_every_variant_and_the_plain_outputs_exactly(
 
 def test_shared_cache_id_names_the_tap_set(lite0_112: ImageEncoder) -> None:
     one, _ = create_shared_encoder(["efficientnet-lite0@112", "efficientnet-lite0/block4@112"])
-    again, _ = create_shared_encoder(["efficientnet-lite0/block4@112"])
+    again, _ = create_shared_encoder(["efficientnet-lite0/block4@112", "efficientnet-lite0@112"])
     two, _ = create_shared_encoder(
         ["efficientnet-lite0/block4@112", "efficientnet-lite0/block5@112"]
     )
@@ -273,6 +273,20 @@ def test_shared_cache_id_names_the_tap_set(lite0_112: ImageEncoder) -> None:
     assert len({one.cache_id, two.cache_id, lite0_112.cache_id}) == 3
     assert plain.cache_id == lite0_112.cache_id and keys == {"efficientnet-lite0@112": "features"}
     assert type(plain).__name__ == "EfficientNetLiteEncoder"
+    # blocks only: the pass stops after the deepest block, no final features or logits
+    assert two.outputs == ("block4", "block5")
+
+
+def test_a_pass_of_blocks_only_gives_each_blocks_standalone_features() -> None:
+    names = ["efficientnet-lite0/block2@64", "efficientnet-lite0/block6@64"]
+    shared, keys = create_shared_encoder(names)
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        outputs = shared(pixels)
+        for name in names:
+            alone = create_encoder(name)
+            assert torch.equal(outputs[keys[name]], alone(pixels)["features"])
+            assert shared.variant_cache_id(keys[name]) == alone.cache_id  # type: ignore[operator]
 
 
 def test_shared_cache_id_is_stable_across_processes() -> None:

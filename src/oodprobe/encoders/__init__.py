@@ -366,12 +366,13 @@ def create_encoder(name: str) -> ImageEncoder:
 def create_shared_encoder(names: Sequence[str]) -> tuple[ImageEncoder, dict[str, str]]:
     """One encoder computing, in one forward pass, the features of every name in ``names``.
 
-    All names must have the same :func:`shared_pass_key`. The encoder returns ``features`` (and
-    ``logits`` where the model has them) and one (B, C) float output per distinct tap, named
-    ``block4``, ``layer8`` …; its ``outputs`` list them all, so extraction caches them in one
-    entry, and its ``cache_id`` names the tap set. The dict maps each name to the output that
-    holds its features (``features`` for the untapped name). Without any tap, the plain
-    encoder itself is returned (so it shares its cache entry).
+    All names must have the same :func:`shared_pass_key`. The encoder returns one (B, C) float
+    output per distinct tap, named ``block4``, ``layer8`` …, after ``features`` (and ``logits``
+    where the model has them) when the untapped name is among ``names``; without it the pass
+    stops after the last tapped block. Its ``outputs`` list them all and its ``cache_id`` names
+    the tap set (:func:`oodprobe.features.extract_shared_features` files each name's features
+    under that name's own id). The dict maps each name to the output that holds its features
+    (``features`` for the untapped name). Without any tap, the plain encoder itself is returned.
     """
     if isinstance(names, str) or not names:
         raise InvalidParameterError(
@@ -393,6 +394,8 @@ def create_shared_encoder(names: Sequence[str]) -> tuple[ImageEncoder, dict[str,
     if not taps:
         return base, keys
     name = base.name + "".join(f"+{key}" for _, key in sorted(taps.items()))
+    if all(entry.tap is not None for entry in parsed):  # blocks only: stop after the last
+        return TappedEncoder(base, taps, name=name, keep_base=False), keys
     if isinstance(base, TextImageEncoder):
         return TappedTextImageEncoder(base, taps, name=name), keys
     return TappedEncoder(base, taps, name=name, keep_base=True), keys

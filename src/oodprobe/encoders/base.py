@@ -214,8 +214,9 @@ class TappedEncoder(ImageEncoder):
     ``taps`` maps 1-based block/layer numbers to output names. With ``keep_base`` the outputs are
     the base's own (``features`` first, ``logits`` where it has them) and then one (B, C) array
     per tap, in block order; this is how one forward pass serves several encoder variants.
-    Without it there is exactly one tap, returned as ``features``: an intermediate variant such
-    as ``efficientnet-lite0/block4``, whose pass stops after that block where the model allows.
+    Without it the outputs are the taps alone and the pass stops after the last tapped block
+    where the model allows: one tap named ``features`` is an intermediate variant such as
+    ``efficientnet-lite0/block4``; several serve a sweep of blocks without the final layer.
     ``cache_id`` names the base's identity and the taps, so each tap set has its own.
     """
 
@@ -225,7 +226,7 @@ class TappedEncoder(ImageEncoder):
         self, base: ImageEncoder, taps: Mapping[int, str], *, name: str, keep_base: bool
     ) -> None:
         check_taps(base, list(taps), name)
-        if not keep_base and list(taps.values()) != ["features"]:
+        if not keep_base and "features" in taps.values() and len(taps) > 1:
             raise ValueError(f"an intermediate variant has one tap named 'features', got {taps}")
         super().__init__(base.pixel_mean.flatten().tolist(), base.pixel_std.flatten().tolist())
         self.base = base
@@ -238,8 +239,8 @@ class TappedEncoder(ImageEncoder):
         if keep_base:
             self.outputs = (*base.outputs, *self.taps.values())
             self.feature_dim = base.feature_dim
-        else:
-            self.outputs = ("features",)
+        else:  # one variant (its tap is "features"), or a pass of several that skips the rest
+            self.outputs = tuple(self.taps.values())
             self.feature_dim = base.tap_channels()[next(iter(self.taps)) - 1]
         self.identity = {
             **base.identity,
