@@ -507,7 +507,16 @@ def study_section(study: Mapping[str, Any], fpr_name: str = "FPR@95") -> str:
             f"models, see linear probe vs fine-tuned): {_esc(', '.join(excluded))}.</p>"
         )
     parts.append(f"<h3>Detector <code>{_esc(primary)}</code>: OOD AUROC against ID accuracy</h3>")
-    if mine:
+    fitted = [fit for fit in fits if as_float(fit.get("slope")) is not None]
+    if mine and not fitted:  # e.g. a base and its fine-tuned model: one point per plot
+        notes = ordered_unique(_text(fit.get("note")) for fit in mine if fit.get("note"))
+        parts.append(
+            f'<p class="note">No fit could be made ({_esc("; ".join(notes) or "no statistics")}'
+            "), so no plots: a fit needs at least three pretrained models with different "
+            "accuracies.</p>"
+        )
+        mine, others = [], []
+    elif mine:
         figures = "".join(_figure(fit, confidence) for fit in mine)
         parts.append(f'<div class="figures">{figures}</div>')
     else:
