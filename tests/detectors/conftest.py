@@ -83,7 +83,32 @@ DETECTOR_FACTORIES: dict[str, DetectorFactory] = {
     "linear-probe": lambda data: create_detector("linear-probe", **_PROBE),
     "mcm": lambda data: create_detector("mcm", class_embeddings=data.class_means),
     "plp": lambda data: create_detector("plp", class_embeddings=data.class_means, **_PROBE),
+    # adversarial.py: fitted on clean (1) vs attacked (0) rows, see fit_arrays
+    "class-score-svm": lambda data: create_detector("class-score-svm"),
+    "class-score-svm-features": lambda data: create_detector("class-score-svm-features"),
 }
+
+
+def fit_arrays(
+    detector: Detector, data: ClusterData
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """The (features, labels) the contract tests fit ``detector`` on.
+
+    Most detectors: the ID training features and their class labels 0..3. A detector whose
+    labels are not class indices (``fit_labels == "clean-vs-attacked"``, the class-score SVM:
+    1 = clean, 0 = attacked) is fitted on the ID training features as clean and on a fresh
+    draw of the OOD cluster (not ``data.ood_features``, which stay held out) as attacked, so
+    the contract's checks (ID scores above OOD scores, determinism, round trips) apply to it
+    unchanged.
+    """
+    if getattr(type(detector), "fit_labels", "classes") != "clean-vs-attacked":
+        return data.train_features, data.train_labels
+    rng = np.random.default_rng(1)
+    center = 2.5 * np.eye(N_CLASSES, N_DIMS).sum(axis=0)
+    attacked = (center + NOISE * rng.normal(size=(100, N_DIMS))).astype(np.float32)
+    features = np.vstack([data.train_features, attacked])
+    labels = np.r_[np.ones(len(data.train_features)), np.zeros(len(attacked))].astype(np.int64)
+    return features, labels
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 Importing this package registers every detector in ``DETECTORS``.
 """
 
+from oodprobe.detectors import adversarial as _adversarial  # noqa: F401  (class-score-svm)
 from oodprobe.detectors import baselines as _baselines  # noqa: F401  (lof, isolation-forest, …)
 from oodprobe.detectors import gaussian as _gaussian  # noqa: F401  (gaussian, mahalanobis, rmd)
 from oodprobe.detectors import neighbors as _neighbors  # noqa: F401  (knn, deep-knn)
