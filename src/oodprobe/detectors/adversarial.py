@@ -95,7 +95,7 @@ class _ClassScoreSVM(Detector):
             self.scaler_mean_ = np.zeros(inputs.shape[1])
             self.scaler_scale_ = np.ones(inputs.shape[1])
         standardized = (inputs - self.scaler_mean_) / self.scaler_scale_
-        svm = SVC(C=self.C, kernel="rbf", gamma=self.gamma, probability=False)
+        svm = SVC(C=self.C, kernel="rbf", gamma=self.gamma)  # no Platt scaling: decision values
         svm.fit(standardized, targets)
         # libsvm's decision function is positive for classes_[1]; classes_ are sorted, so
         # classes_[1] = 1 = clean: positive = clean = higher is more in-distribution
