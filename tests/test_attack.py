@@ -215,6 +215,11 @@ def test_feature_matching_is_seeded_and_independent_of_batch_size(clip: Any) -> 
     # the same δ₀ and, Adam being invariant to the 1/batch scale of the loss, nearly the same
     # steps (Adam's ε and float sums differ in the last digits)
     assert float((whole.adversarial - split.adversarial).abs().mean()) < 1e-5
+    # a run in parts (or resumed on its unfinished images) draws each image's own noise
+    first = attack.feature_matching_attack(clip, images[:3], targets[:3], **options)
+    rest = attack.feature_matching_attack(clip, images[3:], targets[3:], image_ids=[3], **options)
+    parts = torch.cat([first.adversarial, rest.adversarial])
+    assert float((whole.adversarial - parts).abs().mean()) < 1e-5
     other = attack.feature_matching_attack(
         clip, images, targets, batch_size=4, **{**options, "seed": 6}
     )
@@ -334,6 +339,9 @@ def test_perturbation_sizes_match_hand_values() -> None:
         ({"random_start": "yes"}, "random_start must be true or false, got 'yes'"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
         ({"device": "gpu"}, "unknown device 'gpu'"),
+        ({"precision": "fp16", "device": "cpu"}, "precision fp16 needs a GPU"),
+        ({"precision": "fp64"}, "precision must be one of auto, fp32, fp16, bf16"),
+        ({"image_ids": [0]}, "image_ids must be 2 non-negative integers"),
     ],
 )
 def test_pgd_refuses_bad_parameters(clip: Any, options: dict[str, Any], message: str) -> None:

@@ -17,6 +17,7 @@ they are quantised with the budget enforced on the quantised image (:func:`quant
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -301,6 +302,61 @@ def nearest_targets(
     return np.asarray((query @ train.T).argmax(axis=1), dtype=np.int64)
 
 
+def _image_ids(image_ids: npt.ArrayLike | None, count: int) -> npt.NDArray[np.int64]:
+    """(count,) non-negative integer ids that seed each image's random draws."""
+    if image_ids is None:
+        return np.arange(count, dtype=np.int64)
+    ids = np.asarray(image_ids)
+    if ids.shape != (count,) or not np.issubdtype(ids.dtype, np.integer) or (ids < 0).any():
+        raise InvalidParameterError(
+            f"image_ids must be {count} non-negative integers (one per image), got "
+            f"{ids.dtype} values of shape {ids.shape}"
+        )
+    return ids.astype(np.int64)
+
+
+def _per_image_generators(seed: int, ids: npt.NDArray[np.int64]) -> list[torch.Generator]:
+    """One generator per image, seeded by (seed, id): a run split into parts, or resumed on the
+    images it had not finished, draws the same noise for each image as one whole run."""
+    import torch
+
+    return [
+        torch.Generator().manual_seed(
+            int(np.random.SeedSequence([seed, int(i)]).generate_state(1)[0])
+        )
+        for i in ids
+    ]
+
+
+def _resolve_precision(precision: Any, device: torch.device) -> str:
+    """``auto`` → bf16 on a GPU with bf16 (fp32's range: no gradient underflow), else fp16
+    on a GPU, fp32 on the CPU; explicit choices are checked by ``features.resolve_precision``."""
+    import torch
+
+    from oodprobe.features import resolve_precision
+
+    resolved = resolve_precision(precision, device)
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return resolved
+
+
+def _autocast(precision: str, device: torch.device) -> Any:
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# fp16 gradients of a loss of order 1 can underflow; both attacks are invariant to the loss's
+# scale (Adam normalises its steps, PGD takes the sign or the unit direction)
+_LOSS_SCALE = {"fp32": 1.0, "bf16": 1.0, "fp16": 1024.0}
+
+
 # -- the feature-matching attack ------------------------------------------------------------
 
 
@@ -336,6 +392,8 @@ def feature_matching_attack(
     device: str = "auto",
     progress: bool = False,
     target_indices: npt.ArrayLike | None = None,
+    precision: str = "auto",
+    image_ids: npt.ArrayLike | None = None,
 ) -> AttackResult:
     """The paper's manipulation: perturb each image until its features match its target's.
 
@@ -348,7 +406,10 @@ def feature_matching_attack(
     ``x + δ`` clamped to [0, 1] after each step. Target features are computed once without
     gradient. The perturbation is unbounded (its size is reported, not limited), as in the paper.
     ``target_indices`` (optional, the targets' ID training indices) are kept in the result for
-    :func:`refit_without_targets`.
+    :func:`refit_without_targets`. ``precision`` (``auto``: bf16 autocast on a GPU, fp32 on the
+    CPU) is the encoder's forward precision; δ and the optimiser stay float32. Each image's δ₀
+    is drawn from (``seed``, its ``image_ids`` entry, default its position), so a run split
+    into parts, or resumed on its unfinished images, reproduces one whole run.
     """
     import torch
 
@@ -375,10 +436,15 @@ def feature_matching_attack(
             raise InvalidParameterError(
                 f"target_indices must have one index per image ({len(images)}), got {len(indices)}"
             )
+    ids = _image_ids(image_ids, len(images))
     target_device = _check_device(device)
+    precision = _resolve_precision(precision, target_device)
+    autocast = functools.partial(_autocast, precision, target_device)
+    scale = _LOSS_SCALE[precision]
 
-    generator = torch.Generator().manual_seed(seed)
-    initial = init_scale * torch.randn(images.shape, generator=generator)
+    initial = init_scale * torch.stack(
+        [torch.randn(images.shape[1:], generator=g) for g in _per_image_generators(seed, ids)]
+    )
     adversarial = torch.empty_like(images)
     clean_cosines = np.empty(len(images))
     attacked_cosines = np.empty(len(images))
@@ -388,7 +454,7 @@ def feature_matching_attack(
     with _borrowed(encoder, target_device):
         for rows in _batches(len(images), batch_size):
             clean = images[rows].to(target_device)
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 target_features = encoder(targets[rows].to(target_device))["features"].float()
                 clean_features = encoder(clean)["features"].float()
                 clean_cosines[rows] = _cosines(clean_features, target_features)
@@ -396,12 +462,13 @@ def feature_matching_attack(
             delta.requires_grad_(True)
             optimizer = torch.optim.Adam([delta], lr=lr)
             for step in range(steps):
-                features = encoder(clean + delta)["features"].float()
+                with autocast():
+                    features = encoder(clean + delta)["features"].float()
                 cosine = torch.nn.functional.cosine_similarity(features, target_features, dim=1)
                 penalty = _smoothness(delta) if smoothness > 0 else delta.new_zeros(())
                 loss = -cosine.mean() + smoothness * penalty
                 # autograd.grad, not backward: no gradients pile up on the encoder's parameters
-                (gradient,) = torch.autograd.grad(loss, delta)
+                (gradient,) = torch.autograd.grad(loss * scale, delta)
                 delta.grad = gradient
                 optimizer.step()
                 with torch.no_grad():
@@ -413,13 +480,15 @@ def feature_matching_attack(
             with torch.no_grad():
                 result = (clean + delta).clamp(0.0, 1.0)
                 adversarial[rows] = result.cpu()
-                attacked_cosines[rows] = _cosines(encoder(result)["features"], target_features)
+                with autocast():
+                    final = encoder(result)["features"].float()
+                attacked_cosines[rows] = _cosines(final, target_features)
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
     return AttackResult(
         method="feature-matching",
-        clean=images,
+        clean=images.clone(),
         adversarial=adversarial,
         loss_history=(step_loss / len(images)).tolist(),
         seconds=seconds,
@@ -432,6 +501,7 @@ def feature_matching_attack(
             "batch_size": batch_size,
             "seed": seed,
             "device": str(target_device),
+            "precision": precision,
         },
         clean_cosines=clean_cosines,
         attacked_cosines=attacked_cosines,
@@ -500,6 +570,8 @@ def pgd_score_attack(
     seed: int = 0,
     device: str = "auto",
     progress: bool = False,
+    precision: str = "auto",
+    image_ids: npt.ArrayLike | None = None,
 ) -> AttackResult:
     """White-box PGD that raises a fitted detector's score (toward "in-distribution").
 
@@ -513,6 +585,8 @@ def pgd_score_attack(
     iterate with the highest score (the clean image counts as one, so the attacked score is
     never below the clean score; ``result.success`` marks where it is above). Every parameter
     is checked before any work; a detector without a torch score is refused with its own error.
+    ``precision`` and ``image_ids`` (seeding each image's random start) as in
+    :func:`feature_matching_attack`; the scores reported are of the forward in ``precision``.
     """
     import torch
 
@@ -536,15 +610,25 @@ def pgd_score_attack(
     batch_size = _check_int("batch_size", batch_size, low=1)
     seed = _check_int("seed", seed, low=0)
     progress = _check_bool("progress", progress)
+    ids = _image_ids(image_ids, len(images))
     target_device = _check_device(device)
+    precision = _resolve_precision(precision, target_device)
+    autocast = functools.partial(_autocast, precision, target_device)
+    scale = _LOSS_SCALE[precision]
     output = type(detector).input_array
 
     def score(pixels: torch.Tensor) -> torch.Tensor:
-        return detector.score_samples_torch(encoder(pixels)[output]).float()
+        with autocast():
+            features = encoder(pixels)[output]
+        return detector.score_samples_torch(features).float()
 
-    generator = torch.Generator().manual_seed(seed)
     initial = (
-        _random_start(images.shape, norm, eps, generator)
+        torch.cat(
+            [
+                _random_start(torch.Size((1, *images.shape[1:])), norm, eps, g)
+                for g in _per_image_generators(seed, ids)
+            ]
+        )
         if random_start
         else torch.zeros_like(images)
     )
@@ -573,7 +657,7 @@ def pgd_score_attack(
                 if step == steps:
                     break
                 # autograd.grad, not backward: no gradients pile up on the encoder's parameters
-                (gradient,) = torch.autograd.grad(scores.sum(), pixels)
+                (gradient,) = torch.autograd.grad(scores.sum() * scale, pixels)
                 with torch.no_grad():
                     delta = _project(
                         delta + step_size * _ascent_step(gradient, norm), clean, norm, eps
@@ -589,7 +673,7 @@ def pgd_score_attack(
         bar.close()
     return AttackResult(
         method=f"pgd-{norm}",
-        clean=images,
+        clean=images.clone(),
         adversarial=adversarial,
         loss_history=(step_loss / len(images)).tolist(),
         seconds=seconds,
@@ -604,6 +688,7 @@ def pgd_score_attack(
             "batch_size": batch_size,
             "seed": seed,
             "device": str(target_device),
+            "precision": precision,
         },
         budget=(norm, eps),
         clean_scores=clean_scores,
