@@ -201,7 +201,10 @@ class ClassScoreSVMDetector(_ClassScoreSVM):
     training data (``StandardScaler``). Confirmed from the paper's abstract and summaries: an
     RBF-kernel SVM on the class scores of clean and adversarial inputs. Not confirmed (the full
     text was not available): that the paper sorts and standardises the scores, and its C and
-    γ; both are on by default here and can be switched off.
+    γ; both are on by default here and can be switched off. Measured on EfficientNet-Lite0
+    logits of MNIST digits under PGD on a k-NN score (tests/detectors/test_adversarial.py),
+    ``sort=False`` separated better (held-out AUROC 0.96 vs 0.75 at ε = 8/255): there the
+    predicted class itself gives the attack away.
     """
 
     name: ClassVar[str] = "class-score-svm"
