@@ -244,6 +244,65 @@ def test_nearest_and_random_targets() -> None:
     assert len(attack.random_targets(12, 10, seed=0)) == 12
 
 
+# -- every differentiable OOD detector --------------------------------------------------------
+
+
+def _varied_pixels() -> torch.Tensor:
+    """72 images: noise, grey levels and flat colours (distinct features under a random model)."""
+    generator = torch.Generator().manual_seed(3)
+    flat = torch.ones(24, 3, 32, 32)
+    return torch.cat(
+        [
+            torch.rand((24, 3, 32, 32), generator=generator),
+            torch.linspace(0, 1, 24).view(24, 1, 1, 1) * flat,
+            torch.rand((24, 3, 1, 1), generator=generator) * flat,
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("knn", {"k": 3}),
+        ("deep-knn", {"k": 5}),
+        ("gaussian", {}),
+        ("mahalanobis", {}),
+        ("relative-mahalanobis", {}),
+        ("linear-probe", {"epochs": 5}),
+    ],
+)
+def test_pgd_raises_the_score_of_every_differentiable_detector(
+    clip: Any, name: str, params: dict[str, Any]
+) -> None:
+    from oodprobe.detectors import create_detector
+
+    train = attack.encode_images(clip, _varied_pixels(), device="cpu")
+    labels = np.repeat(np.arange(3), 24)
+    detector = create_detector(name, **params).fit(train, labels)
+    images = _pixels(4, 32, seed=8)
+    result = attack.pgd_score_attack(clip, detector, images, eps=4 / 255, steps=3, device="cpu")
+    assert result.clean_scores is not None and result.attacked_scores is not None
+    assert (result.attacked_scores >= result.clean_scores).all()
+    assert result.attacked_scores.mean() > result.clean_scores.mean()
+    rescored = attack.score_images(clip, detector, result.adversarial, device="cpu")
+    np.testing.assert_allclose(rescored, result.attacked_scores, rtol=1e-4, atol=1e-5)
+    assert float((result.adversarial - images).abs().max()) <= 4 / 255 + 1e-6
+
+
+def test_pgd_attacks_a_logits_detector_through_the_encoder_head(lite0: Setup) -> None:
+    from oodprobe.detectors import create_detector
+
+    logits = attack.encode_images(lite0.encoder, lite0.train, output="logits", device="cpu")
+    detector = create_detector("logits", score="energy").fit(logits)
+    result = attack.pgd_score_attack(
+        lite0.encoder, detector, lite0.ood[:4], eps=4 / 255, steps=3, device="cpu"
+    )
+    assert result.clean_scores is not None and result.attacked_scores is not None
+    assert (result.attacked_scores > result.clean_scores).all()
+    rescored = attack.score_images(lite0.encoder, detector, result.adversarial, device="cpu")
+    np.testing.assert_allclose(rescored, result.attacked_scores, rtol=1e-4, atol=1e-4)
+
+
 # -- text detectors through the real CLIP path ------------------------------------------------
 
 
@@ -255,17 +314,8 @@ def test_pgd_through_clip_text_detectors(clip: Any, name: str) -> None:
     params = {"epochs": 5} if name == "plp" else {}
     detector = build_detector(DetectorSpec(name, params), clip, embeddings)
     assert detector.image_projection is not None  # pre-projection features, projected inside
-    # noise, grey levels and flat colours: the random model pseudo-labels them into >1 class
-    generator = torch.Generator().manual_seed(3)
-    flat = torch.ones(24, 3, 32, 32)
-    varied = torch.cat(
-        [
-            torch.rand((24, 3, 32, 32), generator=generator),
-            torch.linspace(0, 1, 24).view(24, 1, 1, 1) * flat,
-            torch.rand((24, 3, 1, 1), generator=generator) * flat,
-        ]
-    )
-    train = attack.encode_images(clip, varied, device="cpu")
+    # the random model pseudo-labels these into more than one class
+    train = attack.encode_images(clip, _varied_pixels(), device="cpu")
     detector.fit(train)
     images = _pixels(6, 32, seed=4)
     result = attack.pgd_score_attack(clip, detector, images, eps=8 / 255, steps=5, device="cpu")
