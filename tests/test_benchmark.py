@@ -186,3 +186,17 @@ def test_one_folder_split_into_train_and_test_is_read_once(
     run = run_benchmark(spec, tmp_path / "out", cache_root=cache_root, progress=False)
     assert calls.count("digits:train") == 1  # ID images read once, then split
     assert run.rows[0].context.n_train == 5 * round(30 * 0.75)
+
+
+def test_attack_detectors_are_refused_by_the_runner_before_any_work() -> None:
+    from oodprobe.benchmark_spec import DetectorSpec
+    from oodprobe.errors import InvalidParameterError
+    from oodprobe.pipeline import check_compatibility
+
+    with pytest.raises(InvalidParameterError, match="fitted on clean vs attacked images"):
+        check_compatibility(
+            [DetectorSpec("class-score-svm")],
+            labelled=True,
+            id_label="digits",
+            encoders={"efficientnet-lite0": None},
+        )

@@ -358,9 +358,10 @@ def detectors() -> None:
     # Plain indented text, not a table: nothing folds when piped, and grep finds a parameter.
     lines = ["detectors (use as --detector NAME or NAME:key=value,…; TOML: params = {…})", ""]
     for name, cls in DETECTORS.items():
+        labels = "clean/attacked labels" if cls.fit_labels != "classes" else "labels"
         needs = [
             need
-            for need, required in (("labels", cls.requires_labels), ("text", cls.requires_text))
+            for need, required in ((labels, cls.requires_labels), ("text", cls.requires_text))
             if required
         ]
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""

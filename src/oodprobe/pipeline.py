@@ -85,6 +85,12 @@ def check_compatibility(
 
     for detector in detectors:
         cls = DETECTORS[detector.name]
+        if cls.fit_labels != "classes":
+            raise InvalidParameterError(
+                f"detector {detector.name!r} is fitted on clean vs attacked images (labels "
+                f"1 / 0), not on the ID training set; it detects attacks beside `oodprobe "
+                f"attack`, not in bench, study or fit"
+            )
         if cls.requires_labels and not labelled:
             raise InvalidParameterError(
                 f"detector {detector.name!r} needs class labels, but the ID training data "

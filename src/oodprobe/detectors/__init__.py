@@ -3,12 +3,17 @@
 Importing this package registers every detector in ``DETECTORS``.
 """
 
-from oodprobe.detectors import adversarial as _adversarial  # noqa: F401  (class-score-svm)
 from oodprobe.detectors import baselines as _baselines  # noqa: F401  (lof, isolation-forest, …)
 from oodprobe.detectors import gaussian as _gaussian  # noqa: F401  (gaussian, mahalanobis, rmd)
 from oodprobe.detectors import neighbors as _neighbors  # noqa: F401  (knn, deep-knn)
 from oodprobe.detectors import probe as _probe  # noqa: F401  (registers linear-probe, logits)
 from oodprobe.detectors import text as _text  # noqa: F401  (registers mcm, plp)
+
+# isort: off
+# registered last, so listed last: it detects attacks, it is not an OOD detector of the ID set
+from oodprobe.detectors import adversarial as _adversarial  # noqa: F401  (class-score-svm)
+
+# isort: on
 from oodprobe.detectors.base import (
     DETECTORS,
     Detector,

@@ -229,6 +229,9 @@ class Detector(BaseEstimator):
 
     name: ClassVar[str] = ""
     requires_labels: ClassVar[bool] = False
+    # what ``labels`` of ``fit`` are: ID class labels, or 1 clean / 0 attacked images (the
+    # class-score SVM, fitted by the attack, never on a benchmark's ID training set)
+    fit_labels: ClassVar[str] = "classes"
     requires_text: ClassVar[bool] = False
     input_array: ClassVar[str] = "features"
     runner_params: ClassVar[frozenset[str]] = frozenset()
