@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,13 @@ def test_pgd_linf_keeps_budget_raises_scores_and_drops_knn_auroc(
         png_scores,
     )
     assert png_evaluation.auroc_drop >= 0.25
+    summary = result.as_dict(perturbation=saved["perturbation"])
+    assert json.loads(json.dumps(summary, allow_nan=False)) == summary
+    assert summary["budget"] == {"norm": "linf", "eps": eps}
+    assert summary["per_image"]["success"] == [True] * len(result)
+    assert summary["per_image"]["attacked_scores"] == result.attacked_scores.tolist()
+    assert len(summary["loss_history"]) == 10
+    assert evaluation.as_dict()["auroc_drop"] == pytest.approx(evaluation.auroc_drop)
     from safetensors.torch import load_file
 
     tensors = load_file(str(saved["tensors"]))

@@ -103,6 +103,51 @@ class AttackResult:
         """Per-image L∞, L2, PSNR and SSIM of the float adversarial images (see below)."""
         return perturbation_sizes(self.clean, self.adversarial)
 
+    def as_dict(self, *, perturbation: dict[str, Any] | None = None) -> dict[str, Any]:
+        """JSON-able summary without the images: parameters, timing, per-image numbers.
+
+        ``perturbation`` (e.g. the saved PNGs' sizes from :func:`save_attack_images`) replaces
+        the float images' sizes. Non-finite numbers (the PSNR of an unchanged image) are None.
+        """
+        sizes = self.perturbation() if perturbation is None else perturbation
+        per_image: dict[str, Any] = {
+            name: _json_list(getattr(self, name))
+            for name in (
+                "clean_scores",
+                "attacked_scores",
+                "clean_cosines",
+                "attacked_cosines",
+                "target_indices",
+                "success",
+            )
+            if getattr(self, name) is not None
+        }
+        return {
+            "method": self.method,
+            "n_images": len(self),
+            "image_shape": list(self.clean.shape[1:]),
+            "params": dict(self.params),
+            "budget": None
+            if self.budget is None
+            else {"norm": self.budget[0], "eps": self.budget[1]},
+            "seconds": self.seconds,
+            "seconds_per_image_step": self.seconds_per_image_step,
+            "loss_history": _json_list(self.loss_history),
+            "per_image": per_image,
+            "perturbation": {name: _json_list(values) for name, values in sizes.items()},
+        }
+
+
+def _json_list(values: Any) -> list[Any]:
+    """A list of plain numbers (bools and ints kept), non-finite floats as None."""
+    result: list[Any] = []
+    for value in np.asarray(values).ravel().tolist():
+        if isinstance(value, float) and not math.isfinite(value):
+            result.append(None)
+        else:
+            result.append(value)
+    return result
+
 
 # -- validation -----------------------------------------------------------------------------
 
@@ -829,7 +874,7 @@ def save_attack_images(
             path = folder / kind / f"{prefix}-{row:05d}.png"
 
             def write(temporary: Path, array: npt.NDArray[np.uint8] = array) -> None:
-                Image.fromarray(array, mode="RGB").save(temporary, format="PNG")
+                Image.fromarray(array).save(temporary, format="PNG")  # (H, W, 3) uint8: RGB
 
             paths[kind].append(atomic_write(path, write))
     tensors = {
