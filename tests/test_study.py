@@ -488,3 +488,15 @@ def test_a_shared_pass_splits_skip_records_and_shards_like_separate_extractions(
             assert np.array_equal(split[name].arrays[key], alone.arrays[key]), (name, key)
         again = extract_features(dataset, name, cache_root=tmp_path / "c", shard_size=4)
         assert again.from_cache and again.skipped == alone.skipped
+
+
+def test_encoders_whose_score_folders_would_collide_are_refused(tmp_path: Path) -> None:
+    from oodprobe.finetune import FinetuneRecipe, finetune
+
+    recipe = FinetuneRecipe(epochs=1, batch_size=8, ema_decay=0.0)
+    dataset = DataSpec("digits:train", classes=(0, 1), per_class=4).create()
+    for folder in ("runs/a", "runs_a"):
+        finetune("efficientnet-lite0@32", dataset, tmp_path / folder, recipe=recipe, progress=False)
+    names = [f"finetuned:{tmp_path}/runs/a", f"finetuned:{tmp_path}/runs_a"]
+    with pytest.raises(InvalidParameterError, match="must differ also as file names"):
+        study_spec(_spec(), names)
