@@ -160,6 +160,41 @@ def test_pgd_l2_stays_in_its_ball(lite0: Setup, tmp_path: Path) -> None:
     assert float((png - png_clean).flatten(1).norm(dim=1).max()) <= eps + 1e-6
 
 
+def test_robustness_curve_falls_with_the_budget_on_saved_pngs(lite0: Setup) -> None:
+    curve = attack.robustness_curve(
+        lite0.encoder,
+        lite0.knn,
+        lite0.id_scores,
+        lite0.ood[:8],
+        [1 / 255, 8 / 255],
+        steps=4,
+        threshold=float(np.quantile(lite0.id_scores, 0.05)),
+        device="cpu",
+    )
+    assert [eps for eps, _, _ in curve] == [1 / 255, 8 / 255]
+    (_, small, _), (_, large, large_result) = curve
+    assert small.clean.auroc == pytest.approx(large.clean.auroc)
+    assert large.attacked.auroc < small.attacked.auroc
+    assert large.attacked.auroc < large.clean.auroc - 0.2
+    assert large.success_rate is not None and large.success_rate > 0
+    assert large_result.budget == ("linf", 8 / 255)
+    with pytest.raises(InvalidParameterError, match="eps must be a finite number > 0"):
+        attack.robustness_curve(lite0.encoder, lite0.knn, lite0.id_scores, lite0.ood, [0.1, -1])
+
+
+def test_evaluate_attack_success_rate_at_a_threshold() -> None:
+    id_scores = np.array([0.9, 0.8, 0.7, 0.95])
+    clean = np.array([0.1, 0.2, 0.75, 0.3])
+    attacked = np.array([0.72, 0.2, 0.8, 0.69])
+    evaluation = attack.evaluate_attack(id_scores, clean, attacked, threshold=0.7)
+    assert evaluation.clean_acceptance == 0.25 and evaluation.attacked_acceptance == 0.5
+    assert evaluation.success_rate == pytest.approx(1 / 3)  # of the 3 rejected clean, 1 passes
+    assert evaluation.clean.auroc == pytest.approx(15 / 16)
+    assert evaluation.attacked.auroc == pytest.approx(13.5 / 16)  # one tie at 0.8
+    with pytest.raises(InvalidParameterError, match="one score per OOD image each"):
+        attack.evaluate_attack(id_scores, clean, attacked[:2])
+
+
 # -- the feature-matching attack ------------------------------------------------------------
 
 
@@ -246,6 +281,14 @@ def test_nearest_and_random_targets() -> None:
     train = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     query = np.array([[10.0, 0.5], [0.1, 3.0], [2.0, 2.1]])
     np.testing.assert_array_equal(attack.nearest_targets(query, train), [0, 1, 2])
+    np.testing.assert_array_equal(
+        attack.select_targets("nearest", 3, train, features=query), [0, 1, 2]
+    )
+    np.testing.assert_array_equal(
+        attack.select_targets("random", 2, train, seed=4), attack.random_targets(2, 3, seed=4)
+    )
+    with pytest.raises(InvalidParameterError, match="one of random, nearest, got 'far'"):
+        attack.select_targets("far", 3, train)
     first = attack.random_targets(5, 10, seed=3)
     np.testing.assert_array_equal(first, attack.random_targets(5, 10, seed=3))
     assert len(np.unique(first)) == 5 and first.max() < 10

@@ -52,8 +52,10 @@ __all__ = [
     "quantize_to_png",
     "random_targets",
     "refit_without_targets",
+    "robustness_curve",
     "save_attack_images",
     "score_images",
+    "select_targets",
 ]
 
 SMOOTHNESS = {"smooth": 5e3, "patchy": 0.0}
@@ -916,8 +918,9 @@ class AttackEvaluation:
     """ID test vs clean OOD and vs attacked OOD, and acceptance at a threshold if given.
 
     ``clean_acceptance`` / ``attacked_acceptance`` are the fractions of clean / attacked OOD
-    images with ``score >= threshold`` (taken for in-distribution by a deployment); the attack
-    success rate at the threshold is ``attacked_acceptance``.
+    images with ``score >= threshold`` (taken for in-distribution by a deployment);
+    ``success_rate`` is the fraction of the OOD images the threshold rejected clean that it
+    accepts attacked (None when it rejected none).
     """
 
     clean: MetricResult
@@ -925,6 +928,7 @@ class AttackEvaluation:
     threshold: float | None = None
     clean_acceptance: float | None = None
     attacked_acceptance: float | None = None
+    success_rate: float | None = None
 
     @property
     def auroc_drop(self) -> float:
@@ -938,6 +942,7 @@ class AttackEvaluation:
             "threshold": self.threshold,
             "clean_acceptance": self.clean_acceptance,
             "attacked_acceptance": self.attacked_acceptance,
+            "success_rate": self.success_rate,
         }
 
 
@@ -977,13 +982,102 @@ def evaluate_attack(
     if threshold is None:
         return AttackEvaluation(clean, attacked)
     cut = _check_number("threshold", threshold, low=-math.inf)
+    rejected = clean_array < cut
     return AttackEvaluation(
         clean,
         attacked,
         threshold=cut,
         clean_acceptance=float(np.mean(clean_array >= cut)),
         attacked_acceptance=float(np.mean(attacked_array >= cut)),
+        success_rate=float(np.mean(attacked_array[rejected] >= cut)) if rejected.any() else None,
     )
+
+
+def robustness_curve(
+    encoder: ImageEncoder,
+    detector: Detector,
+    id_scores: npt.ArrayLike,
+    images: torch.Tensor,
+    budgets: Sequence[float],
+    *,
+    norm: str = "linf",
+    threshold: float | None = None,
+    convention: str = "oodprobe",
+    tpr: float = 0.95,
+    quantized: bool = True,
+    **options: Any,
+) -> list[tuple[float, AttackEvaluation, AttackResult]]:
+    """PGD at each budget ε: ``(eps, evaluation, result)`` per budget, in the order given.
+
+    Robustness stated per budget (AUROC and FPR@``tpr`` of ID test vs manipulated OOD as a
+    curve over ε). With ``quantized`` (default) the attacked images are scored as the PNGs
+    :func:`save_attack_images` writes (budget enforced after quantisation) and the clean
+    reference is the equally quantised clean image; otherwise the float images are scored.
+    ``options`` go to :func:`pgd_score_attack` (``steps``, ``step_size`` is then eps/4 unless
+    given, ``device``, …). All budgets are checked before the first attack.
+    """
+    if isinstance(budgets, (str, bytes)) or not isinstance(budgets, Sequence) or not budgets:
+        raise InvalidParameterError(
+            f"budgets must be a non-empty list of eps values, got {budgets!r}"
+        )
+    if norm not in NORMS:
+        raise InvalidParameterError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    high = 1.0 if norm == "linf" else math.inf
+    checked = [_check_number("eps", eps, low=0.0, high=high, closed_low=False) for eps in budgets]
+    quantized = _check_bool("quantized", quantized)
+    device = options.get("device", "auto")
+    curve = []
+    for eps in checked:
+        result = pgd_score_attack(encoder, detector, images, eps=eps, norm=norm, **options)
+        if quantized:
+            clean = _png_to_pixels(quantize_to_png(result.clean))
+            adversarial = _png_to_pixels(
+                quantize_to_png(result.adversarial, clean=result.clean, budget=result.budget)
+            )
+            clean_scores = score_images(encoder, detector, clean, device=device)
+            attacked_scores = score_images(encoder, detector, adversarial, device=device)
+        else:
+            assert result.clean_scores is not None and result.attacked_scores is not None
+            clean_scores, attacked_scores = result.clean_scores, result.attacked_scores
+        evaluation = evaluate_attack(
+            id_scores,
+            clean_scores,
+            attacked_scores,
+            convention=convention,
+            tpr=tpr,
+            threshold=threshold,
+        )
+        curve.append((eps, evaluation, result))
+    return curve
+
+
+def select_targets(
+    mode: str,
+    n_images: int,
+    train_features: npt.ArrayLike,
+    *,
+    features: npt.ArrayLike | None = None,
+    seed: int = 0,
+) -> npt.NDArray[np.int64]:
+    """Target ID training indices for the feature-matching attack, as the paper picks them.
+
+    ``random``: seeded random training images (:func:`random_targets`); ``nearest``: for each
+    OOD image's ``features``, the training image with the highest cosine
+    (:func:`nearest_targets`).
+    """
+    train = np.asarray(train_features)
+    if mode == "random":
+        return random_targets(n_images, len(train), seed=seed)
+    if mode == "nearest":
+        if features is None:
+            raise InvalidParameterError("nearest targets need the OOD images' features")
+        targets = nearest_targets(features, train)
+        if len(targets) != n_images:
+            raise InvalidParameterError(
+                f"features must have one row per image ({n_images}), got {len(targets)}"
+            )
+        return targets
+    raise InvalidParameterError(f"target mode must be one of random, nearest, got {mode!r}")
 
 
 def refit_without_targets(
