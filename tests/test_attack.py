@@ -270,6 +270,23 @@ def test_feature_matching_is_seeded_and_independent_of_batch_size(clip: Any) -> 
     assert whole.params["smoothness"] == 5e3 and len(whole.loss_history) == 3
 
 
+def test_smooth_attack_makes_smoother_perturbations_than_patchy(clip: Any) -> None:
+    images, targets = _pixels(4, 32, seed=1) * 0.5 + 0.25, _pixels(4, 32, seed=2)
+    options: dict[str, Any] = {"steps": 8, "lr": 1e-2, "device": "cpu"}
+    smooth = attack.feature_matching_attack(
+        clip, images, targets, smoothness=attack.SMOOTHNESS["smooth"], **options
+    )
+    patchy = attack.feature_matching_attack(
+        clip, images, targets, smoothness=attack.SMOOTHNESS["patchy"], **options
+    )
+    roughness = [
+        float(attack._smoothness(result.adversarial - result.clean)) for result in (smooth, patchy)
+    ]
+    assert roughness[0] < 0.5 * roughness[1]
+    assert patchy.attacked_cosines is not None and patchy.clean_cosines is not None
+    assert patchy.attacked_cosines.mean() > patchy.clean_cosines.mean()
+
+
 def test_smoothness_penalty_is_the_mean_squared_finite_differences() -> None:
     delta = torch.tensor([[[[0.0, 1.0, 3.0], [0.0, 0.0, 0.0]]]]).repeat(1, 3, 1, 1)
     # vertical differences: 0, -1, -3 → mean 10/3; horizontal: 1, 2, 0, 0 → mean 5/4
