@@ -53,9 +53,30 @@ _LAZY = {
     "load_benchmark": "oodprobe.benchmark_spec",
     "create_benchmark": "oodprobe.benchmark_spec",
     "benchmark_names": "oodprobe.benchmark_spec",
+    "run_study": "oodprobe.study",
+    "finetune": "oodprobe.finetune",
+    "FinetuneRecipe": "oodprobe.finetune",
+    "feature_matching_attack": "oodprobe.attack",
+    "pgd_score_attack": "oodprobe.attack",
+    "AttackResult": "oodprobe.attack",
+    "perturbation_sizes": "oodprobe.attack",
+    "quantize_to_png": "oodprobe.attack",
+    "save_attack_images": "oodprobe.attack",
+    "evaluate_attack": "oodprobe.attack",
+    "robustness_curve": "oodprobe.attack",
 }
 
 if TYPE_CHECKING:
+    from oodprobe.attack import (
+        AttackResult,
+        evaluate_attack,
+        feature_matching_attack,
+        perturbation_sizes,
+        pgd_score_attack,
+        quantize_to_png,
+        robustness_curve,
+        save_attack_images,
+    )
     from oodprobe.benchmark import run_benchmark
     from oodprobe.benchmark_spec import benchmark_names, create_benchmark, load_benchmark
     from oodprobe.data import DATASETS, create_dataset, list_datasets
@@ -68,7 +89,9 @@ if TYPE_CHECKING:
     )
     from oodprobe.encoders import ENCODERS, create_encoder
     from oodprobe.features import FeatureSet, extract_features, load_features
+    from oodprobe.finetune import FinetuneRecipe, finetune
     from oodprobe.metrics import CONVENTIONS, aupr, auroc, evaluate, fpr_at_tpr
+    from oodprobe.study import run_study
 
 
 def __getattr__(name: str) -> Any:
@@ -89,11 +112,13 @@ __all__ = [
     "DATASETS",
     "DETECTORS",
     "ENCODERS",
+    "AttackResult",
     "CacheError",
     "DataError",
     "Detector",
     "DetectorFileError",
     "FeatureSet",
+    "FinetuneRecipe",
     "InvalidParameterError",
     "MissingWeightsError",
     "OodprobeError",
@@ -107,12 +132,21 @@ __all__ = [
     "create_detector",
     "create_encoder",
     "evaluate",
+    "evaluate_attack",
     "extract_features",
+    "feature_matching_attack",
+    "finetune",
     "fpr_at_tpr",
     "list_datasets",
     "load_benchmark",
     "load_detector",
     "load_features",
+    "perturbation_sizes",
+    "pgd_score_attack",
+    "quantize_to_png",
+    "robustness_curve",
     "run_benchmark",
+    "run_study",
+    "save_attack_images",
     "save_detector",
 ]

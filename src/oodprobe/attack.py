@@ -290,7 +290,7 @@ def encode_images(
     """(N, D) float32 ``output`` array of the encoder for (N, 3, H, W) pixels in [0, 1]."""
     import torch
 
-    from oodprobe.features import _borrowed
+    from oodprobe.features import borrowed_encoder
 
     images = _check_images("images", images)
     batch_size = _check_int("batch_size", batch_size, low=1)
@@ -301,7 +301,7 @@ def encode_images(
         )
     target = _check_device(device)
     parts = []
-    with _borrowed(encoder, target), torch.no_grad():
+    with borrowed_encoder(encoder, target), torch.no_grad():
         for rows in _batches(len(images), batch_size):
             parts.append(encoder(images[rows].to(target))[output].float().cpu())
     return torch.cat(parts).numpy()
@@ -460,7 +460,7 @@ def feature_matching_attack(
     """
     import torch
 
-    from oodprobe.features import _borrowed
+    from oodprobe.features import borrowed_encoder
 
     images = _check_images("images", images)
     targets = _check_images("targets", targets)
@@ -498,7 +498,7 @@ def feature_matching_attack(
     step_loss = np.zeros(steps)
     bar = _progress(progress, steps * math.ceil(len(images) / batch_size), "feature matching")
     start = time.perf_counter()
-    with _borrowed(encoder, target_device):
+    with borrowed_encoder(encoder, target_device):
         for rows in _batches(len(images), batch_size):
             clean = images[rows].to(target_device)
             with torch.no_grad(), autocast():
@@ -637,7 +637,7 @@ def pgd_score_attack(
     """
     import torch
 
-    from oodprobe.features import _borrowed
+    from oodprobe.features import borrowed_encoder
 
     images = _check_images("images", images)
     _check_detector(detector, encoder)
@@ -685,7 +685,7 @@ def pgd_score_attack(
     step_loss = np.zeros(steps)
     bar = _progress(progress, steps * math.ceil(len(images) / batch_size), f"pgd {norm}")
     start = time.perf_counter()
-    with _borrowed(encoder, target_device):
+    with borrowed_encoder(encoder, target_device):
         for rows in _batches(len(images), batch_size):
             clean = images[rows].to(target_device)
             with torch.no_grad():

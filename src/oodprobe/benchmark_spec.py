@@ -353,16 +353,16 @@ def _check_encoders(encoders: Any, where: str) -> None:
                 f"{encoder!r} are both {parsed.canonical!r}; list it once"
             )
         seen[parsed.canonical] = encoder
+        if parsed.source.prefix == "finetuned":
+            from oodprobe.encoders.finetuned import read_finetune_metadata
+
+            read_finetune_metadata(Path(parsed.spec).expanduser(), parsed.spec)
     slugs = [_slug(encoder) for encoder in encoders]
     if len(set(slugs)) != len(slugs):  # score files go to scores/<slug>/
         raise InvalidParameterError(
             f"{where} must differ also as file names (letters, digits, '.', '_', '-'), got "
             f"{list(encoders)}; rename a fine-tuning folder or checkpoint"
         )
-        if parsed.source.prefix == "finetuned":
-            from oodprobe.encoders.finetuned import read_finetune_metadata
-
-            read_finetune_metadata(Path(parsed.spec).expanduser(), parsed.spec)
 
 
 def validate(spec: BenchmarkSpec) -> BenchmarkSpec:

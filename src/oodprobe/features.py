@@ -641,7 +641,7 @@ def _check_shard(
 
 
 @contextlib.contextmanager
-def _borrowed(encoder: ImageEncoder, device: torch.device) -> Iterator[None]:
+def borrowed_encoder(encoder: ImageEncoder, device: torch.device) -> Iterator[None]:
     """Run ``encoder`` in eval mode on ``device``, channels-last; then restore it exactly.
 
     Every parameter and buffer gets back its own device and strides (so its memory format),
@@ -774,7 +774,7 @@ def _extract_missing_shards(
 
     total = sum(len(batch) for batch in batches)
     with (
-        _borrowed(encoder, device),
+        borrowed_encoder(encoder, device),
         _progress_bar(progress, total, f"{encoder.name} · {dataset.name}") as advance,
         torch.inference_mode(),
     ):
