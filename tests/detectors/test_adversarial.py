@@ -272,7 +272,6 @@ def test_bad_parameters_are_refused_in_one_line(params: dict[str, object], messa
 # -- real class scores: EfficientNet-Lite0 logits of clean vs PGD-attacked images ------------
 
 
-@pytest.mark.slow  # a real PGD through EfficientNet: ~10 s alone, ~25 s on 2 busy cores
 def test_separates_pgd_attacked_from_clean_images_on_real_logits() -> None:
     """Real logits (EfficientNet-Lite0 at 64 px, ImageNet head) of MNIST digits 5-9 (OOD to a
     k-NN fitted on digits 0-4), clean and after a white-box PGD on the k-NN score (L∞, ε =
