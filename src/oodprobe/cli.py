@@ -684,6 +684,192 @@ def _print_study(study: dict[str, Any], console: Any) -> None:
         )
 
 
+ATTACK_METHODS = ("pgd", "feature-matching")
+ATTACK_NORMS = ("linf", "l2")
+ATTACK_TARGETS = ("random", "nearest")
+ATTACK_SMOOTHNESS = ("smooth", "patchy")
+if TYPE_CHECKING:
+    AttackMethod = str
+    AttackNorm = str
+    AttackTargets = str
+    AttackSmoothness = str
+else:
+    AttackMethod = Literal[ATTACK_METHODS]
+    AttackNorm = Literal[ATTACK_NORMS]
+    AttackTargets = Literal[ATTACK_TARGETS]
+    AttackSmoothness = Literal[ATTACK_SMOOTHNESS]
+
+
+@app.command()
+def attack(
+    config: Annotated[
+        Path | None,
+        typer.Argument(help="Benchmark TOML file (default: the offline preset)"),
+    ] = None,
+    preset: Annotated[
+        PresetName | None, typer.Option(help="Built-in preset (default: offline-default)")
+    ] = None,
+    encoder: Annotated[
+        str | None,
+        typer.Option("--encoder", "-e", help="Encoder to attack (default: the config's first)"),
+    ] = None,
+    method: Annotated[
+        AttackMethod,
+        typer.Option(
+            help="pgd: PGD on the detector's own score; feature-matching: the paper's attack"
+        ),
+    ] = "pgd",
+    detector: Annotated[
+        str | None,
+        typer.Option(
+            "--detector", "-d", help="Detector to fit and attack: NAME[:k=v,…] (default: knn)"
+        ),
+    ] = None,
+    eps: Annotated[
+        list[str] | None,
+        typer.Option(help="PGD budget(s), e.g. --eps 4/255 --eps 8/255 (default: 4/255 and 8/255)"),
+    ] = None,
+    norm: Annotated[AttackNorm, typer.Option(help="PGD norm ball")] = "linf",
+    steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Attack steps (default: 10 for pgd, 250 for feature-matching)"),
+    ] = None,
+    step_size: Annotated[float | None, typer.Option(help="PGD step size (default: eps/4)")] = None,
+    lr: Annotated[float, typer.Option(help="Adam learning rate of feature-matching")] = 1e-3,
+    n: Annotated[int, typer.Option("--n", min=1, help="OOD images to attack (the first N)")] = 32,
+    ood: Annotated[
+        str | None, typer.Option(help="OOD set to attack, by name (default: the config's first)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images attacked per batch")] = 16,
+    targets: Annotated[
+        AttackTargets, typer.Option(help="Feature-matching targets: ID training images")
+    ] = "random",
+    smoothness: Annotated[
+        AttackSmoothness,
+        typer.Option(help="Feature-matching penalty: smooth (λ = 5e3) or patchy (λ = 0)"),
+    ] = "smooth",
+    deployment: Annotated[
+        Path | None,
+        typer.Option(
+            help="Detector file from 'oodprobe fit': attack it; success rate at its threshold"
+        ),
+    ] = None,
+    output: OutputFolderOption = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the random starts and targets")] = 0,
+    force: Annotated[
+        bool, typer.Option(help="Start over in an output folder holding another attack run")
+    ] = False,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    workers: WorkersOption = None,
+    cache_dir: CacheDirOption = None,
+    download: DownloadOption = False,
+) -> None:
+    """Attack OOD images until a detector takes them for ID; AUROC clean vs attacked per eps."""
+    from oodprobe.attack_run import parse_eps, run_attack
+    from oodprobe.presets import DEFAULT_BENCHMARK
+
+    spec = _load_spec(config, preset or (None if config else DEFAULT_BENCHMARK), None)
+    budgets = [parse_eps(value) for value in (eps or ["4/255", "8/255"])]
+    console = _console()
+    output_dir = output or Path("oodprobe-results") / f"{spec.name}-attack-{method}"
+    console.print(f"[bold]attack {spec.name}[/]: {method}, {n} image(s), output {output_dir}")
+    run = _run_spec(
+        run_attack,
+        spec,
+        config,
+        output_dir,
+        console,
+        method=method,
+        detector=detector,
+        encoder=encoder,
+        eps=budgets,
+        norm=norm,
+        steps=steps,
+        step_size=step_size,
+        lr=lr,
+        n=n,
+        ood=ood,
+        batch_size=batch_size,
+        targets=targets,
+        smoothness=smoothness,
+        seed=seed,
+        deployment=deployment,
+        force=force,
+        cache_root=cache_dir,
+        device=device,
+        precision=precision,
+        num_workers=workers,
+        download=download,
+        progress=True,
+    )
+    _print_attack(run.summary, console)
+    console.print(f"finished in {run.seconds:.0f} s ({run.batches_resumed} batch(es) resumed)")
+    console.print(f"results: [bold]{run.files['json']}[/]  images: {run.files['batches']}")
+
+
+def _print_attack(summary: dict[str, Any], console: Any) -> None:
+    """Per attack (budget): AUROC and FPR clean vs attacked, success rate, perturbation size."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from oodprobe.report.tables import format_percent
+
+    def number(value: Any, digits: int = 3) -> str:
+        return "—" if value is None else f"{value:.{digits}f}"
+
+    params = summary["params"]
+    table = Table(
+        title=f"{escape(params['method'])} on {escape(params['detector']['label'])} "
+        f"({escape(params['encoder'])}, {escape(params['ood_set'])}, {params['n']} images): "
+        f"AUROC / FPR in %, ID test vs clean and attacked OOD (saved PNGs)"
+    )
+    for column in (
+        "eps",
+        "clean AUROC",
+        "attacked AUROC",
+        "clean FPR",
+        "attacked FPR",
+        "success %",
+        "L∞·255",
+        "PSNR dB",
+        "SSIM",
+        "targets removed AUROC",
+        "SVM AUROC",
+    ):
+        table.add_column(column, justify="right")
+    for entry in summary["results"]:
+        sizes = entry["perturbation_mean"]
+        removed = entry["removed_targets"]
+        svm = entry["class_score_svm"]
+        eps_text = "—" if entry["eps"] is None else f"{entry['eps_255']:.3g}/255"
+        linf = sizes["linf"]
+        table.add_row(
+            eps_text,
+            format_percent(entry["clean_auroc"]),
+            format_percent(entry["attacked_auroc"]),
+            format_percent(entry["clean_fpr"]),
+            format_percent(entry["attacked_fpr"]),
+            format_percent(entry["success_rate"]),
+            number(None if linf is None else linf * 255, 2),
+            number(sizes["psnr"], 1),
+            number(sizes["ssim"]),
+            "—" if removed is None else format_percent(removed["attacked"]["auroc"]),
+            "—" if not svm or "auroc" not in svm else format_percent(svm["auroc"]),
+        )
+    console.print(table)
+    console.print(
+        f"success: rejected clean and accepted attacked at threshold "
+        f"{summary['threshold']['value']:.6g} ({escape(summary['threshold']['source'])})",
+        soft_wrap=True,
+    )
+    for timing in summary["timing"]["attacks"]:
+        console.print(
+            f"{escape(timing['attack'])}: {timing['seconds']:.1f} s, "
+            f"{timing['seconds_per_image_step']:.4f} s per image per step"
+        )
+
+
 @app.command()
 def finetune(
     config: Annotated[
