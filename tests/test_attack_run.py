@@ -298,3 +298,63 @@ def test_cli_attack_prints_the_table_and_writes_attack_json(
     assert not (tmp_path / "bad").exists()
     assert main(["attack", str(config), "--method", "fgsm"]) == 1
     assert "fgsm" in capsys.readouterr().err
+
+
+def test_l2_pgd_keeps_its_budget_on_the_saved_pngs(
+    spec: BenchmarkSpec, shared_cache: Path, tmp_path: Path
+) -> None:
+    eps = 0.5
+    run = run_attack(
+        spec,
+        tmp_path / "l2",
+        eps=(eps,),
+        norm="l2",
+        steps=3,
+        n=4,
+        batch_size=4,
+        device="cpu",
+        cache_root=shared_cache,
+    )
+    (entry,) = run.summary["results"]
+    assert entry["method"] == "pgd-l2" and entry["norm"] == "l2"
+    for image in run.summary["images"]:
+        clean = load_attack_images([run.output_dir / image["clean_png"]]).double()
+        (attack,) = image["attacks"]
+        adversarial = load_attack_images([run.output_dir / attack["adversarial_png"]]).double()
+        assert float((adversarial - clean).norm()) <= eps + 1e-6
+        assert attack["l2"] <= eps + 1e-6
+    assert entry["attacked_auroc"] < entry["clean_auroc"]
+
+
+def test_pgd_through_a_tiny_clip_and_mcm(
+    spec: BenchmarkSpec, tiny_openclip: str, shared_cache: Path, tmp_path: Path
+) -> None:
+    """The real CLIP path: pre-projection features, the projection and MCM's text embeddings."""
+    run = run_attack(
+        spec,
+        tmp_path / "clip",
+        encoder=tiny_openclip,
+        detector="mcm",
+        eps=(8 / 255,),
+        steps=3,
+        n=4,
+        batch_size=2,
+        device="cpu",
+        cache_root=shared_cache,
+    )
+    assert run.summary["params"]["encoder"] == tiny_openclip
+    assert run.summary["params"]["detector"]["name"] == "mcm"
+    (entry,) = run.summary["results"]
+    assert entry["class_score_svm"] is None  # the image tower of CLIP has no logits
+    for image in run.summary["images"]:
+        (attack,) = image["attacks"]
+        assert attack["float_attacked_score"] >= attack["float_clean_score"]
+    assert np.mean([image["attacks"][0]["score_raised"] for image in run.summary["images"]]) > 0
+
+
+def test_cli_choices_are_the_librarys() -> None:
+    from oodprobe import attack_run, cli
+
+    assert cli.ATTACK_METHODS == attack_run.METHODS
+    assert cli.ATTACK_TARGETS == attack_run.TARGET_MODES
+    assert cli.ATTACK_SMOOTHNESS == attack_run.SMOOTHNESS_NAMES
