@@ -84,6 +84,13 @@ def test_pgd_run_drops_auroc_within_budget_on_saved_pngs(whole: Any) -> None:
         assert entry["perturbation_max"]["linf"] <= entry["eps"] + 1e-6
         assert entry["class_score_svm"]["n_held_out"] == 8
         assert entry["removed_targets"] is None
+    # the SVM fitted at one budget, evaluated on held-out images attacked at each budget
+    across = summary["class_score_svm_across_budgets"]
+    assert [(cell["fit_eps"], cell["test_eps"]) for cell in across] == [
+        (fit, test) for fit in EPS for test in EPS
+    ]
+    assert across[0]["auroc"] == summary["results"][0]["class_score_svm"]["auroc"]
+    assert across[3]["auroc"] == summary["results"][1]["class_score_svm"]["auroc"]
     # the budget holds on the saved PNGs themselves, in whole 1/255 levels
     threshold = summary["threshold"]["value"]
     for image in summary["images"]:

@@ -574,6 +574,7 @@ def run_attack(
     results: list[dict[str, Any]] = []
     timing: list[dict[str, Any]] = []
     per_budget: list[dict[str, Any]] = []
+    attacked_logits_per_budget: list[np.ndarray] = []
     for tag, budget in zip(tags, budgets, strict=True):
         records = batches[tag]
         adversarial_paths = [output / path for record in records for path in record["adversarial"]]
@@ -635,6 +636,7 @@ def run_attack(
                 tpr=spec.tpr,
                 bootstrap=spec.bootstrap,
             )
+            attacked_logits_per_budget.append(attacked_logits)
         results.append(entry)
         timing.append(
             {
@@ -663,6 +665,22 @@ def run_attack(
                 ],
             }
         )
+    across: list[dict[str, Any]] = []
+    if clean_logits is not None and len(attacked_logits_per_budget) > 1 and n >= SVM_MIN_IMAGES:
+        for fit_budget, fit_logits in zip(budgets, attacked_logits_per_budget, strict=True):
+            for test_budget, test_logits in zip(budgets, attacked_logits_per_budget, strict=True):
+                svm_result = _class_score_svm(
+                    clean_logits,
+                    fit_logits,
+                    seed=seed,
+                    convention=spec.convention,
+                    tpr=spec.tpr,
+                    bootstrap=0,
+                    held_out_attacked=test_logits,
+                )
+                across.append(
+                    {"fit_eps": fit_budget, "test_eps": test_budget, "auroc": svm_result["auroc"]}
+                )
     images = _image_records(
         ood_set,
         positions,
@@ -701,6 +719,7 @@ def run_attack(
         ),
         "id_scores": {"n": len(id_scores), "mean": float(id_scores.mean())},
         "results": results,
+        "class_score_svm_across_budgets": across,
         "images": images,
         "timing": {
             "attacks": timing,
@@ -789,11 +808,14 @@ def _class_score_svm(
     convention: str,
     tpr: float,
     bootstrap: int,
+    held_out_attacked: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Class-score SVM (Uelwer et al., KI 2021) fitted on half the images, clean vs attacked.
 
     The images are split (seeded) into halves; the SVM is fitted on the first half's clean (1)
     and attacked (0) logits and evaluated on the other half: AUROC with clean as positive.
+    ``held_out_attacked`` (the same images attacked otherwise, e.g. at another budget) replaces
+    the attacked logits of the held-out half: how the detector carries over.
     """
     from oodprobe.detectors import create_detector
     from oodprobe.metrics import evaluate
@@ -810,7 +832,9 @@ def _class_score_svm(
     )
     result = evaluate(
         svm.score_samples(clean_logits[held_rows]),
-        svm.score_samples(attacked_logits[held_rows]),
+        svm.score_samples(
+            (attacked_logits if held_out_attacked is None else held_out_attacked)[held_rows]
+        ),
         convention=convention,
         tpr=tpr,
         bootstrap=bootstrap,
