@@ -320,7 +320,7 @@ def run_attack(
                 "a deployment file holds its fitted detector; leave out the detector option, "
                 "or leave out the deployment to fit one"
             )
-        deployment = Path(deployment)
+        deployment = Path(deployment).resolve()
         loaded_detector, metadata = load_detector_with_metadata(deployment)
         deployment_info = check_deployment_metadata(
             metadata, deployment, type(loaded_detector).input_array
@@ -426,6 +426,11 @@ def run_attack(
     else:
         params.update({"lr": lr, "targets": targets, "smoothness": smoothness_value})
     params = _json_value(params)
+    from oodprobe import attack
+
+    # decoded before the folder is made: an undecodable image stops the run with nothing written
+    positions = np.arange(n, dtype=np.int64)
+    pixels = attack.load_pixels(model, ood_set, positions)
     _prepare_output(output, params, force)
 
     # -- fit the detector on cached ID training features ----------------------------------
@@ -471,11 +476,7 @@ def run_attack(
         threshold = calibrate_threshold(id_scores, spec.tpr)
         threshold_source = f"accepts {spec.tpr:.0%} of the ID test images"
 
-    # -- the images, the targets, the attack per batch ------------------------------------
-    from oodprobe import attack
-
-    positions = np.arange(n, dtype=np.int64)
-    pixels = attack.load_pixels(model, ood_set, positions)
+    # -- the targets, the attack per batch -------------------------------------------------
     target_indices = None
     target_pixels = None
     if method == "feature-matching":

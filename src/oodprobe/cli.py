@@ -863,6 +863,12 @@ def _print_attack(summary: dict[str, Any], console: Any) -> None:
         f"{summary['threshold']['value']:.6g} ({escape(summary['threshold']['source'])})",
         soft_wrap=True,
     )
+    for cell in summary["class_score_svm_across_budgets"]:
+        if cell["fit_eps"] != cell["test_eps"]:
+            console.print(
+                f"class-score SVM fitted at eps {255 * cell['fit_eps']:.3g}/255, tested at "
+                f"{255 * cell['test_eps']:.3g}/255: AUROC {format_percent(cell['auroc'])}"
+            )
     for timing in summary["timing"]["attacks"]:
         console.print(
             f"{escape(timing['attack'])}: {timing['seconds']:.1f} s, "
