@@ -365,3 +365,25 @@ def test_cli_choices_are_the_librarys() -> None:
     assert cli.ATTACK_METHODS == attack_run.METHODS
     assert cli.ATTACK_TARGETS == attack_run.TARGET_MODES
     assert cli.ATTACK_SMOOTHNESS == attack_run.SMOOTHNESS_NAMES
+
+
+def test_nearest_targets_are_the_closest_training_images(
+    spec: BenchmarkSpec, shared_cache: Path, tmp_path: Path
+) -> None:
+    options: dict[str, Any] = {
+        "method": "feature-matching",
+        "steps": 1,
+        "n": 4,
+        "batch_size": 4,
+        "device": "cpu",
+        "cache_root": shared_cache,
+    }
+    nearest = run_attack(spec, tmp_path / "nearest", targets="nearest", **options)
+    chosen = run_attack(spec, tmp_path / "random", targets="random", **options)
+    assert nearest.summary["params"]["targets"] == "nearest"
+    for close, other in zip(nearest.summary["images"], chosen.summary["images"], strict=True):
+        # the nearest target has the highest cosine of all training images to the clean image
+        assert close["attacks"][0]["clean_cosine"] >= other["attacks"][0]["clean_cosine"] - 1e-4
+    assert [image["target_index"] for image in nearest.summary["images"]] != [
+        image["target_index"] for image in chosen.summary["images"]
+    ]

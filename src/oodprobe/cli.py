@@ -824,12 +824,13 @@ def _print_attack(summary: dict[str, Any], console: Any) -> None:
         f"({escape(params['encoder'])}, {escape(params['ood_set'])}, {params['n']} images): "
         f"AUROC / FPR in %, ID test vs clean and attacked OOD (saved PNGs)"
     )
+    fpr = f"FPR@{round(100 * params['tpr'], 6):g}"
     for column in (
         "eps",
         "clean AUROC",
         "attacked AUROC",
-        "clean FPR",
-        "attacked FPR",
+        f"clean {fpr}",
+        f"attacked {fpr}",
         "success %",
         "L∞·255",
         "PSNR dB",
