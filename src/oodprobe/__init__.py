@@ -64,6 +64,9 @@ _LAZY = {
     "save_attack_images": "oodprobe.attack",
     "evaluate_attack": "oodprobe.attack",
     "robustness_curve": "oodprobe.attack",
+    "run_attack": "oodprobe.attack_run",
+    "AttackRun": "oodprobe.attack_run",
+    "parse_eps": "oodprobe.attack_run",
 }
 
 if TYPE_CHECKING:
@@ -77,6 +80,7 @@ if TYPE_CHECKING:
         robustness_curve,
         save_attack_images,
     )
+    from oodprobe.attack_run import AttackRun, parse_eps, run_attack
     from oodprobe.benchmark import run_benchmark
     from oodprobe.benchmark_spec import benchmark_names, create_benchmark, load_benchmark
     from oodprobe.data import DATASETS, create_dataset, list_datasets
@@ -113,6 +117,7 @@ __all__ = [
     "DETECTORS",
     "ENCODERS",
     "AttackResult",
+    "AttackRun",
     "CacheError",
     "DataError",
     "Detector",
@@ -141,10 +146,12 @@ __all__ = [
     "load_benchmark",
     "load_detector",
     "load_features",
+    "parse_eps",
     "perturbation_sizes",
     "pgd_score_attack",
     "quantize_to_png",
     "robustness_curve",
+    "run_attack",
     "run_benchmark",
     "run_study",
     "save_attack_images",
