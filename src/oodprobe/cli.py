@@ -631,15 +631,17 @@ def study(
     console.print(f"report:  [bold]{result.files['report']}[/]")
 
 
+def _number(value: Any, digits: int = 2) -> str:
+    """A table cell: the number with ``digits`` decimals, or a dash when there is none."""
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
 def _print_study(study: dict[str, Any], console: Any) -> None:
     """The ranking of the models, then the fits of the label-free k-NN's AUROC on accuracy."""
     from rich.markup import escape
     from rich.table import Table
 
     from oodprobe.report.tables import format_percent
-
-    def number(value: Any, digits: int = 2) -> str:
-        return "—" if value is None else f"{value:.{digits}f}"
 
     def interval(values: Any, digits: int = 2) -> str:
         return "" if not values else f" [dim][{values[0]:.{digits}f}, {values[1]:.{digits}f}][/]"
@@ -669,10 +671,10 @@ def _print_study(study: dict[str, Any], console: Any) -> None:
         fits.add_row(
             escape(fit["target"]),
             str(fit["n_models"]),
-            number(fit["slope"]) + interval(fit["slope_ci"]),
-            number(fit["r2"]) + interval(fit["r2_ci"]),
-            number(fit["pearson"]) + interval(fit["pearson_ci"]),
-            number(fit["spearman"]) + interval(fit["spearman_ci"]),
+            _number(fit["slope"]) + interval(fit["slope_ci"]),
+            _number(fit["r2"]) + interval(fit["r2_ci"]),
+            _number(fit["pearson"]) + interval(fit["pearson_ci"]),
+            _number(fit["spearman"]) + interval(fit["spearman_ci"]),
         )
     console.print(fits)
     for entry in study["lp_vs_ft"]:
@@ -815,9 +817,6 @@ def _print_attack(summary: dict[str, Any], console: Any) -> None:
 
     from oodprobe.report.tables import format_percent
 
-    def number(value: Any, digits: int = 3) -> str:
-        return "—" if value is None else f"{value:.{digits}f}"
-
     params = summary["params"]
     table = Table(
         title=f"{escape(params['method'])} on {escape(params['detector']['label'])} "
@@ -852,9 +851,9 @@ def _print_attack(summary: dict[str, Any], console: Any) -> None:
             format_percent(entry["clean_fpr"]),
             format_percent(entry["attacked_fpr"]),
             format_percent(entry["success_rate"]),
-            number(None if linf is None else linf * 255, 2),
-            number(sizes["psnr"], 1),
-            number(sizes["ssim"]),
+            _number(None if linf is None else linf * 255, 2),
+            _number(sizes["psnr"], 1),
+            _number(sizes["ssim"], 3),
             "—" if removed is None else format_percent(removed["attacked"]["auroc"]),
             "—" if not svm or "auroc" not in svm else format_percent(svm["auroc"]),
         )
