@@ -730,9 +730,14 @@ def run_attack(
     }
     path = _write_json(output / RESULT_FILE, summary)
     files = {"json": path, "run": output / RUN_FILE, "batches": output / "batches"}
+    written = json.loads(path.read_text())
+    # the HTML report beside attack.json; ID test scores passed here (attack.json has the mean)
+    from oodprobe.report.attack import REPORT_FILE, render_attack_report
+
+    files["report"] = render_attack_report(written, output / REPORT_FILE, id_scores=id_scores)
     return AttackRun(
         output,
-        json.loads(path.read_text()),
+        written,
         files,
         seconds=time.perf_counter() - started,
         batches_resumed=resumed,
