@@ -161,11 +161,11 @@ def test_the_report_is_written_beside_attack_json_with_the_table_values(tmp_path
     # attack, ε, clean AUROC, attacked AUROC, Δ, clean FPR, attacked FPR, success, raised,
     # L∞ /255, L2, PSNR, SSIM, removed targets, SVM
     assert cells[0] == [
-        "PGD L∞ ε = 4/255", "4/255", "98.8", "43.2", "−55.6", "6.2", "87.5", "75.0", "100.0",
+        "PGD L∞", "4/255", "98.8", "43.2", "−55.6", "6.2", "87.5", "75.0", "100.0",
         "4.00", "1.234", "38.2", "—", "—", "81.2",
     ]  # fmt: skip
     assert cells[1][:8] == [
-        "PGD L∞ ε = 8/255", "8/255", "98.8", "12.3", "−86.4", "6.2", "100.0", "—",
+        "PGD L∞", "8/255", "98.8", "12.3", "−86.4", "6.2", "100.0", "—",
     ]  # fmt: skip
     assert cells[1][9] == "8.00" and cells[1][11] == "—" and cells[1][14] == "93.8"
     assert "attacked FPR@95 %" in table
@@ -184,7 +184,7 @@ def test_a_curve_only_with_two_budgets(tmp_path: Path) -> None:
     matching = attack_report_html(fm, tmp_path / "fm")
     assert '<td class="num">90.0 → 60.0</td>' in matching  # the removed-targets evaluation
     assert '<section id="curve">' not in matching
-    assert '<td>feature matching</td><td class="num">unbounded</td>' in matching
+    assert '<td class="kind">feature matching</td><td class="num">unbounded</td>' in matching
 
 
 def test_one_histogram_per_budget_with_or_without_id_scores(tmp_path: Path) -> None:

@@ -70,6 +70,7 @@ EXTRA_CSS = """
 .triplet .cap { font-size: 11px; margin-top: 4px; overflow-wrap: anywhere; line-height: 1.35; }
 .triplet .score { font-variant-numeric: tabular-nums; }
 .accepted { color: #8a1c1c; font-weight: 600; }
+table.attack td.kind { white-space: nowrap; }
 """
 
 
@@ -119,14 +120,22 @@ def _eps_text(entry: Mapping[str, Any]) -> str:
     return f"{eps:.4g}"
 
 
-def _attack_title(entry: Mapping[str, Any]) -> str:
+def _attack_kind(entry: Mapping[str, Any]) -> str:
+    """``PGD L∞`` / ``PGD L2`` for a budgeted attack, ``feature matching`` otherwise."""
     method = _text(entry.get("method"), "?")
     if as_float(entry.get("eps")) is None:
         return method.replace("-", " ").replace("_", " ")
     norm = {"linf": "L∞", "l2": "L2"}.get(_text(entry.get("norm")), _text(entry.get("norm")))
     if method.startswith("pgd"):  # run_attack names it pgd-linf / pgd-l2; the norm follows
         method = "PGD"
-    return f"{method} {norm} ε = {_eps_text(entry)}"
+    return f"{method} {norm}".strip()
+
+
+def _attack_title(entry: Mapping[str, Any]) -> str:
+    """``PGD L∞ ε = 4/255``, or ``feature matching``."""
+    if as_float(entry.get("eps")) is None:
+        return _attack_kind(entry)
+    return f"{_attack_kind(entry)} ε = {_eps_text(entry)}"
 
 
 def _delta_points(before: Any, after: Any) -> str:
@@ -402,7 +411,7 @@ def _results_table(summary: Mapping[str, Any]) -> str:
         svm = _map(entry.get("class_score_svm"))
         svm_text = _percent(svm.get("auroc")) if svm else MISSING
         cells = [
-            _td(_attack_title(entry), numeric=False),
+            f'<td class="kind">{_esc(_attack_kind(entry))}</td>',
             _td(_eps_text(entry)),
             _td(_percent(entry.get("clean_auroc"))),
             _td(_percent(entry.get("attacked_auroc"))),
@@ -602,9 +611,11 @@ def attack_section(
 
 
 def _title(summary: Mapping[str, Any]) -> str:
+    """``Attack: pgd on knn · efficientnet-lite0`` (the detector's parameters are in the box)."""
     params = _map(summary.get("params"))
     method = _text(params.get("method"), "?")
-    detector = _detector_text(params.get("detector"))
+    record = _map(params.get("detector"))
+    detector = _text(record.get("label") or record.get("name"), "?")
     return f"Attack: {method} on {detector} · {_text(params.get('encoder'), '?')}"
 
 
