@@ -183,6 +183,10 @@ def test_a_curve_only_with_two_budgets(tmp_path: Path) -> None:
     fm["results"][0]["removed_targets"] = {"clean": {"auroc": 0.9}, "attacked": {"auroc": 0.6}}
     matching = attack_report_html(fm, tmp_path / "fm")
     assert '<td class="num">90.0 → 60.0</td>' in matching  # the removed-targets evaluation
+    fm["images"][0]["attacks"][0].update({"clean_cosine": 0.25, "attacked_cosine": 0.875})
+    fm["images"][0]["target_index"] = 17
+    matching = attack_report_html(fm, tmp_path / "fm")
+    assert "cosine to target 0.250 → 0.875 (ID training image 17)" in matching
     assert '<section id="curve">' not in matching
     assert '<td class="kind">feature matching</td><td class="num">unbounded</td>' in matching
 
@@ -228,6 +232,12 @@ def test_triplets_show_clean_amplified_perturbation_and_manipulated(tmp_path: Pa
     gallery = _section(text, "gallery")
     assert gallery.count("image missing") == 2 * len(EPS)  # clean and perturbation, per budget
     assert len(IMG.findall(gallery)) == len(EPS) * (2 * 3 - 2)
+    # a path leaving the run folder is not read
+    outside = tmp_path.parent / "outside.png"
+    _write_png(outside, np.zeros((4, 4, 3), dtype=np.uint8))
+    summary["images"][0]["clean_png"] = "../outside.png"
+    gallery = _section(attack_report_html(summary, tmp_path, max_images=1), "gallery")
+    assert gallery.count("image missing") == 2 * len(EPS)
 
 
 def test_amplified_perturbation_maps_the_largest_change_to_the_full_range() -> None:

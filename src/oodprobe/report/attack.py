@@ -164,8 +164,11 @@ def _read_png(root: Path | None, relative: Any) -> np.ndarray | None:
     """The (H, W, 3) uint8 pixels of a saved PNG, or None when absent or unreadable."""
     if root is None or not isinstance(relative, str) or not relative:
         return None
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):  # only the run's own files go into the page
+        return None
     try:
-        with Image.open(root / relative) as image:
+        with Image.open(path) as image:
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except (OSError, ValueError):
         return None
@@ -541,6 +544,14 @@ def _triplet(image: Mapping[str, Any], item: Mapping[str, Any], root: Path | Non
     )  # fmt: skip
     linf = as_float(item.get("linf"))
     size = MISSING if linf is None else f"{255.0 * linf:.1f}/255"
+    cosine = ""  # feature matching: the features' cosine to the target image's, before → after
+    if "clean_cosine" in item or "attacked_cosine" in item:
+        cosine = (
+            f"<br>cosine to target {_esc(_number(item.get('clean_cosine')))} → "
+            f"{_esc(_number(item.get('attacked_cosine')))}"
+        )
+        if image.get("target_index") is not None:
+            cosine += f" (ID training image {_esc(image.get('target_index'))})"
     cells = (
         _image_cell(clean, "clean", f"clean {source}")
         + _image_cell(amplified, "perturbation (amplified)", f"perturbation of {source}")
@@ -549,7 +560,7 @@ def _triplet(image: Mapping[str, Any], item: Mapping[str, Any], root: Path | Non
     return (
         f'<div class="triplet"><div class="row">{cells}</div><div class="cap">'
         f'<span class="mono">{_esc(source)}</span><br><span class="score">score '
-        f"{_esc(before)} → {_esc(after)}</span>{verdict} · L∞ {_esc(size)}</div></div>"
+        f"{_esc(before)} → {_esc(after)}</span>{verdict} · L∞ {_esc(size)}{cosine}</div></div>"
     )
 
 
