@@ -718,7 +718,12 @@ def run_attack(
             "PNG uint8 round(x*255); PGD's budget enforced on the quantised image against the "
             "equally quantised clean one; evaluation encodes the saved PNGs"
         ),
-        "id_scores": {"n": len(id_scores), "mean": float(id_scores.mean())},
+        # every ID test score, so the report's histograms can be drawn again from the file
+        "id_scores": {
+            "n": len(id_scores),
+            "mean": float(id_scores.mean()),
+            "scores": [float(score) for score in id_scores],
+        },
         "results": results,
         "class_score_svm_across_budgets": across,
         "images": images,
@@ -787,7 +792,9 @@ def _prepare_output(output: Path, params: dict[str, Any], force: bool) -> None:
 def _clear(output: Path) -> None:
     """Remove what a run writes (its batches and results), nothing else in the folder."""
     shutil.rmtree(output / "batches", ignore_errors=True)
-    for name in (RESULT_FILE, RUN_FILE):
+    from oodprobe.report.attack import REPORT_FILE
+
+    for name in (RESULT_FILE, RUN_FILE, REPORT_FILE):
         (output / name).unlink(missing_ok=True)
 
 

@@ -807,7 +807,8 @@ def attack(
     )
     _print_attack(run.summary, console)
     console.print(f"finished in {run.seconds:.0f} s ({run.batches_resumed} batch(es) resumed)")
-    console.print(f"results: [bold]{run.files['json']}[/]  images: {run.files['batches']}")
+    console.print(f"results: {run.files['json']}  images: {run.files['batches']}")
+    console.print(f"report:  [bold]{run.files['report']}[/]")
 
 
 def _print_attack(summary: dict[str, Any], console: Any) -> None:
