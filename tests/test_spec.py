@@ -227,3 +227,13 @@ def test_toml_file_errors(tmp_path: Path) -> None:
         load_benchmark(path)
     with pytest.raises(InvalidParameterError, match="benchmark config not found"):
         load_benchmark(tmp_path / "missing.toml")
+
+
+def test_a_config_without_detectors_runs_the_label_free_knn() -> None:
+    config = {
+        "id": {"train": "digits:train", "test": "digits:test"},
+        "ood": [{"source": "skimage-textures"}],
+    }
+    assert [d.display for d in spec_from_dict(config).detectors] == ["knn"]
+    with pytest.raises(InvalidParameterError, match="lists no detectors"):
+        spec_from_dict({**config, "detectors": []})

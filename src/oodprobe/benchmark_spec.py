@@ -568,10 +568,9 @@ def spec_from_dict(config: Mapping[str, Any], base_dir: Path | None = None) -> B
         id_test=id_test,
         ood=tuple(_data_spec(t, f"[[ood]] #{i + 1}", base_dir) for i, t in enumerate(ood_tables)),
         encoders=tuple(encoders),
-        # a study needs no detector of its own: it adds the label-free k-NN it fits
-        detectors=_detector_specs(
-            config.get("detectors", [{"name": "knn"}] if "study" in config else [])
-        ),
+        # no [[detectors]]: the paper's label-free k-NN (what study fits and attack targets);
+        # an explicit empty list is still refused
+        detectors=_detector_specs(config.get("detectors", [{"name": "knn"}])),
         class_names=tuple(class_names) if class_names is not None else None,
         prompts=prompts if isinstance(prompts, str) else tuple(prompts),
         convention=config.get("convention", "oodprobe"),
