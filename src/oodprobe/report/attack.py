@@ -37,6 +37,7 @@ from oodprobe.report.plots import (
     _finite,
     _histogram_range,
     _label,
+    style_score_axes,
     thumbnail,
 )
 from oodprobe.report.style import CSS
@@ -285,14 +286,7 @@ def score_histogram_figure(
         )  # fmt: skip
     if threshold is not None and math.isfinite(threshold):
         axes.axvline(threshold, color="#374151", linestyle="--", linewidth=1)
-    if title:
-        axes.set_title(_label(title), fontsize=9)
-    axes.set_xlabel("score (higher = more in-distribution)", fontsize=8)
-    axes.tick_params(labelsize=7)
-    axes.set_yticks([])
-    axes.legend(fontsize=7, frameon=False, loc="upper left")
-    for spine in ("top", "right", "left"):
-        axes.spines[spine].set_visible(False)
+    style_score_axes(axes, title)
     return _figure_uri(figure)
 
 

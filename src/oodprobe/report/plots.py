@@ -213,14 +213,20 @@ def histogram_figure(
                 linewidth=1,
             )
         group = score_set.ood_groups.get(name)
-        axes.set_title(_label(f"ID vs {name}" + (f" ({group})" if group else "")), fontsize=9)
-        axes.set_xlabel("score (higher = more in-distribution)", fontsize=8)
-        axes.tick_params(labelsize=7)
-        axes.set_yticks([])
-        axes.legend(fontsize=7, frameon=False, loc="upper left")
-        for spine in ("top", "right", "left"):
-            axes.spines[spine].set_visible(False)
+        style_score_axes(axes, f"ID vs {name}" + (f" ({group})" if group else ""))
     return _figure_uri(figure)
+
+
+def style_score_axes(axes: Any, title: str) -> None:
+    """The look of a score histogram panel: title, score axis, legend, no y ticks or frame."""
+    if title:
+        axes.set_title(_label(title), fontsize=9)
+    axes.set_xlabel("score (higher = more in-distribution)", fontsize=8)
+    axes.tick_params(labelsize=7)
+    axes.set_yticks([])
+    axes.legend(fontsize=7, frameon=False, loc="upper left")
+    for spine in ("top", "right", "left"):
+        axes.spines[spine].set_visible(False)
 
 
 def _flatten(image: Image.Image) -> Image.Image:
