@@ -388,17 +388,6 @@ def _resolve_precision(precision: Any, device: torch.device) -> str:
     return resolved
 
 
-def _autocast(precision: str, device: torch.device) -> Any:
-    import contextlib
-
-    import torch
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 # fp16 gradients of a loss of order 1 can underflow; both attacks are invariant to the loss's
 # scale (Adam normalises its steps, PGD takes the sign or the unit direction)
 _LOSS_SCALE = {"fp32": 1.0, "bf16": 1.0, "fp16": 1024.0}
@@ -460,7 +449,7 @@ def feature_matching_attack(
     """
     import torch
 
-    from oodprobe.features import borrowed_encoder
+    from oodprobe.features import autocast_for, borrowed_encoder
 
     images = _check_images("images", images)
     targets = _check_images("targets", targets)
@@ -486,7 +475,7 @@ def feature_matching_attack(
     ids = _image_ids(image_ids, len(images))
     target_device = _check_device(device)
     precision = _resolve_precision(precision, target_device)
-    autocast = functools.partial(_autocast, precision, target_device)
+    autocast = functools.partial(autocast_for, precision, target_device)
     scale = _LOSS_SCALE[precision]
 
     initial = init_scale * torch.stack(
@@ -637,7 +626,7 @@ def pgd_score_attack(
     """
     import torch
 
-    from oodprobe.features import borrowed_encoder
+    from oodprobe.features import autocast_for, borrowed_encoder
 
     images = _check_images("images", images)
     _check_detector(detector, encoder)
@@ -660,7 +649,7 @@ def pgd_score_attack(
     ids = _image_ids(image_ids, len(images))
     target_device = _check_device(device)
     precision = _resolve_precision(precision, target_device)
-    autocast = functools.partial(_autocast, precision, target_device)
+    autocast = functools.partial(autocast_for, precision, target_device)
     scale = _LOSS_SCALE[precision]
     output = type(detector).input_array
 

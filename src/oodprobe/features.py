@@ -144,6 +144,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def autocast_for(precision: str, device: torch.device) -> Any:
+    """The autocast context of a resolved precision: fp16/bf16 autocast, or none for fp32.
+
+    The one home extraction, fine-tuning and the attacks share. A context manager object that
+    can be entered again and again (``torch.autocast`` is re-entrant).
+    """
+    if precision in _DTYPES:
+        return torch.autocast(device.type, dtype=_DTYPES[precision])
+    return contextlib.nullcontext()
+
+
 def default_num_workers() -> int:
     """One decoding worker per spare core (at least one, at most 8)."""
     return max(1, min(8, (os.cpu_count() or 2) - 1))
@@ -741,11 +752,7 @@ def _extract_missing_shards(
         num_workers=num_workers,
         device=device,
     )
-    autocast = (
-        torch.autocast(device.type, dtype=_DTYPES[precision])
-        if precision in _DTYPES
-        else contextlib.nullcontext()
-    )
+    autocast = autocast_for(precision, device)
     buffers: dict[str, list[np.ndarray]] = {name: [] for name in encoder.outputs}
     kept: list[int] = []
     skipped: list[list[Any]] = []

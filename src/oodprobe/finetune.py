@@ -800,7 +800,7 @@ class _Training:
         import torch
 
         from oodprobe.data.base import SkippedImage
-        from oodprobe.features import _progress_bar, batch_loader
+        from oodprobe.features import _progress_bar, autocast_for, batch_loader
 
         recipe, device = self.recipe, self.device
         batches = _epoch_batches(recipe, len(self.dataset), epoch)
@@ -811,14 +811,7 @@ class _Training:
             num_workers=num_workers,
             device=device,
         )
-        autocast = (
-            torch.autocast(
-                device.type,
-                dtype=getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[self.precision]),
-            )
-            if self.precision in ("fp16", "bf16")
-            else contextlib.nullcontext()
-        )
+        autocast = autocast_for(self.precision, device)
         self.encoder.eval()
         self.tower.train()
         for module in self.frozen:
