@@ -375,7 +375,7 @@ def _per_image_generators(seed: int, ids: npt.NDArray[np.int64]) -> list[torch.G
     ]
 
 
-def _resolve_precision(precision: Any, device: torch.device) -> str:
+def resolve_attack_precision(precision: Any, device: torch.device) -> str:
     """``auto`` → bf16 on a GPU with bf16 (fp32's range: no gradient underflow), else fp16
     on a GPU, fp32 on the CPU; explicit choices are checked by ``features.resolve_precision``."""
     import torch
@@ -474,7 +474,7 @@ def feature_matching_attack(
             )
     ids = _image_ids(image_ids, len(images))
     target_device = _check_device(device)
-    precision = _resolve_precision(precision, target_device)
+    precision = resolve_attack_precision(precision, target_device)
     autocast = functools.partial(autocast_for, precision, target_device)
     scale = _LOSS_SCALE[precision]
 
@@ -648,7 +648,7 @@ def pgd_score_attack(
     progress = _check_bool("progress", progress)
     ids = _image_ids(image_ids, len(images))
     target_device = _check_device(device)
-    precision = _resolve_precision(precision, target_device)
+    precision = resolve_attack_precision(precision, target_device)
     autocast = functools.partial(autocast_for, precision, target_device)
     scale = _LOSS_SCALE[precision]
     output = type(detector).input_array

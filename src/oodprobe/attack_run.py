@@ -295,9 +295,9 @@ def run_attack(
         _check_int("num_workers", num_workers, 0)
     torch_device = select_device(device)
     feature_precision = resolve_precision(precision, torch_device)
-    from oodprobe.attack import _resolve_precision
+    from oodprobe.attack import resolve_attack_precision
 
-    attack_precision = _resolve_precision(precision, torch_device)
+    attack_precision = resolve_attack_precision(precision, torch_device)
     ood_specs = {item.label: item for item in spec.ood}
     if ood is None:
         ood_spec = spec.ood[0]
@@ -354,10 +354,10 @@ def run_attack(
         if method == "pgd":
             _refuse_non_differentiable(detector_spec)
         encoder_name = spec.encoders[0] if encoder is None else encoder
-        from oodprobe.benchmark_spec import _check_encoders
+        from oodprobe.benchmark_spec import check_encoders
         from oodprobe.pipeline import detector_params
 
-        _check_encoders([encoder_name], "encoder")
+        check_encoders([encoder_name], "encoder")
         check_compatibility(
             [detector_spec], labelled=True, id_label="", encoders={encoder_name: None}
         )
@@ -369,11 +369,11 @@ def run_attack(
         }
 
     # -- the data (a listing), then the model ---------------------------------------------
-    from oodprobe.benchmark import _create, _create_id_sets
+    from oodprobe.benchmark import create_data, create_id_sets
     from oodprobe.encoders import create_encoder
 
-    id_train, id_test = _create_id_sets(spec, download)
-    ood_set = _create(ood_spec, "OOD set", download)
+    id_train, id_test = create_id_sets(spec, download)
+    ood_set = create_data(ood_spec, "OOD set", download)
     if n > len(ood_set):
         raise InvalidParameterError(
             f"n = {n} images to attack, and the OOD set {ood_spec.label!r} has {len(ood_set)}; "
@@ -389,9 +389,9 @@ def run_attack(
         )
     model = create_encoder(encoder_name)
     if deployment_info is not None:
-        from oodprobe.deploy import _check_same_encoder
+        from oodprobe.deploy import check_same_encoder
 
-        _check_same_encoder(model, deployment_info)
+        check_same_encoder(model, deployment_info)
     elif detector_spec is not None:
         check_compatibility(
             [detector_spec],

@@ -71,7 +71,7 @@ class BenchmarkRun:
         return [row.as_dict() for row in self.rows]
 
 
-def _create(data: DataSpec, role: str, download: bool) -> Any:
+def create_data(data: DataSpec, role: str, download: bool) -> Any:
     """Build one dataset of the spec; a data error names the role it plays in the benchmark."""
     try:
         return data.create(download)
@@ -79,7 +79,7 @@ def _create(data: DataSpec, role: str, download: bool) -> Any:
         raise DataError(f"{role} {data.label!r}: {error}") from error
 
 
-def _create_id_sets(spec: BenchmarkSpec, download: bool) -> tuple[Any, Any]:
+def create_id_sets(spec: BenchmarkSpec, download: bool) -> tuple[Any, Any]:
     """The ID training and test sets; one folder split by ``test_fraction`` is read once."""
     if spec.id_train.test_fraction is not None and spec.id_train.split_of(spec.id_test):
         try:
@@ -87,8 +87,8 @@ def _create_id_sets(spec: BenchmarkSpec, download: bool) -> tuple[Any, Any]:
         except DataError as error:
             raise DataError(f"ID images {spec.id_train.source!r}: {error}") from error
     return (
-        _create(spec.id_train, "ID training set", download),
-        _create(spec.id_test, "ID test set", download),
+        create_data(spec.id_train, "ID training set", download),
+        create_data(spec.id_test, "ID test set", download),
     )
 
 
@@ -252,11 +252,11 @@ def execute_benchmark(
     check_output_folder(output)
     torch_device = select_device(device)
     resolved_precision = resolve_precision(precision, torch_device)
-    id_train, id_test = _create_id_sets(spec, download)
+    id_train, id_test = create_id_sets(spec, download)
     datasets = {
         "id_train": (spec.id_train, id_train),
         "id_test": (spec.id_test, id_test),
-        **{f"ood:{ood.label}": (ood, _create(ood, "OOD set", download)) for ood in spec.ood},
+        **{f"ood:{ood.label}": (ood, create_data(ood, "OOD set", download)) for ood in spec.ood},
     }
     labelled = datasets["id_train"][1].labels is not None
     if labelled and detectors_if_labelled:

@@ -332,7 +332,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
 
-def _check_encoders(encoders: Any, where: str) -> None:
+def check_encoders(encoders: Any, where: str) -> None:
     """A list of distinct encoder names that their sources know (nothing is built).
 
     Two spellings of one encoder (``efficientnet-lite0`` and ``efficientnet-lite0@224``) are
@@ -393,11 +393,11 @@ def validate(spec: BenchmarkSpec) -> BenchmarkSpec:
         _check_data(ood, f"[[ood]] #{index + 1}")
     if not spec.encoders:
         raise InvalidParameterError("the benchmark lists no encoders")
-    _check_encoders(spec.encoders, "encoders")
+    check_encoders(spec.encoders, "encoders")
     if not isinstance(spec.study, StudySpec):
         raise InvalidParameterError(f"study must be a [study] table, got {spec.study!r}")
     if spec.study.encoders:
-        _check_encoders(spec.study.encoders, "[study] encoders")
+        check_encoders(spec.study.encoders, "[study] encoders")
     _check_int(spec.study.bootstrap, "[study] bootstrap", minimum=0)
     if spec.study.bootstrap > MAX_STUDY_BOOTSTRAP:  # the resamples are held in memory at once
         raise InvalidParameterError(

@@ -276,7 +276,7 @@ def score_with_deployment(
     info = check_deployment_metadata(metadata, detector_path, type(detector).input_array)
     dataset, _ = _create(source, download)
     encoder = create_encoder(info["encoder"])
-    _check_same_encoder(encoder, info)
+    check_same_encoder(encoder, info)
     features = extract_features(
         dataset,
         encoder,
@@ -347,7 +347,7 @@ def check_deployment_metadata(
     return dict(metadata)
 
 
-def _check_same_encoder(encoder: ImageEncoder, info: Mapping[str, Any]) -> None:
+def check_same_encoder(encoder: ImageEncoder, info: Mapping[str, Any]) -> None:
     """Refuse an encoder whose weights or preprocessing differ from the fitted one's."""
     name = info["encoder"]
     recorded = info.get("encoder_weights_sha256")
