@@ -454,20 +454,30 @@ def _preset_data_error(error: DataError, spec: Any) -> DataError:
 
 
 def _run_spec(
-    runner: Any, spec: Any, config: Path | None, output_dir: Path, console: Any, **options: Any
+    runner: Any,
+    spec: Any,
+    config: Path | None,
+    output_dir: Path,
+    console: Any,
+    header: str,
+    **options: Any,
 ) -> Any:
-    """``runner(spec, output_dir, **options)`` (bench, study) with the run's log on the console.
+    """``runner(spec, output_dir, **options)`` (bench, study, attack), its log on the console.
 
-    A preset's data errors say where the preset looks for its data.
+    ``header`` is printed with the run's first log line: runners log only once their checks
+    have passed, so a refused input stays one ``error:`` line. A preset's data errors say where
+    the preset looks for its data.
     """
+    pending = [header]
+
+    def log(message: str) -> None:
+        if pending:
+            console.print(pending.pop())
+        # markup off: "[encoder]" and "digits:train:" are text, not rich tags or emoji
+        console.print(message, style="dim", markup=False, emoji=False)
+
     try:
-        return runner(
-            spec,
-            output_dir,
-            # markup off: "[encoder]" and "digits:train:" are text, not rich tags or emoji
-            log=lambda message: console.print(message, style="dim", markup=False, emoji=False),
-            **options,
-        )
+        return runner(spec, output_dir, log=log, **options)
     except DataError as error:
         if config is not None:
             raise
@@ -526,16 +536,14 @@ def bench(
     )
     console = _console()
     output_dir = output or Path("oodprobe-results") / spec.name
-    console.print(
-        f"[bold]benchmark {spec.name}[/]: {len(spec.encoders)} encoder(s), "
-        f"{len(spec.detectors)} detector(s), {len(spec.ood)} OOD set(s)"
-    )
     run = _run_spec(
         run_benchmark,
         spec,
         config,
         output_dir,
         console,
+        f"[bold]benchmark {spec.name}[/]: {len(spec.encoders)} encoder(s), "
+        f"{len(spec.detectors)} detector(s), {len(spec.ood)} OOD set(s)",
         cache_root=cache_dir,
         device=device,
         precision=precision,
@@ -608,16 +616,14 @@ def study(
     console = _console()
     folder = spec.name if "study" in spec.name else f"{spec.name}-study"
     output_dir = output or Path("oodprobe-results") / folder
-    console.print(
-        f"[bold]study {spec.name}[/]: {len(spec.encoders)} encoders, "
-        f"{len(spec.detectors)} detector(s), {len(spec.ood)} OOD set(s)"
-    )
     result = _run_spec(
         run_study,
         spec,
         config,
         output_dir,
         console,
+        f"[bold]study {spec.name}[/]: {len(spec.encoders)} encoders, "
+        f"{len(spec.detectors)} detector(s), {len(spec.ood)} OOD set(s)",
         cache_root=cache_dir,
         device=device,
         precision=precision,
@@ -775,13 +781,13 @@ def attack(
     budgets = [parse_eps(value) for value in (eps or ["4/255", "8/255"])]
     console = _console()
     output_dir = output or Path("oodprobe-results") / f"{spec.name}-attack-{method}"
-    console.print(f"[bold]attack {spec.name}[/]: {method}, {n} image(s), output {output_dir}")
     run = _run_spec(
         run_attack,
         spec,
         config,
         output_dir,
         console,
+        f"[bold]attack {spec.name}[/]: {method}, {n} image(s), output {output_dir}",
         method=method,
         detector=detector,
         encoder=encoder,
