@@ -233,6 +233,9 @@ class Detector(BaseEstimator):
     # class-score SVM, fitted by the attack, never on a benchmark's ID training set)
     fit_labels: ClassVar[str] = "classes"
     requires_text: ClassVar[bool] = False
+    # whether the constructor needs a classifier head's weight and bias as arrays (the
+    # post-hoc family, detectors/posthoc.py; the runner computes them)
+    requires_head: ClassVar[bool] = False
     input_array: ClassVar[str] = "features"
     runner_params: ClassVar[frozenset[str]] = frozenset()
     differentiable: ClassVar[bool] = False
