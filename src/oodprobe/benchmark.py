@@ -1,10 +1,12 @@
 """Run a benchmark: extract (cached) → fit each detector once → score every OOD set → metrics.
 
 This is where encoders and detectors meet: detectors see arrays, the runner feeds them the
-features (or logits) of each encoder, class embeddings for text detectors, and labels for the
-detectors that need them. Encoders are built one at a time and released before the next, so a
-study over several large models holds one in memory. A detector that fails becomes rows with
-its error and the run goes on. Files are written by :mod:`oodprobe.benchmark_outputs`.
+features (or logits) of each encoder, class embeddings for text detectors, the classifier head
+for the post-hoc detectors (the encoder's, stored with its features; a probe fitted on the ID
+training features; or a zero-shot head), and labels for the detectors that need them.
+Encoders are built one at a time and released before the next, so a study over several large
+models holds one in memory. A detector that fails becomes rows with its error and the run goes
+on. Files are written by :mod:`oodprobe.benchmark_outputs`.
 """
 
 from __future__ import annotations
@@ -511,9 +513,7 @@ def _row_context(
     device: str,
     precision: str,
 ) -> RowContext:
-    from oodprobe.detectors import DETECTORS
-
-    text = DETECTORS[detector_spec.name].requires_text
+    text = needs_text([detector_spec])  # text detectors and zero-shot heads record their prompts
     return RowContext(
         encoder=encoder.name,
         encoder_cache_id=encoder.cache_id,
@@ -551,7 +551,7 @@ def _evaluate_detector(
 
     convention = get_convention(spec.convention)
     try:
-        detector = build_detector(detector_spec, encoder, class_embeddings)
+        detector = build_detector(detector_spec, encoder, class_embeddings, train=train.features)
         fit_started = time.perf_counter()
         labels = train.features.labels if type(detector).requires_labels else None
         detector.fit(detector_input(detector, train.features), labels)

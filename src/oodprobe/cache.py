@@ -7,9 +7,15 @@ Layout of an entry ``<root>/features/<key[:2]>/<key>/``:
   metadata, so a run killed at any instant leaves only whole, verifiable shards to resume from;
 * when complete: one plain ``<output>.npy`` per encoder output (``features.npy``, ``logits.npy``)
   plus ``indices.npy`` (dataset index of each row), and ``meta.json`` written last with the
-  sha256 of every file. Users can ``np.load`` the arrays directly (``mmap_mode="r"`` works).
+  sha256 of every file. Users can ``np.load`` the arrays directly (``mmap_mode="r"`` works);
+* for an encoder with a linear classifier head (``ImageEncoder.head_arrays``), also
+  ``head.safetensors`` (``weight`` (C, D) and ``bias`` (C,) float32, the sha256 of its arrays in
+  its metadata), written before ``meta.json``, whose ``head`` records its shape and that sha256
+  (``null`` for an encoder without one). Entries written before heads were stored have no
+  ``head`` key; :func:`add_head` adds one to them.
 
-A damaged entry of any kind (missing or truncated file, checksum mismatch, unreadable JSON,
+A damaged entry of any kind (missing or truncated file, checksum mismatch, unreadable JSON, a
+head file that is missing, unreadable or not the one ``meta.json`` records,
 ``meta.json`` of the wrong structure, a shard of the wrong shape or dtype) raises
 :class:`CacheError`; the extractor then deletes and rebuilds it, never using it silently.
 Skip records (undecodable images: index, source, reason, full error message) are stored in
@@ -34,6 +40,7 @@ from oodprobe.errors import CacheError
 from oodprobe.files import atomic_write, commit_temporary, temporary_beside
 
 CACHE_FORMAT_VERSION = 1
+HEAD_FILE = "head.safetensors"
 _HASH_CHUNK = 1 << 22
 
 
@@ -292,6 +299,7 @@ def _check_meta(meta: Any, meta_path: Path, key: str | None) -> dict[str, Any]:
     if files["indices"]["shape"] != [n_rows] or files["indices"]["dtype"] != "<i8":
         raise CacheError(f"{meta_path} describes indices of the wrong shape or dtype")
     meta["skipped"] = _check_skipped(meta.get("skipped"), meta_path)
+    _check_head_record(meta.get("head"), meta_path)
     return meta
 
 
@@ -326,6 +334,116 @@ def read_entry(
                 f"expected {tuple(info['shape'])} and {info['dtype']}"
             )
     return arrays, meta
+
+
+# -- the classifier head ----------------------------------------------------------------------
+
+
+def write_head(directory: Path, weight: np.ndarray, bias: np.ndarray) -> dict[str, Any]:
+    """Atomically write ``head.safetensors``; return its record for ``meta.json``'s ``head``.
+
+    ``weight`` is (C, D) and ``bias`` (C,), stored as float32 with the sha256 of the arrays in
+    the file's metadata (as shards are); the record holds the shape and that sha256.
+    """
+    from safetensors.numpy import save_file
+
+    arrays = {
+        "weight": np.ascontiguousarray(weight, dtype=np.float32),
+        "bias": np.ascontiguousarray(bias, dtype=np.float32),
+    }
+    if arrays["weight"].ndim != 2 or arrays["bias"].shape != (len(arrays["weight"]),):
+        raise ValueError(
+            f"a head is a (C, D) weight and a (C,) bias, got {arrays['weight'].shape} and "
+            f"{arrays['bias'].shape}"
+        )
+    digest = arrays_sha256(arrays)
+    path = directory / HEAD_FILE
+    atomic_write(path, lambda tmp: save_file(arrays, str(tmp), {"sha256": digest}))
+    return {"file": HEAD_FILE, "shape": list(arrays["weight"].shape), "sha256": digest}
+
+
+def _check_head_record(record: Any, meta_path: Path) -> None:
+    """CacheError unless ``meta.json``'s ``head`` is null or what :func:`write_head` returns."""
+    if record is None:
+        return
+    if (
+        not isinstance(record, dict)
+        or record.get("file") != HEAD_FILE
+        or not isinstance(record.get("shape"), list)
+        or len(record["shape"]) != 2
+        or not all(_is_count(size) and size > 0 for size in record["shape"])
+        or not isinstance(record.get("sha256"), str)
+    ):
+        raise CacheError(f"{meta_path} has a malformed head record {str(record)[:80]}")
+
+
+def read_head(
+    directory: Path, meta: dict[str, Any], *, verify: bool = True
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The entry's head ``(weight (C, D), bias (C,))`` float32, or None if it records none.
+
+    ``meta`` is the entry's checked ``meta.json`` (:func:`read_entry`); an entry written before
+    heads were stored (no ``head`` key) gives None too. CacheError if the file is missing,
+    unreadable, holds other arrays or shapes, fails its checksum (``verify``), is not the file
+    ``meta.json`` records, or holds a value that is not finite.
+    """
+    from safetensors import safe_open
+
+    record = meta.get("head")
+    _check_head_record(record, directory / "meta.json")
+    if record is None:
+        return None
+    path = directory / HEAD_FILE
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            metadata = handle.metadata() or {}
+            arrays = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except Exception as error:  # safetensors raises several error types on damaged files
+        raise CacheError(f"head {path} is unreadable: {_one_line(error)}") from None
+    n_classes, n_dims = record["shape"]
+    if (
+        set(arrays) != {"weight", "bias"}
+        or arrays["weight"].dtype != np.float32
+        or arrays["bias"].dtype != np.float32
+        or arrays["weight"].shape != (n_classes, n_dims)
+        or arrays["bias"].shape != (n_classes,)
+    ):
+        layout = {name: (array.dtype.str, array.shape) for name, array in arrays.items()}
+        raise CacheError(
+            f"head {path} holds {layout}, expected float32 weight ({n_classes}, {n_dims}) and "
+            f"bias ({n_classes},)"
+        )
+    if metadata.get("sha256") != record["sha256"]:
+        raise CacheError(f"head {path} is not the head {directory / 'meta.json'} records")
+    if verify and arrays_sha256(arrays) != record["sha256"]:
+        raise CacheError(f"head {path} failed its checksum")
+    if not (np.isfinite(arrays["weight"]).all() and np.isfinite(arrays["bias"]).all()):
+        raise CacheError(f"head {path} holds values that are not finite")
+    return arrays["weight"], arrays["bias"]
+
+
+def add_head(directory: Path, weight: np.ndarray, bias: np.ndarray) -> dict[str, Any]:
+    """Store a head in a complete entry written before heads were (its ``meta.json`` rewritten).
+
+    The head file is written first and ``meta.json`` then replaced atomically with its record
+    added and nothing else changed, so a reader sees either the old entry or the new one. The
+    caller holds the entry's lock and has read the entry. Returns the record.
+    """
+    meta_path = directory / "meta.json"
+    try:
+        raw = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CacheError(f"{meta_path} is unreadable: {_one_line(error)}") from None
+    if not isinstance(raw, dict):
+        raise CacheError(f"{meta_path} holds a {type(raw).__name__}, not an object")
+    record = write_head(directory, weight, bias)
+    raw["head"] = record
+
+    def write_meta(tmp: Path) -> None:
+        tmp.write_text(json.dumps(raw, indent=1))
+
+    atomic_write(meta_path, write_meta)
+    return record
 
 
 def remove_entry(directory: Path) -> None:

@@ -99,11 +99,13 @@ def fit_deployment(
     """Fit ``detector`` on ID images, holding ``holdout`` of them out to calibrate a threshold.
 
     ``source`` is a DataSpec (or an ImageDataset); ``class_names`` and ``prompts`` (a named
-    prompt set or a list of ``{}`` templates) feed the text detectors (MCM, PLP), class names
-    defaulting to the dataset's. ``key`` is kept for :meth:`Deployment.save`. Everything is
-    validated before any image is decoded: detector name and parameters, ``keep``,
-    ``holdout``, ``seed``, device, precision, batch size, workers, the encoder name and the
-    detector's compatibility with it and with the data.
+    prompt set or a list of ``{}`` templates) feed the text detectors (MCM, PLP) and zero-shot
+    heads, class names defaulting to the dataset's. A post-hoc detector's head (its
+    constructor arrays, so saved in the file) is the encoder's classifier, a probe fitted on
+    the fit rows (never the calibration rows), or the zero-shot head. ``key`` is kept for
+    :meth:`Deployment.save`. Everything is validated before any image is decoded: detector name
+    and parameters, ``keep``, ``holdout``, ``seed``, device, precision, batch size, workers, the
+    encoder name and the detector's compatibility with it and with the data (a head included).
     """
     from oodprobe.detectors.base import resolve_detector_key
     from oodprobe.encoders import create_encoder, encoder_name_traits
@@ -114,6 +116,7 @@ def fit_deployment(
         check_detector_specs,
         compute_text_embeddings,
         detector_input,
+        head_source,
         needs_text,
     )
 
@@ -145,7 +148,10 @@ def fit_deployment(
     class_embeddings = None
     if needs_text([detector]):  # before extraction: a missing class list fails now
         class_embeddings = compute_text_embeddings(encoder, names or dataset.class_names, prompts)
-    model = build_detector(detector, encoder, class_embeddings)
+    # a post-hoc detector's head may be fitted on the training rows: built once they are known
+    model = (
+        build_detector(detector, encoder, class_embeddings) if not head_source(detector) else None
+    )
     features = extract_features(
         dataset,
         encoder,
@@ -165,6 +171,8 @@ def fit_deployment(
         )
     order = np.random.default_rng(seed).permutation(n_rows)
     calibration_rows, fit_rows = np.sort(order[:n_holdout]), np.sort(order[n_holdout:])
+    if model is None:  # the head (a probe's: fitted on the fit rows only) goes into the file
+        model = build_detector(detector, encoder, class_embeddings, train=features.subset(fit_rows))
     array = detector_input(model, features)
     labels = None
     if type(model).requires_labels and features.labels is not None:

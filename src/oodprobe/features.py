@@ -6,6 +6,8 @@ transformed in DataLoader workers while the main process runs the model, under
 Results go to the sharded cache (:mod:`oodprobe.cache`): a rerun reads them without a forward
 pass, and a run killed half way resumes with the missing shards (each shard on disk is
 validated once). The caller's encoder is left as it was found (device, memory layout, mode).
+An encoder's linear classifier head (``ImageEncoder.head_arrays``) is stored with its features
+and comes back as ``FeatureSet.head``, so the post-hoc detectors need no model.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from oodprobe import cache
 from oodprobe.data.base import SCAN_INDEX, ImageDataset, SkippedImage
 from oodprobe.data.decode import DecodeError
 from oodprobe.encoders import ImageEncoder, create_encoder
+from oodprobe.encoders.base import HeadArrays
 from oodprobe.errors import CacheError, DataError, InvalidParameterError
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
@@ -47,6 +50,8 @@ class FeatureSet:
     ``skipped`` lists first what the dataset's scan left out (``index == -1``: symbolic-link
     loops, dangling links, duplicates; see ``ImageDataset.scan_skipped``), then the undecodable
     images in index order. It is the same whether the features come from the cache or not.
+    ``head`` is the encoder's classifier head ``(weight (C, D), bias (C,))`` float32 with
+    ``logits = features @ weight.T + bias``, or None for an encoder without a linear one.
     """
 
     arrays: dict[str, np.ndarray]
@@ -60,10 +65,33 @@ class FeatureSet:
     path: Path | None
     from_cache: bool
     stats: dict[str, Any] = field(default_factory=dict)
+    head: HeadArrays | None = None
 
     @property
     def features(self) -> np.ndarray:
         return self.arrays["features"]
+
+    def subset(self, rows: np.ndarray) -> FeatureSet:
+        """The FeatureSet of some of its rows (positions, e.g. a fit/calibration split).
+
+        Arrays, indices and labels are taken in memory; ``skipped`` is not (it describes the
+        whole dataset). The head, names and key stay.
+        """
+        rows = np.asarray(rows)
+        return FeatureSet(
+            arrays={name: np.asarray(array[rows]) for name, array in self.arrays.items()},
+            indices=self.indices[rows],
+            labels=None if self.labels is None else self.labels[rows],
+            class_names=self.class_names,
+            skipped=[],
+            encoder_name=self.encoder_name,
+            dataset_name=self.dataset_name,
+            key=self.key,
+            path=self.path,
+            from_cache=self.from_cache,
+            stats=dict(self.stats),
+            head=self.head,
+        )
 
     @property
     def logits(self) -> np.ndarray | None:
@@ -348,6 +376,10 @@ class _VariantView:
     cache_id: str
     outputs: tuple[str, ...]
     source: str  # the shared pass's output that holds this encoder's features
+    head: HeadArrays | None = field(default=None, compare=False)  # the final layer's only
+
+    def head_arrays(self) -> HeadArrays | None:
+        return self.head
 
 
 def extract_shared_features(
@@ -392,6 +424,9 @@ def extract_shared_features(
             ),
             outputs=tuple(base_outputs) if is_final else ("features",),
             source=output,
+            head=(encoder.base if isinstance(encoder, TappedEncoder) else encoder).head_arrays()
+            if is_final
+            else None,
         )
     keys = {
         name: _entry_key(view.cache_id, resolved_precision, dataset, shard_size)
@@ -467,6 +502,7 @@ def _write_view_entry(
         records = [r for r in source_meta["skipped"] if low <= int(r[0]) < high]
         cache.write_shard(directory, shard, kept, {"key": key, "skipped": records})
     meta: dict[str, Any] = {
+        "head": None if view.head is None else cache.write_head(directory, *view.head),
         **{
             name: source_meta[name]
             for name in ("device", "precision", "versions", "python")
@@ -547,12 +583,15 @@ def _cached_extraction(
         meta = _provenance(encoder, dataset, device, precision)
         meta["shard_size"] = options["shard_size"]
         meta["key"] = key
+        head = encoder.head_arrays()
         n_encoded = 0
         for attempt in (1, 2):
             n_encoded += _extract_missing_shards(
                 dataset, encoder, directory, key, device=device, precision=precision, **options
             )
             try:
+                # before meta.json, which completes the entry
+                meta["head"] = None if head is None else cache.write_head(directory, *head)
                 cache.write_entry(directory, n_shards, meta)
                 break
             except CacheError as error:
@@ -835,11 +874,26 @@ def _feature_set(
     from_cache: bool,
     verify: bool = True,
 ) -> FeatureSet:
-    """The FeatureSet of a complete entry; CacheError if it does not fit ``dataset``."""
+    """The FeatureSet of a complete entry; CacheError if it does not fit ``dataset``.
+
+    An entry written before heads were stored gets the encoder's head now (the encoder is the
+    one whose ``cache_id`` the key names, so it is the head extraction would have stored).
+    """
     arrays, meta = cache.read_entry(directory, verify=verify, key=key)
     indices = arrays.pop("indices")
     if set(arrays) != set(encoder.outputs):
         raise CacheError(f"{directory} holds {sorted(arrays)}, expected {list(encoder.outputs)}")
+    if "head" in meta:
+        head = cache.read_head(directory, meta, verify=verify)
+    else:
+        head = encoder.head_arrays()
+        if head is not None:
+            cache.add_head(directory, *head)
+    n_dims = arrays["features"].shape[1]
+    if head is not None and head[0].shape[1] != n_dims:
+        raise CacheError(
+            f"{directory} holds a head for {head[0].shape[1]}-d features and {n_dims}-d features"
+        )
     failed = sorted(meta["skipped"], key=lambda record: record[0])
     covered = np.sort(np.concatenate([indices, [int(record[0]) for record in failed]]))
     if not np.array_equal(covered, np.arange(len(dataset))) or np.any(np.diff(indices) <= 0):
@@ -864,6 +918,7 @@ def _feature_set(
             "messages": {int(index): message for index, _, _, message in failed},
             **({"images_encoded": 0} if from_cache else {}),
         },
+        head=head,
     )
 
 
@@ -871,3 +926,14 @@ def load_features(path: str | os.PathLike[str], *, mmap: bool = False) -> dict[s
     """Read a complete cache entry's arrays (``features``, ``logits``, ``indices``) verified."""
     arrays, _ = cache.read_entry(Path(path), verify=not mmap, mmap=mmap)
     return arrays
+
+
+def load_head(path: str | os.PathLike[str]) -> HeadArrays | None:
+    """A complete cache entry's classifier head ``(weight (C, D), bias (C,))``, verified.
+
+    None when the encoder had no linear head, or the entry was written before heads were stored
+    and not read by ``extract_features`` since (which adds it).
+    """
+    directory = Path(path)
+    _, meta = cache.read_entry(directory, verify=False, mmap=True)
+    return cache.read_head(directory, meta)

@@ -5,10 +5,17 @@ Both ``benchmark`` and ``deploy`` sit above this module; it sits above ``feature
 image is decoded: detector names and parameters (:func:`check_detector_specs`), detector ×
 data × encoder compatibility (:func:`check_compatibility`, with what an encoder's *name* already
 tells, so no model is loaded to refuse a run), and the device (:func:`check_device`).
+
+The post-hoc detectors (``requires_head``) get their classifier head here as arrays
+(:func:`resolve_head`), from the source their ``head`` parameter names: the encoder's own
+classifier (stored with its features), a linear probe fitted on the labelled ID training
+features, or a CLIP zero-shot head of class embeddings.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -70,6 +77,40 @@ def detector_params(spec: DetectorSpec) -> dict[str, Any]:
     return {**defaults, **dict(spec.params)}
 
 
+def head_source(spec: DetectorSpec) -> str | None:
+    """Where a post-hoc detector's head comes from (``encoder``, ``probe``, ``zero-shot``).
+
+    None for a detector that uses no classifier head. The detector's default fills in an unset
+    ``head``.
+    """
+    from oodprobe.detectors import DETECTORS
+
+    if not DETECTORS[spec.name].requires_head:
+        return None
+    return str(detector_params(spec).get("head", "encoder"))
+
+
+def needs_labels(spec: DetectorSpec) -> bool:
+    """Whether running the detector needs ID class labels: its own ``fit``, or a probe head."""
+    from oodprobe.detectors import DETECTORS
+
+    return DETECTORS[spec.name].requires_labels or head_source(spec) == "probe"
+
+
+def encoder_has_head(encoder: Any) -> bool | None:
+    """Whether an encoder (built, or a *name*) has a linear classifier head; None: unknown.
+
+    A name tells only whether the model gives ``logits`` (EfficientNet-Lite, ``finetuned:``
+    yes; intermediate variants, open_clip no; a timm name not until it is built); a built
+    encoder answers with :meth:`~oodprobe.encoders.base.ImageEncoder.head_arrays`.
+    """
+    if isinstance(encoder, str):
+        outputs = encoder_traits(encoder).outputs
+        return None if outputs is None or "logits" in outputs else False
+    head_arrays = getattr(encoder, "head_arrays", None)
+    return head_arrays is not None and head_arrays() is not None
+
+
 def check_compatibility(
     detectors: Sequence[DetectorSpec],
     *,
@@ -80,16 +121,25 @@ def check_compatibility(
     """Fail fast, before any extraction, on detectors the data or encoders cannot serve.
 
     ``encoders`` maps names to built encoders or to ``None`` (judged from the name alone).
+    A post-hoc detector's head is checked too: ``encoder`` needs an encoder with a linear
+    classifier head, ``probe`` labelled ID data, ``zero-shot`` a text tower.
     """
     from oodprobe.detectors import DETECTORS
 
     for detector in detectors:
         cls = DETECTORS[detector.name]
+        head = head_source(detector)
         if cls.fit_labels != "classes":
             raise InvalidParameterError(
                 f"detector {detector.name!r} is fitted on clean vs attacked images (labels "
                 f"1 / 0), not on the ID training set; it detects attacks beside `oodprobe "
                 f"attack`, not in bench, study or fit"
+            )
+        if head == "probe" and not labelled:
+            raise InvalidParameterError(
+                f"detector {detector.name!r} with head='probe' scores a linear probe fitted on "
+                f"the ID training labels, but {id_label!r} has none; use head='encoder' (the "
+                f"encoder's own classifier) or head='zero-shot' (a CLIP text tower)"
             )
         if cls.requires_labels and not labelled:
             raise InvalidParameterError(
@@ -103,6 +153,22 @@ def check_compatibility(
                 raise InvalidParameterError(
                     f"detector {detector.name!r} needs a vision-language encoder with a text "
                     f"tower (openclip:…, hf: CLIP/SigLIP), but {name!r} is image-only"
+                )
+            if head == "zero-shot" and traits.has_text is False:
+                raise InvalidParameterError(
+                    f"detector {detector.name!r} with head='zero-shot' needs a vision-language "
+                    f"encoder with a text tower (openclip:…, hf: CLIP/SigLIP), but {name!r} is "
+                    f"image-only; use head='encoder' or head='probe'"
+                )
+            if (
+                head == "encoder"
+                and encoder_has_head(name if encoder is None else encoder) is False
+            ):
+                raise InvalidParameterError(
+                    f"detector {detector.name!r} with head='encoder' scores the encoder's own "
+                    f"classifier, and {name!r} has no linear classifier head on its features; "
+                    f"use head='probe' (a linear probe on the labelled ID training features) or "
+                    f"head='zero-shot' (a CLIP text tower)"
                 )
             if traits.outputs is not None and cls.input_array not in traits.outputs:
                 raise InvalidParameterError(
@@ -132,10 +198,10 @@ def detector_input(detector: Detector, features: FeatureSet) -> np.ndarray:
 
 
 def needs_text(detectors: Iterable[DetectorSpec]) -> bool:
-    """Whether any of the detectors needs class embeddings from a text encoder."""
+    """Whether any of the detectors needs class embeddings (text detectors, zero-shot heads)."""
     from oodprobe.detectors import DETECTORS
 
-    return any(DETECTORS[d.name].requires_text for d in detectors)
+    return any(DETECTORS[d.name].requires_text or head_source(d) == "zero-shot" for d in detectors)
 
 
 def compute_text_embeddings(
@@ -154,16 +220,147 @@ def compute_text_embeddings(
 
 
 def build_detector(
-    spec: DetectorSpec, encoder: Any, class_embeddings: np.ndarray | None
+    spec: DetectorSpec,
+    encoder: Any,
+    class_embeddings: np.ndarray | None,
+    *,
+    train: FeatureSet | None = None,
 ) -> Detector:
-    """Instantiate a detector; text detectors get class embeddings and the image projection."""
+    """Instantiate a detector with the arrays the runner computes for it.
+
+    Text detectors get class embeddings and the image projection; post-hoc detectors their
+    head (:func:`resolve_head`, from ``train``, the ID training features, and ``encoder``).
+    """
     from oodprobe.detectors import DETECTORS, create_detector
 
     params = dict(spec.params)
     if DETECTORS[spec.name].requires_text:
-        projection = encoder.image_projection
         params["class_embeddings"] = class_embeddings
-        params["image_projection"] = (
-            None if projection is None else projection.detach().float().cpu().numpy()
-        )
+        params["image_projection"] = _projection(encoder)
+    if DETECTORS[spec.name].requires_head:
+        weight, bias, projection = resolve_head(spec, encoder, class_embeddings, train=train)
+        params.update(head_weight=weight, head_bias=bias, image_projection=projection)
     return create_detector(spec.name, **params)
+
+
+def _projection(encoder: Any) -> np.ndarray | None:
+    """The encoder's image projection (D × E) as a float32 array, or None."""
+    projection = getattr(encoder, "image_projection", None)
+    return None if projection is None else projection.detach().float().cpu().numpy()
+
+
+HeadParams = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+"""``(head_weight (C × D'), head_bias (C,), image_projection (D × D') or None)``."""
+
+
+def resolve_head(
+    spec: DetectorSpec,
+    encoder: Any,
+    class_embeddings: np.ndarray | None,
+    *,
+    train: FeatureSet | None = None,
+) -> HeadParams:
+    """The head arrays a post-hoc detector is built with, from the source ``head`` names.
+
+    * ``encoder``: the classifier stored with ``train``'s features (``train.head``), else (no
+      ``train``, or one of this very encoder without a stored head) ``encoder.head_arrays()``;
+    * ``probe``: oodprobe's ``linear-probe`` (its defaults) fitted on ``train``'s features and
+      labels, its standardisation folded into ``W`` and ``b``
+      (:func:`~oodprobe.detectors.probe.fold_standardization`); fitted once per training set
+      in a process, however many detectors use it;
+    * ``zero-shot``: ``W = s · t_c`` for the unit class embeddings ``t_c`` and the encoder's
+      CLIP logit scale ``s`` (100 where the model has none), ``b = 0``, and the encoder's image
+      projection, or the identity when its features are already in the joint space, so the
+      head sees ``normalize(f)`` as CLIP does.
+
+    InvalidParameterError (one line) when the source is missing what it needs.
+    """
+    source = head_source(spec)
+    if source is None:
+        raise InvalidParameterError(f"detector {spec.name!r} uses no classifier head")
+    if source == "probe":
+        if train is None or train.labels is None:
+            raise InvalidParameterError(
+                f"detector {spec.name!r} with head='probe' needs the labelled ID training "
+                f"features to fit the probe on; pass train= (a FeatureSet with labels)"
+            )
+        weight, bias = probe_head(train)
+        return weight, bias, None
+    if source == "zero-shot":
+        if class_embeddings is None:
+            raise InvalidParameterError(
+                f"detector {spec.name!r} with head='zero-shot' needs class embeddings from the "
+                f"encoder's text tower (compute_text_embeddings); pass class_embeddings"
+            )
+        return zero_shot_head(encoder, class_embeddings)
+    head = None if train is None else train.head
+    if head is None and (train is None or train.encoder_name == getattr(encoder, "name", None)):
+        # a shared pass's encoder is not the variant's: its head is not the variant's head
+        head = encoder.head_arrays() if hasattr(encoder, "head_arrays") else None
+    if head is None:
+        name = train.encoder_name if train is not None else getattr(encoder, "name", encoder)
+        raise InvalidParameterError(
+            f"detector {spec.name!r} with head='encoder' scores the encoder's own classifier, "
+            f"and {name!r} has no linear classifier head on its features; use head='probe' or "
+            f"head='zero-shot'"
+        )
+    weight, bias = head
+    return np.asarray(weight, np.float32), np.asarray(bias, np.float32), None
+
+
+def zero_shot_head(encoder: Any, class_embeddings: np.ndarray) -> HeadParams:
+    """CLIP's zero-shot classifier as a head: ``(s · unit t_c, 0, projection or identity)``."""
+    from oodprobe.arrays import check_features, l2_normalize
+    from oodprobe.encoders.base import DEFAULT_LOGIT_SCALE
+
+    embeddings = check_features(class_embeddings, name="class_embeddings", dtype=np.float64)
+    scale = float(getattr(encoder, "logit_scale", DEFAULT_LOGIT_SCALE))
+    weight = (scale * l2_normalize(np.asarray(embeddings, np.float64))).astype(np.float32)
+    projection = _projection(encoder)
+    if projection is None:  # features already in the joint space: the identity normalises them
+        projection = np.eye(weight.shape[1], dtype=np.float32)
+    return weight, np.zeros(len(weight), np.float32), projection
+
+
+# probe heads fitted in this process: (training set fingerprint) → (W, b); a benchmark's
+# post-hoc detectors with head='probe' share one fit
+_PROBE_HEADS: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+_PROBE_HEADS_KEPT = 4
+
+
+def probe_head(train: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
+    """``(W (C, D), b (C,))`` float32 of oodprobe's linear probe fitted on ``train``.
+
+    The probe is ``linear-probe`` with its defaults (Adaloglou et al., TMLR 2024), fitted on
+    ``train.features`` and ``train.labels``; its per-dimension standardisation is folded into
+    the layer, so ``logits = features @ W.T + b``. Fits are remembered per training set
+    (cache key, rows, labels and a sample of the features) for the last few sets.
+    """
+    from oodprobe.detectors.probe import LinearProbeDetector
+
+    if train.labels is None:
+        raise InvalidParameterError(
+            f"a probe head needs labelled ID training features; {train.dataset_name!r} has none"
+        )
+    features = np.asarray(train.features)
+    digest = hashlib.sha256()
+    step = max(1, len(features) // 256)
+    for part in (
+        train.key.encode(),
+        str(features.shape).encode(),
+        np.ascontiguousarray(train.indices).tobytes(),
+        np.ascontiguousarray(train.labels).tobytes(),
+        np.ascontiguousarray(features[::step], dtype=np.float32).tobytes(),
+    ):
+        digest.update(part)
+    key = digest.hexdigest()
+    cached = _PROBE_HEADS.get(key)
+    if cached is None:
+        probe = LinearProbeDetector().fit(features, train.labels)
+        weight, bias = probe.affine_head()
+        cached = (weight.astype(np.float32), bias.astype(np.float32))
+        _PROBE_HEADS[key] = cached
+        while len(_PROBE_HEADS) > _PROBE_HEADS_KEPT:
+            _PROBE_HEADS.popitem(last=False)
+    _PROBE_HEADS.move_to_end(key)
+    return cached

@@ -293,6 +293,19 @@ def train_linear_probe(
     }
 
 
+def fold_standardization(
+    weight: npt.ArrayLike, bias: npt.ArrayLike, mean: npt.ArrayLike, std: npt.ArrayLike
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """The affine head ``(W', b')`` of a linear layer on standardised features, in float64.
+
+    ``W·(x − μ)/σ + b = W'·x + b'`` with ``W' = W / σ`` (column-wise) and ``b' = b − W'·μ``, so
+    the probe's logits are one matrix product of the raw features (the post-hoc detectors'
+    ``head='probe'``). ``weight`` is (C, D), ``bias`` (C,), ``mean`` and ``std`` (D,).
+    """
+    folded = np.asarray(weight, dtype=np.float64) / np.asarray(std, dtype=np.float64)
+    return folded, np.asarray(bias, dtype=np.float64) - folded @ np.asarray(mean, np.float64)
+
+
 PROBE_CONSTRAINTS: dict[str, list[Any]] = {
     "epochs": [integer(1)],
     "batch_size": [integer(1)],
@@ -338,13 +351,15 @@ class LinearHead(Detector):
         self.mean_, self.std_ = state["mean"], state["std"]
         self.n_dims_ = int(features.shape[1])
 
+    def affine_head(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """The fitted probe as ``(W (C, D), b (C,))`` on raw features: ``logits = x·Wᵀ + b``."""
+        check_is_fitted(self)
+        return fold_standardization(self.weight_, self.bias_, self.mean_, self.std_)
+
     def _logit_blocks(self, features: Features) -> Iterator[npt.NDArray[np.float64]]:
         """Yield float64 logits of consecutive row blocks (bounded temporaries)."""
-        check_is_fitted(self)
+        weight, bias = self.affine_head()  # the standardisation folded into the layer
         features = check_features(features, n_dims=self.n_dims_)
-        # fold the standardisation into the layer: W·(x − μ)/σ + b = (W/σ)·x + (b − (W/σ)·μ)
-        weight = self.weight_.astype(np.float64) / self.std_.astype(np.float64)
-        bias = self.bias_.astype(np.float64) - weight @ self.mean_.astype(np.float64)
         for rows in row_blocks(len(features), _CHUNK):
             block = features[rows].astype(np.float64) @ weight.T
             block += bias

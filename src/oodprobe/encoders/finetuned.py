@@ -201,6 +201,11 @@ class FinetunedEncoder(ImageEncoder):
         }
         self.freeze()
 
+    def linear_head(self) -> torch.nn.Module | None:
+        """The trained linear head over the fine-tuning classes."""
+        head: torch.nn.Module = self.head
+        return head
+
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.base(pixels)["features"]
         return {"features": features, "logits": self.head(features)}

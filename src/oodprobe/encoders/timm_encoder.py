@@ -2,7 +2,8 @@
 checkpoint) and ``timm:NAME/random`` (random weights, for tests).
 
 Features are the pre-logits pooled features (``forward_head(pre_logits=True)``); models with a
-classifier also give their ``logits``.
+classifier also give their ``logits``, and when that classifier (``get_classifier()``) is one
+``nn.Linear`` on those features its weight and bias are the encoder's ``head_arrays()``.
 
 Layer taps (``timm:NAME,layer=N``) use timm's ``forward_intermediates``: N (1-based) indexes the
 model's ``feature_info``, i.e. the transformer blocks of a ViT and the stem and stages of a
@@ -78,6 +79,13 @@ class TimmEncoder(ImageEncoder):
         if hasattr(model, "forward_intermediates") and getattr(model, "feature_info", None):
             self.tap_kind = "layer"
         self.freeze()
+
+    def linear_head(self) -> torch.nn.Module | None:
+        """``get_classifier()`` of a model with classes (a tuple for distilled heads: refused)."""
+        if not self.has_classifier:
+            return None
+        classifier = self.model.get_classifier()
+        return classifier if isinstance(classifier, torch.nn.Module) else None
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return self._head(self.model.forward_features(self.normalize(pixels)))
