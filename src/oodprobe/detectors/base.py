@@ -310,6 +310,36 @@ class Detector(BaseEstimator):
         """Check every constructor parameter (scikit-learn's hook; ``fit`` calls it first)."""
         self.check_params(self.get_params(deep=False), runner=True)
 
+    # -- what a detector needs, for given parameters ------------------------------------------
+    # The ClassVars above describe the detector with its default parameters. A detector whose
+    # needs depend on its parameters (an ensemble: its members'; a head consumer: its head
+    # sources) overrides these hooks, and the runner asks them, with the user's parameters
+    # (a DetectorSpec's ``params``), instead of reading the ClassVars.
+    @classmethod
+    def needs_labels(cls, params: Mapping[str, Any]) -> bool:
+        """Whether running the detector with ``params`` needs class labels of the ID set."""
+        return cls.requires_labels
+
+    @classmethod
+    def needs_text(cls, params: Mapping[str, Any]) -> bool:
+        """Whether it needs class embeddings from a text tower (and the image projection)."""
+        return cls.requires_text
+
+    @classmethod
+    def needs_head(cls, params: Mapping[str, Any]) -> bool:
+        """Whether it needs a classifier head's weight and bias as arrays."""
+        return cls.requires_head
+
+    @classmethod
+    def input_array_for(cls, params: Mapping[str, Any]) -> str:
+        """The encoder output it consumes (``features`` or ``logits``)."""
+        return cls.input_array
+
+    @classmethod
+    def is_differentiable(cls, params: Mapping[str, Any]) -> bool:
+        """Whether ``score_samples_torch`` works with ``params``."""
+        return cls.differentiable
+
     # -- torch helpers ------------------------------------------------------------------------
     def _torch_features(self, features: torch.Tensor, *, float64: bool = False) -> torch.Tensor:
         """Check a fitted detector's (n, D) tensor input; return it in the compute dtype.
@@ -375,6 +405,21 @@ class Detector(BaseEstimator):
         for key, value in state.items():
             setattr(self, key, value)
 
+    def _params_to_save(self) -> dict[str, Any]:
+        """Constructor parameters to save (default: all); a file restores them on load."""
+        return dict(self.get_params(deep=False))
+
+    def _get_members(self) -> list[Detector]:
+        """Fitted member detectors saved nested in the file (an ensemble's); default none."""
+        return []
+
+    def _set_members(self, members: list[Detector]) -> None:
+        """Restore what ``_get_members`` returned (after ``_set_state``); validate them here."""
+        if members:
+            raise InvalidParameterError(
+                f"detector {self.name!r} has no member detectors, got {len(members)}"
+            )
+
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the fitted detector to ``path`` (safetensors + JSON metadata, no pickle)."""
         return save_detector(self, path)
@@ -434,6 +479,12 @@ def create_detector(name: str, **params: Any) -> Detector:
 # A detector file is one safetensors file: the arrays (``param.NAME``, ``state.NAME``) and, in
 # the safetensors metadata, a JSON header (detector name, plain parameters and state, the
 # caller's metadata), its ``sha256`` and, when a key was given, its ``hmac_sha256``.
+# A parameter or state value that is a list of arrays (or None) is saved as arrays
+# ``param.NAME.0``, ``param.NAME.1``, … with the list, its length and None entries, in the header.
+# A detector with members (an ensemble) nests them: member i's header is entry i of the header's
+# ``members`` list (a detector, params, state and, for a nested ensemble, members of its own), its
+# arrays are ``member.i.param.NAME`` / ``member.i.state.NAME`` (``member.i.member.j.…`` nested).
+# Both digests cover the whole header and every array, members included.
 #
 # What the two digests guarantee:
 # * ``sha256`` (always) detects *accidental* damage: a truncated copy, a flipped bit. It is no
@@ -481,6 +532,14 @@ def _split_arrays(prefix: str, values: dict[str, Any]) -> tuple[dict[str, np.nda
             arrays[f"{prefix}{key}"] = np.ascontiguousarray(value)
         elif isinstance(value, np.generic):
             plain[key] = value.item()
+        elif _is_array_list(value):
+            plain[key] = [None] * len(value)
+            for index, item in enumerate(value):
+                if item is None:
+                    continue
+                if item.dtype == object:
+                    raise DetectorFileError(f"cannot save object array {key!r}")
+                arrays[f"{prefix}{key}.{index}"] = np.ascontiguousarray(item)
         elif isinstance(value, (list, tuple, dict, *_JsonScalar)):
             plain[key] = value
         else:
@@ -488,6 +547,35 @@ def _split_arrays(prefix: str, values: dict[str, Any]) -> tuple[dict[str, np.nda
                 f"cannot save attribute {key!r} of type {type(value).__name__} without pickle"
             )
     return arrays, plain
+
+
+def _is_array_list(value: Any) -> bool:
+    """A list (or tuple) of arrays and Nones, at least one an array (saved as arrays)."""
+    return (
+        isinstance(value, (list, tuple))
+        and any(isinstance(item, np.ndarray) for item in value)
+        and all(item is None or isinstance(item, np.ndarray) for item in value)
+    )
+
+
+def _encode_detector(
+    detector: Detector, prefix: str = ""
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays (named under ``prefix``) and the header node of a fitted detector, members
+    nested (``members``: their nodes; their arrays under ``{prefix}member.{i}.``)."""
+    check_is_fitted(detector)
+    param_arrays, params = _split_arrays(f"{prefix}param.", detector._params_to_save())
+    state_arrays, state = _split_arrays(f"{prefix}state.", detector._get_state())
+    arrays = {**param_arrays, **state_arrays}
+    node: dict[str, Any] = {"detector": detector.name, "params": params, "state": state}
+    members = detector._get_members()
+    if members:  # absent for a plain detector: its header is what it always was
+        node["members"] = []
+        for index, member in enumerate(members):
+            member_arrays, member_node = _encode_detector(member, f"{prefix}member.{index}.")
+            arrays.update(member_arrays)
+            node["members"].append(member_node)
+    return arrays, node
 
 
 def _feed(update: Callable[[bytes], Any], arrays: dict[str, np.ndarray], header: str) -> None:
@@ -539,17 +627,10 @@ def save_detector(
             f"cannot save the detector to {path}: it is a folder; give a file name such as "
             f"{path / 'detector.safetensors'}"
         )
-    param_arrays, params = _split_arrays("param.", detector.get_params(deep=False))
-    state_arrays, state = _split_arrays("state.", detector._get_state())
-    arrays = {**param_arrays, **state_arrays}
+    arrays, node = _encode_detector(detector)
     try:
         header = json.dumps(
-            {
-                "detector": detector.name,
-                "params": params,
-                "state": state,
-                "metadata": metadata or {},
-            },
+            {**node, "metadata": metadata or {}},
             sort_keys=True,
             allow_nan=False,  # a NaN threshold would reject everything: refuse to write it
         )
@@ -593,8 +674,6 @@ def load_detector_with_metadata(
 
     from safetensors import safe_open
 
-    from oodprobe.errors import OodprobeError
-
     _ensure_registered()
 
     secret = resolve_detector_key(key)
@@ -632,58 +711,126 @@ def load_detector_with_metadata(
             raise DetectorFileError(
                 f"{path} failed its HMAC check: modified, or signed with another key"
             )
-    cls, params, state, saved_metadata = _parse_header(path, header)
-    for name, value in arrays.items():
-        kind, _, attribute = name.partition(".")
-        if kind not in ("param", "state") or not attribute:
-            raise DetectorFileError(f"{path} has an unexpected array {name!r}; save it again")
-        (params if kind == "param" else state)[attribute] = value
-    params = {**cls.params_of_older_files, **params}
-    _check_loaded_params(path, cls, params)
-    _check_loaded_state(path, cls, state)
-    try:
-        detector = cls(**params)
-        detector._set_state(state)
-    except OodprobeError as error:
-        raise DetectorFileError(f"{path} holds an invalid {cls.name} detector: {error}") from None
-    except (TypeError, ValueError) as error:
-        raise DetectorFileError(
-            f"{path} holds an invalid {cls.name} detector: {_one_line(error)}"
-        ) from None
-    _probe(path, detector, state)
-    return detector, saved_metadata
+    content = _parse_header(path, header)
+    detector = _decode_detector(path, str(path), content, arrays, "")
+    return detector, dict(content["metadata"])
 
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _parse_header(
-    path: Path, header: str
-) -> tuple[type[Detector], dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(class, plain params, plain state, metadata) from the header, each of the right type."""
+def _parse_header(path: Path, header: str) -> dict[str, Any]:
+    """The header's JSON object, with a ``metadata`` object (its detector checked later)."""
     try:
         content = json.loads(header)
     except ValueError as error:
         raise DetectorFileError(f"{path} has an invalid header: {error}") from None
     if not isinstance(content, dict):
         raise DetectorFileError(f"{path} has an invalid header: not a JSON object")
-    for field, kind in (("detector", str), ("params", dict), ("state", dict), ("metadata", dict)):
+    if not isinstance(content.get("metadata"), dict):
+        raise DetectorFileError(
+            f"{path} has an invalid header: 'metadata' must be a JSON object, got "
+            f"{content.get('metadata')!r:.60}"
+        )
+    return content
+
+
+def _decode_detector(
+    path: Path, where: str, node: Any, arrays: dict[str, np.ndarray], prefix: str
+) -> Detector:
+    """Build and validate the detector of one header node and its arrays (names under
+    ``prefix``), its members first; ``where`` names it in messages (the file, or the file and
+    the member: ``detector.safetensors (member.1)``)."""
+    from oodprobe.errors import OodprobeError
+
+    cls, params, state, member_nodes = _parse_node(where, node)
+    children: list[dict[str, np.ndarray]] = [{} for _ in member_nodes]
+    for name, value in arrays.items():
+        kind, _, attribute = name.partition(".")
+        if kind == "member":
+            index, _, rest = attribute.partition(".")
+            if index.isdigit() and str(int(index)) == index and int(index) < len(children) and rest:
+                children[int(index)][rest] = value
+                continue
+        elif kind in ("param", "state") and attribute:
+            values = params if kind == "param" else state
+            if _place_array(values, attribute, value):
+                continue
+        raise DetectorFileError(f"{where} has an unexpected array {prefix + name!r}; save it again")
+    params = {**cls.params_of_older_files, **params}
+    _check_loaded_params(where, cls, params)
+    _check_loaded_state(where, cls, state)
+    members = [
+        _decode_detector(
+            path,
+            f"{path} ({prefix}member.{index})",
+            member_node,
+            children[index],
+            f"{prefix}member.{index}.",
+        )
+        for index, member_node in enumerate(member_nodes)
+    ]
+    try:
+        detector = cls(**params)
+        detector._set_state(state)
+        detector._set_members(members)
+    except OodprobeError as error:
+        raise DetectorFileError(f"{where} holds an invalid {cls.name} detector: {error}") from None
+    except (TypeError, ValueError, LookupError) as error:  # a state the class cannot take
+        raise DetectorFileError(
+            f"{where} holds an invalid {cls.name} detector: {_one_line(error)}"
+        ) from None
+    _probe(where, detector, state)
+    return detector
+
+
+def _place_array(values: dict[str, Any], attribute: str, value: np.ndarray) -> bool:
+    """Put a loaded array in ``values``: ``NAME`` itself, or ``NAME.i`` into entry i of the
+    header's list ``NAME`` (a None placeholder); False when it belongs nowhere."""
+    if attribute.isidentifier():
+        if attribute in values:
+            return False
+        values[attribute] = value
+        return True
+    name, _, index = attribute.rpartition(".")
+    target = values.get(name)
+    if not (name.isidentifier() and index.isdigit() and str(int(index)) == index):
+        return False
+    if not isinstance(target, list) or int(index) >= len(target) or target[int(index)] is not None:
+        return False
+    target[int(index)] = value
+    return True
+
+
+def _parse_node(
+    where: str, content: Any
+) -> tuple[type[Detector], dict[str, Any], dict[str, Any], list[Any]]:
+    """(class, plain params, plain state, member nodes) of a header node, each of the right type."""
+    if not isinstance(content, dict):
+        raise DetectorFileError(f"{where} has an invalid header: not a JSON object")
+    for field, kind in (("detector", str), ("params", dict), ("state", dict)):
         if not isinstance(content.get(field), kind):
             raise DetectorFileError(
-                f"{path} has an invalid header: {field!r} must be a JSON "
+                f"{where} has an invalid header: {field!r} must be a JSON "
                 f"{'string' if kind is str else 'object'}, got {content.get(field)!r:.60}"
             )
+    members = content.get("members", [])
+    if not isinstance(members, list) or (not members and "members" in content):
+        raise DetectorFileError(
+            f"{where} has an invalid header: 'members' must be a non-empty JSON list, got "
+            f"{members!r:.60}"
+        )
     cls = DETECTORS.get(content["detector"])
     if cls is None:
         raise DetectorFileError(
-            f"{path} holds a detector {content['detector']!r} this oodprobe does not have; "
+            f"{where} holds a detector {content['detector']!r} this oodprobe does not have; "
             f"choose from: {', '.join(sorted(DETECTORS))}"
         )
-    return cls, dict(content["params"]), dict(content["state"]), dict(content["metadata"])
+    return cls, dict(content["params"]), dict(content["state"]), members
 
 
-def _check_loaded_params(path: Path, cls: type[Detector], params: dict[str, Any]) -> None:
+def _check_loaded_params(path: Path | str, cls: type[Detector], params: dict[str, Any]) -> None:
     """Exactly the class's parameters, valid by its own checks; runner arrays finite."""
     expected = set(cls._get_param_names())
     missing, unknown = sorted(expected - set(params)), sorted(set(params) - expected)
@@ -702,7 +849,10 @@ def _check_loaded_params(path: Path, cls: type[Detector], params: dict[str, Any]
     runner = frozenset(getattr(cls, "runner_params", frozenset()))
     for name in sorted(runner & set(params)):
         value = params[name]
-        if value is not None and not (isinstance(value, np.ndarray) and _finite(value)):
+        items = value if isinstance(value, list) else [value]  # a list: one array per head
+        if not all(
+            item is None or (isinstance(item, np.ndarray) and _finite(item)) for item in items
+        ):
             raise DetectorFileError(
                 f"{path} holds an invalid {cls.name} detector: parameter {name} must be a finite "
                 f"array, got {_describe(value)}"
@@ -718,7 +868,7 @@ def _check_loaded_params(path: Path, cls: type[Detector], params: dict[str, Any]
         raise DetectorFileError(f"{path} holds an invalid {cls.name} detector: {error}") from None
 
 
-def _check_loaded_state(path: Path, cls: type[Detector], state: dict[str, Any]) -> None:
+def _check_loaded_state(path: Path | str, cls: type[Detector], state: dict[str, Any]) -> None:
     """State names are fitted-attribute names the class does not define; numbers are finite."""
     for name, value in state.items():
         if (
@@ -736,7 +886,7 @@ def _check_loaded_state(path: Path, cls: type[Detector], state: dict[str, Any]) 
             raise DetectorFileError(
                 f"{path} holds an invalid {cls.name} detector: state field {name} is {value}"
             )
-        if isinstance(value, np.ndarray) and not _finite(value):
+        if not _finite_value(value):
             raise DetectorFileError(
                 f"{path} holds an invalid {cls.name} detector: state field {name} has non-finite "
                 f"values (NaN or infinity)"
@@ -754,7 +904,7 @@ def _check_loaded_state(path: Path, cls: type[Detector], state: dict[str, Any]) 
         )
 
 
-def _probe(path: Path, detector: Detector, state: dict[str, Any]) -> None:
+def _probe(path: Path | str, detector: Detector, state: dict[str, Any]) -> None:
     """Score two rows now, so a missing or misshapen state field fails on load, not later."""
     import warnings
 
@@ -778,6 +928,18 @@ def _probe(path: Path, detector: Detector, state: dict[str, Any]) -> None:
             f"{path} holds an invalid {detector.name} detector: it scores 2 rows as an array of "
             f"shape {scores.shape}; refit and save it"
         )
+
+
+def _finite_value(value: Any) -> bool:
+    """Whether an array, a number, or the arrays and numbers of a list hold no NaN or infinity
+    (JSON parsing accepts ``NaN`` and ``Infinity``, so a forged header can hold them)."""
+    if isinstance(value, np.ndarray):
+        return _finite(value)
+    if isinstance(value, float):
+        return bool(np.isfinite(value))
+    if isinstance(value, list):
+        return all(_finite_value(item) for item in value)
+    return True
 
 
 def _finite(array: np.ndarray) -> bool:
