@@ -39,29 +39,43 @@ TEMPERATURE_BOUNDS = (1e-2, 1e2)
 # -- shared pieces ----------------------------------------------------------------------------
 
 
-def log_softmax(logits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+def shifted_exponentials(
+    logits: npt.ArrayLike,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Per row ``s = z − max z``, ``e = exp(s)`` and ``t = Σ e`` (1 ≤ t ≤ C), in float64.
+
+    The shared first step of every softmax score here (one exponential pass, in place where it
+    can be: scipy's ``logsumexp`` is several times slower at 1000 classes); ``p = e / t`` and
+    ``log p = s − log t``.
+    """
+    shifted = np.array(logits, dtype=np.float64)
+    shifted -= shifted.max(axis=1, keepdims=True)
+    exponentials = np.exp(shifted)
+    return shifted, exponentials, exponentials.sum(axis=1)
+
+
+def log_softmax(logits: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """(n, C) ``log softmax(z)`` in float64, shifted by the row maximum (finite for finite z)."""
-    logits = np.asarray(logits, dtype=np.float64)
-    return np.asarray(logits - logsumexp(logits, axis=1, keepdims=True), dtype=np.float64)
+    shifted, _, total = shifted_exponentials(logits)
+    shifted -= np.log(total)[:, None]
+    return shifted
 
 
-def log_one_minus_softmax(logits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+def log_one_minus_softmax(logits: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """(n, C) ``log(1 − softmax(z))`` in float64, exact also where ``p`` rounds to 1.
 
     ``log1p(−p)`` is accurate for ``p ≤ 1/2``; only a row's top class can exceed 1/2, and for
-    it ``1 − p_top = Σ_{j≠top} p_j``, so ``log(1 − p_top) = logsumexp_{j≠top} z_j − logsumexp
-    z`` (finite whenever C ≥ 2).
+    it ``1 − p_top = Σ_{j≠top} p_j`` is summed without the top term (``1 − p`` would round to
+    0 when the rest is below 1e-16 of it). ``−inf`` only where every other class underflows.
     """
-    logits = np.asarray(logits, dtype=np.float64)
-    log_p = log_softmax(logits)
-    rows = np.arange(len(logits))
-    top = logits.argmax(axis=1)
-    probabilities = np.exp(log_p)
-    probabilities[rows, top] = 0.0  # replaced below; keeps log1p away from log(0)
-    log_q = np.log1p(-probabilities)
-    others = logits.copy()
-    others[rows, top] = -np.inf
-    log_q[rows, top] = logsumexp(others, axis=1) - logsumexp(logits, axis=1)
+    shifted, exponentials, total = shifted_exponentials(logits)
+    rows, top = np.arange(len(shifted)), shifted.argmax(axis=1)
+    exponentials[rows, top] = 0.0
+    with np.errstate(divide="ignore"):  # log 0 = −inf: the rest underflowed entirely
+        log_rest = np.log(exponentials.sum(axis=1)) - np.log(total)
+    exponentials /= total[:, None]  # the probabilities, 0 at the top class
+    log_q = np.log1p(-exponentials)
+    log_q[rows, top] = log_rest
     return log_q
 
 
@@ -117,20 +131,37 @@ def _params(**extra: list[Any]) -> dict[str, list[Any]]:
 # -- GEN --------------------------------------------------------------------------------------
 
 
-def generalized_entropy(logits: npt.NDArray[np.float64], gamma: float, top_m: int) -> Scores:
+def generalized_entropy(logits: npt.ArrayLike, gamma: float, top_m: int) -> Scores:
     """GEN score ``−Σ_{j ∈ top-M} p_j^γ (1 − p_j)^γ`` per row of (n, C) logits; higher = ID.
 
-    Each term is ``exp(γ (log p_j + log(1 − p_j)))`` from :func:`log_softmax` and
-    :func:`log_one_minus_softmax`; ``M`` is capped at C.
+    Each term is ``exp(γ (log p_j + log(1 − p_j)))``, with ``log(1 − p)`` as in
+    :func:`log_one_minus_softmax`, computed for the M most probable classes only; ``M`` is
+    capped at C.
     """
-    logits = np.asarray(logits, dtype=np.float64)
-    terms = np.exp(gamma * (log_softmax(logits) + log_one_minus_softmax(logits)))
-    m = min(int(top_m), logits.shape[1])
-    if m < logits.shape[1]:
-        # the M most probable classes (order within them does not matter for a sum)
-        top = np.argpartition(-logits, m - 1, axis=1)[:, :m]
-        terms = np.take_along_axis(terms, top, axis=1)
-    return np.asarray(-terms.sum(axis=1), dtype=np.float64)
+    shifted, exponentials, total = shifted_exponentials(logits)
+    rows, top = np.arange(len(shifted)), shifted.argmax(axis=1)
+    exponentials[rows, top] = 0.0
+    log_total = np.log(total)
+    with np.errstate(divide="ignore"):  # log 0 = −inf: the rest underflowed entirely
+        log_rest = np.log(exponentials.sum(axis=1)) - log_total
+    m = min(int(top_m), shifted.shape[1])
+    if m < shifted.shape[1]:
+        # the M most probable classes (their order does not matter for a sum); ties at the
+        # maximum may leave ``top`` out, and a tie's terms are equal to its
+        selected = np.argpartition(-shifted, m - 1, axis=1)[:, :m]
+        log_p = np.take_along_axis(shifted, selected, axis=1)
+        is_top = selected == top[:, None]
+    else:
+        log_p = shifted
+        is_top = np.zeros(shifted.shape, dtype=bool)
+        is_top[rows, top] = True
+    log_p -= log_total[:, None]
+    probabilities = np.exp(log_p)
+    probabilities[is_top] = 0.0  # its log(1 − p) is log_rest; keeps log1p away from log 0
+    log_q = np.where(is_top, log_rest[:, None], np.log1p(-probabilities))
+    log_p += log_q
+    log_p *= gamma
+    return np.asarray(-np.exp(log_p).sum(axis=1), dtype=np.float64)
 
 
 @register_detector
@@ -192,16 +223,16 @@ class GENDetector(_LogitHeadDetector):
 # -- KL-matching ------------------------------------------------------------------------------
 
 
-def kl_to_nearest(
-    logits: npt.NDArray[np.float64], typical_log_probs: npt.NDArray[np.float64]
-) -> Scores:
+def kl_to_nearest(logits: npt.ArrayLike, typical_log_probs: npt.NDArray[np.float64]) -> Scores:
     """``min_k KL(softmax(z) ‖ d_k)`` per row of (n, C) logits, over (K, C) ``log d_k``."""
-    log_p = log_softmax(logits)
-    probabilities = np.exp(log_p)
-    # KL(p ‖ d) = Σ p log p − Σ p log d; p = 0 (underflow) contributes 0 to both sums
-    divergences = (probabilities * log_p).sum(axis=1, keepdims=True)
-    divergences = divergences - probabilities @ typical_log_probs.T
-    return np.asarray(divergences.min(axis=1), dtype=np.float64)
+    shifted, exponentials, total = shifted_exponentials(logits)
+    log_total = np.log(total)
+    exponentials /= total[:, None]  # p
+    # KL(p ‖ d) = Σ p log p − Σ p log d, with Σ p log p = Σ p s − log t (Σ p = 1); a p that
+    # underflows to 0 contributes 0 to both sums
+    divergences = np.einsum("ij,ij->i", exponentials, shifted) - log_total
+    cross = exponentials @ typical_log_probs.T
+    return np.asarray((divergences[:, None] - cross).min(axis=1), dtype=np.float64)
 
 
 @register_detector
@@ -297,8 +328,10 @@ def gradnorm(
     """
     logits = np.asarray(logits, dtype=np.float64)
     n_classes = logits.shape[1]
-    probabilities = np.exp(log_softmax(logits / temperature))
-    logit_norm = np.abs(n_classes * probabilities - 1.0).sum(axis=1)
+    _, probabilities, total = shifted_exponentials(logits / temperature)
+    probabilities *= n_classes / total[:, None]  # C·p
+    probabilities -= 1.0
+    logit_norm = np.abs(probabilities).sum(axis=1)
     return np.asarray(np.abs(head_features).sum(axis=1) * logit_norm / temperature, np.float64)
 
 
@@ -366,10 +399,13 @@ class GradNormDetector(HeadDetector):
 # -- entropy ----------------------------------------------------------------------------------
 
 
-def negative_entropy(logits: npt.NDArray[np.float64]) -> Scores:
+def negative_entropy(logits: npt.ArrayLike) -> Scores:
     """``Σ_c p_c log p_c = −H(softmax(z))`` per row of (n, C) logits; higher = ID."""
-    log_p = log_softmax(logits)
-    return np.asarray((np.exp(log_p) * log_p).sum(axis=1), dtype=np.float64)
+    shifted, exponentials, total = shifted_exponentials(logits)
+    # Σ p (s − log t) = Σ e s / t − log t, since Σ p = 1
+    return np.asarray(
+        np.einsum("ij,ij->i", exponentials, shifted) / total - np.log(total), dtype=np.float64
+    )
 
 
 @register_detector
