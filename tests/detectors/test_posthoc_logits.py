@@ -228,13 +228,18 @@ def test_temp_msp_labels_must_be_the_heads_classes() -> None:
     with pytest.raises(InvalidParameterError) as error:
         detector.fit(logits, np.r_[np.zeros(49, np.int64), 6])
     assert str(error.value) == (
-        "temp-msp: labels must index the head's 4 classes (0..3), got a label 6; these labels "
-        "are not the head's classes: use head='probe' (a linear probe fitted on them)"
+        "temp-msp: labels must index the head's 4 classes (0..3), got a label 6; these are not "
+        "the head's classes (e.g. another data set's classes under an ImageNet head): use "
+        "head='probe' (a linear probe fitted on these labels)"
     )
     # valid indices, wrong classes: the head never predicts them (another data set's labels)
     wrong = (logits.argmax(axis=1) + 1) % 4
     with pytest.raises(InvalidParameterError, match=r"no better than chance \(accuracy 0\.000"):
         detector.fit(logits, wrong)
+    # a probe head's rows are its sorted classes: the fix is to pass their indices
+    probe = create_detector("temp-msp", head="probe", **identity_head(4))
+    with pytest.raises(InvalidParameterError, match=r"return_inverse=True\)\[1\]\)$"):
+        probe.fit(logits, np.r_[np.zeros(49, np.int64), 6])
 
 
 def test_a_head_of_one_class_is_refused() -> None:

@@ -537,8 +537,7 @@ class TemperatureMSPDetector(_LogitHeadDetector):
         if labels.max() >= n_classes:
             raise InvalidParameterError(
                 f"temp-msp: labels must index the head's {n_classes} classes (0..{n_classes - 1})"
-                f", got a label {int(labels.max())}; these labels are not the head's classes: "
-                f"use head='probe' (a linear probe fitted on them)"
+                f", got a label {int(labels.max())}; {self._label_advice()}"
             )
         order = np.random.default_rng(int(self.seed)).permutation(len(features))
         held_out = order[: max(1, round(float(self.holdout_fraction) * len(features)))]
@@ -547,11 +546,22 @@ class TemperatureMSPDetector(_LogitHeadDetector):
         if accuracy <= 1.0 / n_classes:
             raise InvalidParameterError(
                 f"temp-msp: the head predicts the given labels no better than chance (accuracy "
-                f"{accuracy:.3f} on {len(held_out)} held-out samples, {n_classes} classes); "
-                f"the labels are probably not the head's classes (e.g. another data set's "
-                f"classes under an ImageNet head): use head='probe'"
+                f"{accuracy:.3f} on {len(held_out)} held-out samples, {n_classes} classes), so "
+                f"they are probably not the head's classes; {self._label_advice()}"
             )
         self.temperature_ = fit_temperature(logits, labels[held_out])
+
+    def _label_advice(self) -> str:
+        """How to get labels that index this head's classes (the fix, per head source)."""
+        if self.head == "probe":
+            return (
+                "a probe head's row c is the c-th of its sorted classes: pass the labels as "
+                "those indices (np.unique(labels, return_inverse=True)[1])"
+            )
+        return (
+            "these are not the head's classes (e.g. another data set's classes under an "
+            "ImageNet head): use head='probe' (a linear probe fitted on these labels)"
+        )
 
     def _score_logits(self, logits: npt.NDArray[np.float64]) -> Scores:
         return msp(logits, self.temperature_)
