@@ -583,3 +583,33 @@ def test_prob_ensemble_parameters_and_heads_are_checked(
     narrow = create_detector("prob-ensemble", heads=["encoder"], head_weights=[np.ones((2, 5))])
     with pytest.raises(InvalidParameterError, match=r"^detector 'prob-ensemble': head 0 \(encod"):
         narrow.fit(train)
+
+
+def test_the_hmac_covers_the_members(nested: tuple[Any, Path], tmp_path: Path) -> None:
+    ensemble, _ = nested
+    key = b"the owner's key"
+    path = save_detector(ensemble, tmp_path / "signed.safetensors", key=key)
+    load_detector(path, key=key)
+    forge(path, _member(0, lambda member: member["params"].update(temperature=0.5)))
+    with pytest.raises(DetectorFileError, match="failed its HMAC check"):
+        load_detector(path, key=key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_half_precision_torch_scores_match_the_numpy_scores(
+    dtype: torch.dtype, data: tuple[F32, np.ndarray, F32, F32]
+) -> None:
+    train, labels, test, ood = data
+    detectors = [
+        create_detector("score-ensemble", members=["gaussian", "mahalanobis"]).fit(train, labels),
+        create_detector("prob-ensemble", score="gen", **heads_for(8)).fit(train),
+    ]
+    for detector in detectors:
+        features = torch.tensor(np.vstack([test[:8], ood[:8]]), dtype=dtype, requires_grad=True)
+        scores = detector.score_samples_torch(features)
+        assert scores.dtype in (torch.float32, torch.float64)
+        expected = detector.score_samples(features.detach().double().numpy())
+        np.testing.assert_allclose(scores.detach().double().numpy(), expected, rtol=1e-4, atol=1e-4)
+        scores.sum().backward()
+        assert features.grad is not None and features.grad.dtype == dtype
+        assert torch.all(torch.isfinite(features.grad)) and torch.count_nonzero(features.grad) > 0

@@ -435,7 +435,19 @@ class ScoreEnsembleDetector(Detector):
         self.runner_members_ = self.member_detectors is not None
         self._prepare_normalizers()
         self.members_ = members
+        self._find_torch_refusal(specs)
         return self
+
+    def _find_torch_refusal(self, specs: Sequence[DetectorSpec]) -> None:
+        """The message ``score_samples_torch`` raises (None: every member is differentiable)."""
+        self._not_differentiable: str | None = None
+        for index, spec in enumerate(specs):
+            if not DETECTORS[spec.name].is_differentiable(spec.params):
+                self._not_differentiable = (
+                    f"{self.name} has no differentiable score: its member {index} "
+                    f"({self.members[index]}) has none; choose differentiable members"
+                )
+                return
 
     def _unfitted_members(self, specs: Sequence[DetectorSpec]) -> list[Detector]:
         if self.member_detectors is not None:
@@ -484,13 +496,8 @@ class ScoreEnsembleDetector(Detector):
         (exponential in the tails), differentiable almost everywhere.
         """
         features = self._torch_features(features)
-        specs = ensemble_member_specs(self.get_params(deep=False))
-        for index, spec in enumerate(specs):
-            if not DETECTORS[spec.name].is_differentiable(spec.params):
-                raise InvalidParameterError(
-                    f"{self.name} has no differentiable score: its member {index} "
-                    f"({self.members[index]}) has none; choose differentiable members"
-                )
+        if self._not_differentiable is not None:  # found once, not at each attack step
+            raise InvalidParameterError(self._not_differentiable)
         terms = [
             float(weight) * normalizer.torch(member.score_samples_torch(features), self)
             for weight, member, normalizer in zip(
@@ -545,6 +552,7 @@ class ScoreEnsembleDetector(Detector):
                     f"{self.n_dims_}"
                 )
         self.members_ = members
+        self._find_torch_refusal(specs)
         if self.runner_members_:
             self.member_detectors = [clone(member) for member in members]
 
@@ -596,7 +604,11 @@ def score_probabilities(
     probabilities: npt.NDArray[np.float64], score: str, gamma: float = 0.1, top_m: int = 100
 ) -> Scores:
     """``msp`` (max p), ``entropy`` (``Σ p log p``, the negative entropy) or ``gen``
-    (``−Σ_{top-M} p^γ (1 − p)^γ``) per row of (n, C) probabilities; higher = ID."""
+    (``−Σ_{top-M} p^γ (1 − p)^γ``) per row of (n, C) probabilities; higher = ID.
+
+    Of probabilities, not logits (as ``posthoc_logits``' scores are): a mean of several heads'
+    softmaxes is not the softmax of any one logit vector.
+    """
     if score == "msp":
         return np.asarray(probabilities.max(axis=1), dtype=np.float64)
     if score == "entropy":
