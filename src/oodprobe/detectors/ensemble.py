@@ -229,7 +229,11 @@ class _RankNormalizer:
     largest, ``1 − (1 − F(u_K)) · exp(−(s − u_K) / τ)`` (τ: the held-out scores' standard
     deviation, 1 if they are all equal). Strictly increasing and continuous with values in
     (0, 1), so a single member's ranking (its AUROC, FPR) is kept, also outside the held-out
-    range; differentiable almost everywhere.
+    range; differentiable almost everywhere. Mid-ranks rather than the fraction ``<= s``: the
+    two differ by ``½ #{h = u_j} / m`` (``½ / m`` without ties), a shift that changes no
+    ranking, and mid-ranks leave room in (0, F(u_1)) and (F(u_K), 1) for the ordered tails.
+    In floating point, scores far outside the held-out range (≈ 40 τ above, 700 τ below) tie
+    at 1 (or 0).
     """
 
     def __init__(self, holdout: npt.NDArray[np.float64]) -> None:
@@ -301,7 +305,8 @@ class ScoreEnsembleDetector(Detector):
     the model that scores, on samples it was not fitted on. Refitting would calibrate one model
     and score with another whose training set contains the calibration samples (a 1-NN member
     would give each of them its maximum score, cos = 1), so the mapping would be biased; the
-    cost is that members see ``1 − holdout_fraction`` of the training data.
+    cost is that members see ``1 − holdout_fraction`` of the training data. (Arrays the runner
+    computes from all the training data, such as a probe head, are the same for both parts.)
 
     ``members``: detector specs as the TOML and CLI accept them (``"knn:k=1"``,
     ``"react:percentile=90"``); each member is validated by its class before any work. A score
