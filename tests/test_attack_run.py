@@ -387,3 +387,54 @@ def test_nearest_targets_are_the_closest_training_images(
     assert [image["target_index"] for image in nearest.summary["images"]] != [
         image["target_index"] for image in chosen.summary["images"]
     ]
+
+
+def test_svm_transfer_across_attack_kinds(
+    whole: Any, spec: BenchmarkSpec, shared_cache: Path, tmp_path: Path, capsys: Any
+) -> None:
+    """Fitted on each attack, tested on each: the diagonal is each run's own held-out AUROC."""
+    from oodprobe.attack_run import class_score_svm_transfer
+    from oodprobe.cli import main
+
+    matching = run_attack(
+        spec,
+        tmp_path / "fm",
+        method="feature-matching",
+        steps=3,
+        lr=1e-2,
+        n=8,
+        batch_size=4,
+        device="cpu",
+        cache_root=shared_cache,
+    )
+    result = class_score_svm_transfer([whole.output_dir, matching.output_dir], tmp_path / "svm")
+    names = result["attacks"]
+    assert names == ["pgd-linf eps 4/255", "pgd-linf eps 8/255", "feature-matching"]
+    cells = {(cell["fit"], cell["test"]): cell["auroc"] for cell in result["cells"]}
+    assert len(cells) == 9
+    own = [entry["class_score_svm"]["auroc"] for entry in whole.results + matching.results]
+    assert [cells[(name, name)] for name in names] == pytest.approx(own, abs=1e-12)
+    # the budgets' cross cells are the run's own across-budget table
+    for cell in whole.summary["class_score_svm_across_budgets"]:
+        fit = f"pgd-linf eps {cell['fit_eps'] * 255:.3g}/255"
+        test = f"pgd-linf eps {cell['test_eps'] * 255:.3g}/255"
+        assert cells[(fit, test)] == pytest.approx(cell["auroc"], abs=1e-12)
+    written = json.loads((tmp_path / "svm" / "svm_transfer.json").read_text())
+    assert written["cells"] == result["cells"]
+
+    assert main(["attack-svm", str(whole.output_dir), str(matching.output_dir)]) == 0
+    assert "feature-matching" in capsys.readouterr().out
+    other = run_attack(
+        spec,
+        tmp_path / "n4",
+        eps=(4 / 255,),
+        steps=1,
+        n=4,
+        batch_size=4,
+        device="cpu",
+        cache_root=shared_cache,
+    )
+    with pytest.raises(InvalidParameterError, match=r"other images.*\(n: 4 vs 8\)"):
+        class_score_svm_transfer([whole.output_dir, other.output_dir])
+    assert main(["attack-svm", str(tmp_path / "nothing")]) == 1
+    assert "holds no finished attack run" in capsys.readouterr().err

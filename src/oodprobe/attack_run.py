@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from oodprobe.attack import PGD_STEPS, input_array_of
 from oodprobe.errors import InvalidParameterError
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ Log = Callable[[str], None]
 METHODS = ("pgd", "feature-matching")
 TARGET_MODES = ("random", "nearest")
 SMOOTHNESS_NAMES = ("smooth", "patchy")
-DEFAULT_STEPS = {"pgd": 10, "feature-matching": 250}
+DEFAULT_STEPS = {"pgd": PGD_STEPS, "feature-matching": 250}
 ATTACK_FORMAT = "oodprobe-attack"
 ATTACK_VERSION = 1
 RUN_FILE = "run.json"
@@ -169,8 +170,15 @@ def _refuse_non_differentiable(spec: DetectorSpec) -> None:
 
     from oodprobe.detectors import DETECTORS, create_detector
 
-    if not DETECTORS[spec.name].differentiable:
-        create_detector(spec.name, **dict(spec.params)).score_samples_torch(torch.zeros(0, 1))
+    cls = DETECTORS[spec.name]
+    if cls.is_differentiable(spec.params):
+        return
+    if cls.differentiable:  # a torch score, not with these parameters (an ensemble's members)
+        raise InvalidParameterError(
+            f"detector {spec.display!r} has no differentiable score with these parameters (a "
+            f"member without one); PGD needs one: choose differentiable members"
+        )
+    create_detector(spec.name, **dict(spec.params)).score_samples_torch(torch.zeros(0, 1))
 
 
 def _json_value(value: Any) -> Any:
@@ -249,10 +257,10 @@ def run_attack(
     """Attack the first ``n`` OOD images of ``spec`` per batch (resumably); write ``attack.json``.
 
     ``method``: ``pgd`` (white-box PGD on the detector's own score, one attack per budget in
-    ``eps``, ``norm`` ``linf`` or ``l2``, ``step_size`` default ε/4; Madry et al., ICLR 2018) or
+    ``eps``, ``norm`` ``linf`` or ``l2``, ``step_size`` default ε/16; Madry et al., ICLR 2018) or
     ``feature-matching`` (the paper's attack, Adaloglou et al., TMLR 2024: Adam with ``lr`` on
     a perturbation matching a ``targets`` ID training image, ``random`` or ``nearest``, with
-    ``smoothness`` ``smooth`` λ = 5e3, ``patchy`` λ = 0, or a number). ``steps`` default: 10
+    ``smoothness`` ``smooth`` λ = 5e3, ``patchy`` λ = 0, or a number). ``steps`` default: 40
     (PGD), 250 (feature matching). ``detector`` (default ``knn``; ``NAME[:k=v,…]``) is fitted
     on the cached ID training features of ``encoder`` (default the spec's first); with
     ``deployment`` (a file from ``oodprobe fit``) its encoder, fitted detector and calibrated
@@ -323,7 +331,7 @@ def run_attack(
         deployment = Path(deployment).resolve()
         loaded_detector, metadata = load_detector_with_metadata(deployment)
         deployment_info = check_deployment_metadata(
-            metadata, deployment, type(loaded_detector).input_array
+            metadata, deployment, input_array_of(loaded_detector)
         )
         if encoder is not None and encoder != deployment_info["encoder"]:
             raise InvalidParameterError(
@@ -331,7 +339,8 @@ def run_attack(
                 f"{deployment_info['encoder']!r}, not {encoder!r}; leave out the encoder option"
             )
         encoder_name = str(deployment_info["encoder"])
-        if method == "pgd" and not type(loaded_detector).differentiable:
+        loaded_params = loaded_detector.get_params(deep=False)
+        if method == "pgd" and not type(loaded_detector).is_differentiable(loaded_params):
             loaded_detector.score_samples_torch(_empty())
         detector_spec = None
         detector_name = type(loaded_detector).name
@@ -439,6 +448,7 @@ def run_attack(
         build_detector,
         compute_text_embeddings,
         detector_input,
+        fit_labels,
         needs_text,
     )
 
@@ -463,9 +473,8 @@ def run_attack(
             class_embeddings = compute_text_embeddings(
                 model, spec.class_names or id_train.class_names, spec.prompts
             )
-        fitted = build_detector(detector_spec, model, class_embeddings)
-        labels = train.labels if type(fitted).requires_labels else None
-        fitted.fit(detector_input(fitted, train), labels)
+        fitted = build_detector(detector_spec, model, class_embeddings, train=train)
+        fitted.fit(detector_input(fitted, train), fit_labels(fitted, detector_spec, train.labels))
     id_scores = np.asarray(fitted.score_samples(detector_input(fitted, test)), dtype=np.float64)
     if deployment_info is not None:
         threshold = float(deployment_info["threshold"])
@@ -545,7 +554,7 @@ def run_attack(
 
     # -- evaluation on the saved PNGs -----------------------------------------------------
     log("evaluating the saved images")
-    output_array = type(fitted).input_array
+    output_array = input_array_of(fitted)
     logits_available = "logits" in model.outputs
     first = batches[tags[0]]
     clean_paths = [output / path for record in first for path in record["clean"]]
@@ -560,8 +569,8 @@ def run_attack(
     refitted = None
     removed_id_scores = None
     if method == "feature-matching" and deployment_info is None:
-        assert train is not None and target_indices is not None
-        labels = train.labels if type(fitted).requires_labels else None
+        assert train is not None and target_indices is not None and detector_spec is not None
+        labels = fit_labels(fitted, detector_spec, train.labels)
         refitted = attack.refit_without_targets(
             fitted, detector_input(fitted, train), target_indices, labels
         )
@@ -914,3 +923,119 @@ def _image_records(
             record["target_index"] = int(target_indices[row])
         images.append(record)
     return images
+
+
+TRANSFER_FILE = "svm_transfer.json"
+
+
+def class_score_svm_transfer(
+    runs: Sequence[str | Path],
+    output: str | Path | None = None,
+    *,
+    device: str = "auto",
+    log: Log = lambda message: None,
+) -> dict[str, Any]:
+    """The class-score SVM fitted on each attack and tested on each other, across runs.
+
+    Uelwer, Michels, De Candido, "Learning to Detect Adversarial Examples Based on Class
+    Scores", KI 2021, measured how a detector trained on one attack carries over to others.
+    ``runs`` are finished ``oodprobe attack`` folders over the *same* images (encoder, OOD set,
+    ``n`` and data checked) — e.g. a PGD run and a feature-matching run; every attack in them
+    (each PGD budget, the feature matching) is one row and one column. Cell (fit, test): the
+    SVM fitted on one half of the images, clean vs ``fit``-attacked logits, evaluated on the
+    other half, clean vs ``test``-attacked (AUROC, clean = positive): the diagonal is each run's
+    own held-out AUROC. Logits are the encoder's head, encoded from the saved PNGs. Writes
+    ``svm_transfer.json`` to ``output`` when given; returns its content.
+    """
+    from oodprobe import attack
+    from oodprobe.encoders import create_encoder
+
+    if len(runs) < 1:
+        raise InvalidParameterError("give at least one attack run folder")
+    summaries = []
+    for run in runs:
+        path = Path(run) / RESULT_FILE
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise InvalidParameterError(
+                f"{run} holds no finished attack run ({path.name} unreadable: {error}); run "
+                f"`oodprobe attack` into it first"
+            ) from None
+        if not isinstance(summary, dict) or summary.get("format") != ATTACK_FORMAT:
+            raise InvalidParameterError(f"{path} is not an oodprobe attack result")
+        summaries.append((Path(run), summary))
+    first = summaries[0][1]["params"]
+    for run, summary in summaries[1:]:
+        params = summary["params"]
+        for key in ("encoder_cache_id", "ood_set", "n"):
+            if params[key] != first[key]:
+                raise InvalidParameterError(
+                    f"{run} attacked other images or another encoder than {summaries[0][0]} "
+                    f"({key}: {params[key]!r} vs {first[key]!r}); compare runs over the same "
+                    f"encoder, OOD set and n"
+                )
+        if params["data_fingerprints"]["ood"] != first["data_fingerprints"]["ood"]:
+            raise InvalidParameterError(
+                f"{run} attacked another OOD set's files than {summaries[0][0]}"
+            )
+    if first["n"] < SVM_MIN_IMAGES:
+        raise InvalidParameterError(
+            f"the class-score SVM needs at least {SVM_MIN_IMAGES} attacked images, the runs "
+            f"have {first['n']}"
+        )
+    model = create_encoder(first["encoder"])
+    if model.cache_id != first["encoder_cache_id"]:
+        raise InvalidParameterError(
+            f"the encoder {first['encoder']!r} built here is not the one the runs attacked "
+            f"(cache id {model.cache_id} vs {first['encoder_cache_id']})"
+        )
+    if "logits" not in model.outputs:
+        raise InvalidParameterError(
+            f"the class-score SVM scores an encoder's logits, and {first['encoder']!r} has none"
+        )
+    # every image's clean PNG is the same quantised image in every run: the first run's serve
+    run, summary = summaries[0]
+    clean = attack.load_attack_images([run / image["clean_png"] for image in summary["images"]])
+    clean_logits = attack.encode_images(model, clean, output="logits", device=device)
+    names: list[str] = []
+    attacked: list[np.ndarray] = []
+    for run, summary in summaries:
+        for position, entry in enumerate(summary["results"]):
+            paths = [
+                run / image["attacks"][position]["adversarial_png"] for image in summary["images"]
+            ]
+            label = entry["method"]
+            if entry.get("eps_255") is not None:
+                label += f" eps {entry['eps_255']:.3g}/255"
+            log(f"encoding {label} ({run})")
+            names.append(label if label not in names else f"{label} ({run.name})")
+            images = attack.load_attack_images(paths)
+            attacked.append(attack.encode_images(model, images, output="logits", device=device))
+    cells = []
+    for fit_name, fit_logits in zip(names, attacked, strict=True):
+        for test_name, test_logits in zip(names, attacked, strict=True):
+            result = _class_score_svm(
+                clean_logits,
+                fit_logits,
+                seed=int(first["seed"]),
+                convention=first["convention"],
+                tpr=float(first["tpr"]),
+                bootstrap=0,
+                held_out_attacked=test_logits,
+            )
+            cells.append({"fit": fit_name, "test": test_name, "auroc": result["auroc"]})
+    payload: dict[str, Any] = {
+        "format": "oodprobe-svm-transfer",
+        "runs": [str(run) for run, _ in summaries],
+        "encoder": first["encoder"],
+        "ood_set": first["ood_set"],
+        "n": first["n"],
+        "attacks": names,
+        "cells": cells,
+    }
+    if output is not None:
+        folder = Path(output)
+        folder.mkdir(parents=True, exist_ok=True)
+        payload["file"] = str(_write_json(folder / TRANSFER_FILE, payload))
+    return payload

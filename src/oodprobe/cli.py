@@ -740,9 +740,9 @@ def attack(
     norm: Annotated[AttackNorm, typer.Option(help="PGD norm ball")] = "linf",
     steps: Annotated[
         int | None,
-        typer.Option(min=1, help="Attack steps (default: 10 for pgd, 250 for feature-matching)"),
+        typer.Option(min=1, help="Attack steps (default: 40 for pgd, 250 for feature-matching)"),
     ] = None,
-    step_size: Annotated[float | None, typer.Option(help="PGD step size (default: eps/4)")] = None,
+    step_size: Annotated[float | None, typer.Option(help="PGD step size (default: eps/16)")] = None,
     lr: Annotated[float, typer.Option(help="Adam learning rate of feature-matching")] = 1e-3,
     n: Annotated[int, typer.Option("--n", min=1, help="OOD images to attack (the first N)")] = 32,
     ood: Annotated[
@@ -815,6 +815,46 @@ def attack(
     console.print(f"finished in {run.seconds:.0f} s ({run.batches_resumed} batch(es) resumed)")
     console.print(f"results: {run.files['json']}  images: {run.files['batches']}")
     console.print(f"report:  [bold]{run.files['report']}[/]")
+
+
+@app.command("attack-svm")
+def attack_svm(
+    runs: Annotated[
+        list[Path],
+        typer.Argument(help="Finished 'oodprobe attack' folders over the same images"),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Folder for svm_transfer.json (default: none)"),
+    ] = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Class-score SVM fitted on each attack, AUROC on each other (across budgets and kinds)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from oodprobe.attack_run import class_score_svm_transfer
+    from oodprobe.report.tables import format_percent
+
+    console = _console()
+    result = class_score_svm_transfer(
+        runs, output, device=device, log=lambda m: console.print(m, style="dim", markup=False)
+    )
+    names = result["attacks"]
+    table = Table(
+        title=f"class-score SVM AUROC in % on held-out images ({escape(result['encoder'])}, "
+        f"{escape(result['ood_set'])}, {result['n']} images): fitted on the row, tested on "
+        f"the column"
+    )
+    table.add_column("fitted on ↓, tested on →")
+    for name in names:
+        table.add_column(escape(name), justify="right")
+    auroc = {(cell["fit"], cell["test"]): cell["auroc"] for cell in result["cells"]}
+    for fit in names:
+        table.add_row(escape(fit), *(format_percent(auroc[(fit, test)]) for test in names))
+    console.print(table)
+    if "file" in result:
+        console.print(f"results: {result['file']}")
 
 
 def _print_attack(summary: dict[str, Any], console: Any) -> None:

@@ -332,7 +332,7 @@ def _parameters(summary: Mapping[str, Any]) -> str:
         shown += [
             ("budgets ε", ", ".join(budgets) or None),
             ("norm", params.get("norm")),
-            ("step size", "ε/4" if params.get("step_size") is None else params["step_size"]),
+            ("step size", "ε/16" if params.get("step_size") is None else params["step_size"]),
         ]
     else:
         shown += [
