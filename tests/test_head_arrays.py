@@ -560,3 +560,66 @@ def test_a_benchmark_scores_post_hoc_detectors_with_each_head(
     assert by_key[("efficientnet-lite0/block4@32", "probe head")].error is None
     # the encoder head is not offered to a block without logits
     assert ("efficientnet-lite0/block4@32", "encoder head") not in by_key
+
+
+# -- ensembles: the runner builds their heads and members -------------------------------------
+
+
+def test_a_prob_ensemble_gets_a_probe_and_a_zero_shot_head_over_the_same_classes(
+    tiny_openclip: str, small: Any
+) -> None:
+    from oodprobe.encoders.text import compute_class_embeddings
+
+    encoder = create_encoder(tiny_openclip)
+    assert isinstance(encoder, TextImageEncoder)
+    names = ("zero", "one", "two", "three", "four", "five")
+    embeddings = compute_class_embeddings(encoder, list(names))  # every class name of the data
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(30, encoder.feature_dim)).astype(np.float32)
+    labels = 2 + np.arange(30) % 3  # a class selection: labels 2, 3, 4 of six names
+    train = _feature_set(features, labels, class_names=names, key="prob-ensemble-test")
+    spec = DetectorSpec("prob-ensemble", {"heads": ["probe", "zero-shot"]})
+    assert needs_labels(spec) and needs_text([spec])
+    detector = build_detector(spec, encoder, embeddings, train=train)
+    probe_weight, zero_shot_weight = (np.asarray(w) for w in detector.head_weights)
+    assert probe_weight.shape == (3, encoder.feature_dim)  # on the features
+    assert zero_shot_weight.shape == (3, encoder.embed_dim)  # in the joint space
+    np.testing.assert_allclose(
+        zero_shot_weight, encoder.logit_scale * embeddings[[2, 3, 4]], rtol=1e-6
+    )
+    np.testing.assert_array_equal(probe_weight, probe_head(train)[0])
+    projections = detector.image_projections
+    assert projections[0] is None and projections[1].shape == (encoder.feature_dim, 32)
+    scores = detector.fit(features).score_samples(features)
+    assert scores.shape == (30,) and np.all((scores > 1 / 3 - 1e-9) & (scores <= 1))
+    with pytest.raises(InvalidParameterError, match=r"different numbers of classes"):
+        # the encoder's ImageNet head is over other classes than the probe's
+        build_detector(
+            DetectorSpec("prob-ensemble", {"heads": ["encoder", "probe"]}),
+            small,
+            None,
+            train=_feature_set(
+                rng.normal(size=(30, 1280)).astype(np.float32),
+                labels,
+                class_names=names,
+                head=small.head_arrays(),
+            ),
+        )
+
+
+def test_a_score_ensemble_gets_its_members_built_with_their_heads() -> None:
+    features, labels = _synthetic()
+    train = _feature_set(features, labels, key="score-ensemble-test")
+    spec = DetectorSpec("score-ensemble", {"members": ["knn:k=1", f"{HEAD_TEST}:head=probe"]})
+    assert needs_labels(spec) and not needs_text([spec])
+    detector = build_detector(spec, None, None, train=train)
+    knn, head = detector.member_detectors
+    assert knn.name == "knn" and head.name == HEAD_TEST
+    np.testing.assert_array_equal(head.head_weight, probe_head(train)[0])
+    scores = detector.fit(features).score_samples(features)
+    assert scores.shape == (60,) and np.all(np.isfinite(scores))
+    with pytest.raises(InvalidParameterError, match=rf"^detector '{HEAD_TEST}' with head='probe'"):
+        check_compatibility([spec], labelled=False, id_label="flat", encoders={SMALL: None})
+    block = DetectorSpec("score-ensemble", {"members": ["knn", HEAD_TEST]})
+    with pytest.raises(InvalidParameterError, match=r"has no linear classifier head"):
+        check_compatibility([block], labelled=True, id_label="x", encoders={BLOCK: None})

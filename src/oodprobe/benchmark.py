@@ -37,6 +37,7 @@ from oodprobe.pipeline import (
     compute_text_embeddings,
     detector_input,
     detector_params,
+    fit_labels,
     needs_text,
 )
 from oodprobe.results import ResultRow, RowContext, failed_rows, metric_row
@@ -553,7 +554,7 @@ def _evaluate_detector(
     try:
         detector = build_detector(detector_spec, encoder, class_embeddings, train=train.features)
         fit_started = time.perf_counter()
-        labels = train.features.labels if type(detector).requires_labels else None
+        labels = fit_labels(detector, detector_spec, train.features.labels)
         detector.fit(detector_input(detector, train.features), labels)
         fit_seconds = time.perf_counter() - fit_started
         score_started = time.perf_counter()

@@ -116,7 +116,9 @@ def fit_deployment(
         check_detector_specs,
         compute_text_embeddings,
         detector_input,
-        head_source,
+        fit_labels,
+        head_sources,
+        member_specs,
         needs_text,
     )
 
@@ -148,10 +150,11 @@ def fit_deployment(
     class_embeddings = None
     if needs_text([detector]):  # before extraction: a missing class list fails now
         class_embeddings = compute_text_embeddings(encoder, names or dataset.class_names, prompts)
-    # a post-hoc detector's head may be fitted on the training rows: built once they are known
-    model = (
-        build_detector(detector, encoder, class_embeddings) if not head_source(detector) else None
-    )
+    # a post-hoc detector's head (an ensemble member's too) may be fitted on the training rows:
+    # built once they are known; any other detector now, before extraction
+    model = None
+    if not head_sources(detector) and not member_specs(detector):
+        model = build_detector(detector, encoder, class_embeddings)
     features = extract_features(
         dataset,
         encoder,
@@ -174,9 +177,8 @@ def fit_deployment(
     if model is None:  # the head (a probe's: fitted on the fit rows only) goes into the file
         model = build_detector(detector, encoder, class_embeddings, train=features.subset(fit_rows))
     array = detector_input(model, features)
-    labels = None
-    if type(model).requires_labels and features.labels is not None:
-        labels = features.labels[fit_rows]
+    fit_part = None if features.labels is None else features.labels[fit_rows]
+    labels = fit_labels(model, detector, fit_part)
     model.fit(array[fit_rows], labels)
     calibration_scores = model.score_samples(array[calibration_rows])
     threshold = calibrate_threshold(calibration_scores, keep)
@@ -187,7 +189,7 @@ def fit_deployment(
         "encoder_portable_id": encoder.portable_id,
         "encoder_weights_sha256": encoder.weights_digest,
         "encoder_identity": _readable_identity(encoder),
-        "input_array": type(model).input_array,
+        "input_array": type(model).input_array_for(model.get_params(deep=False)),
         "threshold": threshold,
         "keep": float(keep),
         "holdout": float(holdout),
@@ -281,7 +283,8 @@ def score_with_deployment(
         raise InvalidParameterError(f"threshold must be a finite number, got {threshold!r}")
     _check_run_options(device, precision, batch_size, num_workers)
     detector, metadata = load_detector_with_metadata(detector_path, key=key)
-    info = check_deployment_metadata(metadata, detector_path, type(detector).input_array)
+    array = type(detector).input_array_for(detector.get_params(deep=False))
+    info = check_deployment_metadata(metadata, detector_path, array)
     dataset, _ = _create(source, download)
     encoder = create_encoder(info["encoder"])
     check_same_encoder(encoder, info)

@@ -80,21 +80,65 @@ def detector_params(spec: DetectorSpec) -> dict[str, Any]:
 def head_source(spec: DetectorSpec) -> str | None:
     """Where a post-hoc detector's head comes from (``encoder``, ``probe``, ``zero-shot``).
 
-    None for a detector that uses no classifier head. The detector's default fills in an unset
-    ``head``.
+    None for a detector without one ``head`` (no head, or an ensemble's several: see
+    :func:`head_sources`). The detector's default fills in an unset ``head``.
     """
     from oodprobe.detectors import DETECTORS
 
-    if not DETECTORS[spec.name].requires_head:
+    cls = DETECTORS[spec.name]
+    if not cls.requires_head or "head" not in cls._get_param_names():
         return None
     return str(detector_params(spec).get("head", "encoder"))
 
 
-def needs_labels(spec: DetectorSpec) -> bool:
-    """Whether running the detector needs ID class labels: its own ``fit``, or a probe head."""
+def head_sources(spec: DetectorSpec) -> tuple[str, ...]:
+    """Every head source the runner resolves for a detector: its ``head``, or the ``heads`` of
+    a probability ensemble (``prob-ensemble``), in order; () for a detector without a head.
+    A score ensemble's members are separate detectors (:func:`member_specs`)."""
     from oodprobe.detectors import DETECTORS
 
-    return DETECTORS[spec.name].requires_labels or head_source(spec) == "probe"
+    source = head_source(spec)
+    if source is not None:
+        return (source,)
+    if DETECTORS[spec.name].runner_params >= _HEAD_LISTS:
+        from oodprobe.detectors.ensemble import prob_ensemble_heads
+
+        return prob_ensemble_heads(spec.params)
+    return ()
+
+
+_HEAD_LISTS = frozenset({"head_weights", "head_biases", "image_projections"})
+
+
+def member_specs(spec: DetectorSpec) -> list[DetectorSpec]:
+    """The member detectors the runner builds for a score ensemble (``member_detectors``);
+    [] for any other detector."""
+    from oodprobe.detectors import DETECTORS
+
+    if "member_detectors" not in DETECTORS[spec.name].runner_params:
+        return []
+    from oodprobe.detectors.ensemble import ensemble_member_specs
+
+    return ensemble_member_specs(spec.params)
+
+
+def needs_labels(spec: DetectorSpec) -> bool:
+    """Whether running the detector needs ID class labels: for its ``fit``
+    (``Detector.needs_labels``), for a probe head, or for a score ensemble's member."""
+    from oodprobe.detectors import DETECTORS
+
+    return (
+        DETECTORS[spec.name].needs_labels(spec.params)
+        or "probe" in head_sources(spec)
+        or any(needs_labels(member) for member in member_specs(spec))
+    )
+
+
+def fit_labels(detector: Detector, spec: DetectorSpec, labels: np.ndarray | None) -> Any:
+    """The ``labels`` to pass to a built detector's ``fit``: ``labels`` when its fit uses them
+    (``Detector.needs_labels`` with the spec's params: a labelled member of an ensemble too),
+    else None. A probe head's labels were used when the detector was built."""
+    return labels if type(detector).needs_labels(spec.params) else None
 
 
 def encoder_has_head(encoder: Any) -> bool | None:
@@ -128,20 +172,23 @@ def check_compatibility(
 
     for detector in detectors:
         cls = DETECTORS[detector.name]
-        head = head_source(detector)
+        heads = head_sources(detector)
+        members = member_specs(detector)
+        if members:  # each member as the runner builds it (its name in the message)
+            check_compatibility(members, labelled=labelled, id_label=id_label, encoders=encoders)
         if cls.fit_labels != "classes":
             raise InvalidParameterError(
                 f"detector {detector.name!r} is fitted on clean vs attacked images (labels "
                 f"1 / 0), not on the ID training set; it detects attacks beside `oodprobe "
                 f"attack`, not in bench, study or fit"
             )
-        if head == "probe" and not labelled:
+        if "probe" in heads and not labelled:
             raise InvalidParameterError(
                 f"detector {detector.name!r} with head='probe' scores a linear probe fitted on "
                 f"the ID training labels, but {id_label!r} has none; use head='encoder' (the "
                 f"encoder's own classifier) or head='zero-shot' (a CLIP text tower)"
             )
-        if cls.requires_labels and not labelled:
+        if cls.needs_labels(detector.params) and "probe" not in heads and not labelled:
             raise InvalidParameterError(
                 f"detector {detector.name!r} needs class labels, but the ID training data "
                 f"{id_label!r} has none; use a folder with one subfolder per class, "
@@ -149,19 +196,14 @@ def check_compatibility(
             )
         for name, encoder in encoders.items():
             traits = encoder_traits(name if encoder is None else encoder)
-            if cls.requires_text and traits.has_text is False:
-                raise InvalidParameterError(
-                    f"detector {detector.name!r} needs a vision-language encoder with a text "
-                    f"tower (openclip:…, hf: CLIP/SigLIP), but {name!r} is image-only"
-                )
-            if head == "zero-shot" and traits.has_text is False:
+            if "zero-shot" in heads and traits.has_text is False:
                 raise InvalidParameterError(
                     f"detector {detector.name!r} with head='zero-shot' needs a vision-language "
                     f"encoder with a text tower (openclip:…, hf: CLIP/SigLIP), but {name!r} is "
                     f"image-only; use head='encoder' or head='probe'"
                 )
             if (
-                head == "encoder"
+                "encoder" in heads
                 and encoder_has_head(name if encoder is None else encoder) is False
             ):
                 raise InvalidParameterError(
@@ -170,9 +212,15 @@ def check_compatibility(
                     f"use head='probe' (a linear probe on the labelled ID training features) or "
                     f"head='zero-shot' (a CLIP text tower)"
                 )
-            if traits.outputs is not None and cls.input_array not in traits.outputs:
+            if cls.needs_text(detector.params) and not heads and traits.has_text is False:
                 raise InvalidParameterError(
-                    f"detector {detector.name!r} scores the encoder's {cls.input_array}, and "
+                    f"detector {detector.name!r} needs a vision-language encoder with a text "
+                    f"tower (openclip:…, hf: CLIP/SigLIP), but {name!r} is image-only"
+                )
+            array = cls.input_array_for(detector.params)
+            if traits.outputs is not None and array not in traits.outputs:
+                raise InvalidParameterError(
+                    f"detector {detector.name!r} scores the encoder's {array}, and "
                     f"{name!r} gives only: {', '.join(traits.outputs)}"
                 )
 
@@ -187,7 +235,7 @@ def check_device(device: str) -> str:
 
 def detector_input(detector: Detector, features: FeatureSet) -> np.ndarray:
     """The array a detector consumes: the features, or the classifier logits for ``logits``."""
-    name = type(detector).input_array
+    name = type(detector).input_array_for(detector.get_params(deep=False))
     array = features.arrays.get(name)
     if array is None:
         raise InvalidParameterError(
@@ -201,7 +249,12 @@ def needs_text(detectors: Iterable[DetectorSpec]) -> bool:
     """Whether any of the detectors needs class embeddings (text detectors, zero-shot heads)."""
     from oodprobe.detectors import DETECTORS
 
-    return any(DETECTORS[d.name].requires_text or head_source(d) == "zero-shot" for d in detectors)
+    return any(
+        DETECTORS[d.name].needs_text(d.params)
+        or "zero-shot" in head_sources(d)
+        or needs_text(member_specs(d))
+        for d in detectors
+    )
 
 
 def compute_text_embeddings(
@@ -229,17 +282,32 @@ def build_detector(
     """Instantiate a detector with the arrays the runner computes for it.
 
     Text detectors get class embeddings and the image projection; post-hoc detectors their
-    head (:func:`resolve_head`, from ``train``, the ID training features, and ``encoder``).
+    head (:func:`resolve_head`, from ``train``, the ID training features, and ``encoder``); a
+    probability ensemble one head per entry of its ``heads`` (:func:`resolve_heads`); a score
+    ensemble its members, each built by this function.
     """
     from oodprobe.detectors import DETECTORS, create_detector
 
+    cls = DETECTORS[spec.name]
     params = dict(spec.params)
-    if DETECTORS[spec.name].requires_text:
+    if cls.requires_text:
         params["class_embeddings"] = class_embeddings
         params["image_projection"] = _projection(encoder)
-    if DETECTORS[spec.name].requires_head:
+    if head_source(spec) is not None:
         weight, bias, projection = resolve_head(spec, encoder, class_embeddings, train=train)
         params.update(head_weight=weight, head_bias=bias, image_projection=projection)
+    elif cls.runner_params >= _HEAD_LISTS:
+        resolved = resolve_heads(spec, encoder, class_embeddings, train=train)
+        params.update(
+            head_weights=[weight for weight, _, _ in resolved],
+            head_biases=[bias for _, bias, _ in resolved],
+            image_projections=[projection for _, _, projection in resolved],
+        )
+    if "member_detectors" in cls.runner_params:
+        params["member_detectors"] = [
+            build_detector(member, encoder, class_embeddings, train=train)
+            for member in member_specs(spec)
+        ]
     return create_detector(spec.name, **params)
 
 
@@ -277,7 +345,60 @@ def resolve_head(
     """
     source = head_source(spec)
     if source is None:
-        raise InvalidParameterError(f"detector {spec.name!r} uses no classifier head")
+        raise InvalidParameterError(f"detector {spec.name!r} has no head parameter")
+    return _resolve_source(source, spec, encoder, class_embeddings, train)
+
+
+def resolve_heads(
+    spec: DetectorSpec,
+    encoder: Any,
+    class_embeddings: np.ndarray | None,
+    *,
+    train: FeatureSet | None = None,
+) -> list[HeadParams]:
+    """The heads of a probability ensemble, one per entry of its ``heads``, over one class list.
+
+    Each is resolved as :func:`resolve_head` resolves that source. A probe's rows are the
+    sorted labels of the training set; a head with one row per class name of the training set
+    (the zero-shot head of a dataset whose class selection keeps some of its classes, the
+    encoder's ImageNet head on ImageNet data) keeps the rows of those labels, so that column
+    ``c`` is one class in every head. InvalidParameterError when the heads still differ in
+    their number of classes.
+    """
+    sources = head_sources(spec)
+    heads = [_resolve_source(source, spec, encoder, class_embeddings, train) for source in sources]
+    if "probe" in sources and train is not None and train.labels is not None:
+        classes = np.unique(train.labels)
+        names = train.class_names
+
+        def by_label(rows: int) -> bool:  # rows indexed by label: one per class name
+            return rows != len(classes) and rows > int(classes.max()) and rows == len(names or ())
+
+        heads = [
+            (weight[classes], bias[classes], projection)
+            if by_label(len(weight))
+            else (weight, bias, projection)
+            for weight, bias, projection in heads
+        ]
+    counts = {source: len(head[0]) for source, head in zip(sources, heads, strict=True)}
+    if len(set(counts.values())) > 1:
+        listing = ", ".join(f"{source}: {count}" for source, count in counts.items())
+        raise InvalidParameterError(
+            f"detector {spec.name!r} averages the heads' class probabilities, and its heads "
+            f"have different numbers of classes ({listing}); choose heads over the same classes "
+            f"(e.g. heads = ['probe', 'zero-shot'] with the ID class names)"
+        )
+    return heads
+
+
+def _resolve_source(
+    source: str,
+    spec: DetectorSpec,
+    encoder: Any,
+    class_embeddings: np.ndarray | None,
+    train: FeatureSet | None,
+) -> HeadParams:
+    """One head of the named source (see :func:`resolve_head`)."""
     if source == "probe":
         if train is None or train.labels is None:
             raise InvalidParameterError(
