@@ -623,3 +623,47 @@ def test_a_score_ensemble_gets_its_members_built_with_their_heads() -> None:
     block = DetectorSpec("score-ensemble", {"members": ["knn", HEAD_TEST]})
     with pytest.raises(InvalidParameterError, match=r"has no linear classifier head"):
         check_compatibility([block], labelled=True, id_label="x", encoders={BLOCK: None})
+
+
+def test_the_cli_fits_and_scores_a_post_hoc_detector_with_a_probe_head(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import csv
+
+    from oodprobe.cli import main
+
+    folder = tmp_path / "images"
+    for index, image in enumerate(random_images(12, size=32, seed=3)):
+        (folder / f"class{index % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"class{index % 3}" / f"{index}.png")
+    detector_file, scores_csv, cache_dir = (
+        tmp_path / "d.safetensors",
+        tmp_path / "s.csv",
+        tmp_path / "c",
+    )
+    common = ["--cache-dir", str(cache_dir), "--workers", "0"]
+    detector = f"{HEAD_TEST}:head=probe"
+    assert (
+        main(["fit", str(folder), "-o", str(detector_file), "-e", SMALL, "-d", detector, *common])
+        == 0
+    )
+    saved = load_detector(detector_file)
+    assert isinstance(saved, HeadDetector) and np.asarray(saved.head_weight).shape == (3, 1280)
+    assert (
+        main(
+            [
+                "score",
+                str(folder),
+                "--detector-file",
+                str(detector_file),
+                "-o",
+                str(scores_csv),
+                *common,
+            ]
+        )
+        == 0
+    )
+    with open(scores_csv) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 12 and all(np.isfinite(float(row["score"])) for row in rows)
+    capsys.readouterr()
