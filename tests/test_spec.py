@@ -237,3 +237,17 @@ def test_a_config_without_detectors_runs_the_label_free_knn() -> None:
     assert [d.display for d in spec_from_dict(config).detectors] == ["knn"]
     with pytest.raises(InvalidParameterError, match="lists no detectors"):
         spec_from_dict({**config, "detectors": []})
+
+
+def test_detector_option_keeps_commas_inside_arrays_and_quotes() -> None:
+    spec = parse_detector_option(
+        'score-ensemble:members=["knn:k=1","mahalanobis"],normalize=rank,weights=[1, 2]'
+    )
+    assert spec.name == "score-ensemble"
+    assert spec.params == {
+        "members": ["knn:k=1", "mahalanobis"],
+        "normalize": "rank",
+        "weights": [1, 2],
+    }
+    spec = parse_detector_option("prob-ensemble:heads=['probe','zero-shot'],score='a,b'")
+    assert spec.params == {"heads": ["probe", "zero-shot"], "score": "a,b"}

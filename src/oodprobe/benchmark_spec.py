@@ -199,8 +199,9 @@ class BenchmarkSpec:
 def parse_detector_option(text: str) -> DetectorSpec:
     """``knn`` or ``knn:k=10,temperature=0.1`` → DetectorSpec (values parsed as TOML scalars).
 
-    A value that is not a TOML scalar stays a string (``backend=exact``); the detector class
-    checks names and types when the spec is validated.
+    A value that is not TOML stays a string (``backend=exact``); the detector class checks
+    names and types when the spec is validated. Commas inside brackets or quotes belong to the
+    value: ``score-ensemble:members=["knn:k=1","mahalanobis"],normalize=rank``.
     """
     name, _, options = text.partition(":")
     if not name.strip():
@@ -208,7 +209,7 @@ def parse_detector_option(text: str) -> DetectorSpec:
             f"detector option {text!r} has no detector name; write NAME or NAME:key=value,…"
         )
     params: dict[str, Any] = {}
-    for item in filter(None, options.split(",")):
+    for item in filter(None, _split_options(options)):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise InvalidParameterError(
@@ -223,6 +224,25 @@ def parse_detector_option(text: str) -> DetectorSpec:
         except tomllib.TOMLDecodeError:
             params[key.strip()] = value.strip()
     return DetectorSpec(name=name.strip(), params=params)
+
+
+def _split_options(options: str) -> list[str]:
+    """``options`` split at the commas outside brackets, braces and quotes (TOML arrays)."""
+    items, depth, quote, start = [], 0, "", 0
+    for position, character in enumerate(options):
+        if quote:
+            quote = "" if character == quote else quote
+        elif character in "\"'":
+            quote = character
+        elif character in "[{":
+            depth += 1
+        elif character in "]}":
+            depth = max(0, depth - 1)
+        elif character == "," and depth == 0:
+            items.append(options[start:position])
+            start = position + 1
+    items.append(options[start:])
+    return items
 
 
 # --------------------------------------------------------------------------------------------

@@ -346,27 +346,37 @@ def _format_default(value: Any) -> str:
         return "(none)"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list | tuple):  # the TOML array a user types: ["knn","gaussian"]
+        return "[" + ",".join(json.dumps(item) for item in value) + "]"
     return str(value)
 
 
 @app.command()
 def detectors() -> None:
     """List the detectors: what each needs, its parameters with defaults, and the presets."""
-    from oodprobe.benchmark_spec import benchmark_names
+    from oodprobe.benchmark_spec import DetectorSpec, benchmark_names
     from oodprobe.detectors import DETECTORS
+    from oodprobe.pipeline import head_sources, needs_labels, needs_text
 
     # Plain indented text, not a table: nothing folds when piped, and grep finds a parameter.
     lines = ["detectors (use as --detector NAME or NAME:key=value,…; TOML: params = {…})", ""]
     for name, cls in DETECTORS.items():
         labels = "clean/attacked labels" if cls.fit_labels != "classes" else "labels"
+        default = DetectorSpec(name)  # what it needs with its default parameters
+        heads = head_sources(default)
         needs = [
             need
-            for need, required in ((labels, cls.requires_labels), ("text", cls.requires_text))
+            for need, required in (
+                (labels, needs_labels(default)),
+                ("text", needs_text([default])),
+                (f"a classifier head ({', '.join(heads)})", bool(heads)),
+            )
             if required
         ]
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         lines.append(f"{name}: {summary}" if summary else name)
-        lines.append(f"    needs: {', '.join(needs) or 'nothing'}; scores: {cls.input_array}")
+        scores = cls.input_array_for({})
+        lines.append(f"    needs: {', '.join(needs) or 'nothing'}; scores: {scores}")
         params = cls.param_info()
         if not params:
             lines.append("    no parameters")
