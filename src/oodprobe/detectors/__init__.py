@@ -7,6 +7,7 @@ from oodprobe.detectors import baselines as _baselines  # noqa: F401  (lof, isol
 from oodprobe.detectors import ensemble as _ensemble  # noqa: F401  (score-, prob-ensemble)
 from oodprobe.detectors import gaussian as _gaussian  # noqa: F401  (gaussian, mahalanobis, rmd)
 from oodprobe.detectors import neighbors as _neighbors  # noqa: F401  (knn, deep-knn)
+from oodprobe.detectors import posthoc as _posthoc  # noqa: F401  (vim, react, ash-*, dice, …)
 from oodprobe.detectors import posthoc_logits as _posthoc_logits  # noqa: F401  (gen, gradnorm, …)
 from oodprobe.detectors import probe as _probe  # noqa: F401  (registers linear-probe, logits)
 from oodprobe.detectors import text as _text  # noqa: F401  (registers mcm, plp)
