@@ -534,3 +534,25 @@ def test_save_load_round_trip_keeps_parameters_state_and_scores(
     np.testing.assert_array_equal(loaded.score_samples(queries), detector.score_samples(queries))
     torch_scores = loaded.score_samples_torch(torch.tensor(queries, dtype=torch.float64))
     np.testing.assert_allclose(torch_scores.numpy(), detector.score_samples(queries), 1e-9)
+
+
+def test_she_asks_the_runner_for_labels_where_they_index_the_head() -> None:
+    cls = DETECTORS["she"]
+    assert cls.needs_labels({"pattern_samples": "correct"})
+    assert cls.needs_labels({"head": "probe"}) and cls.needs_labels({"head": "zero-shot"})
+    assert not cls.needs_labels({}) and not cls.needs_labels({"pattern_samples": "predicted"})
+    assert not DETECTORS["react"].needs_labels({"head": "probe"})  # the probe's own need aside
+
+
+def test_scores_are_blocked_rows_of_one_computation(
+    data: Data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from oodprobe.detectors import posthoc
+
+    queries = np.vstack([data.test, data.ood])
+    detectors = {name: fitted(name, data, **params_for(name)) for name in POSTHOC}
+    whole = {name: detector.score_samples(queries) for name, detector in detectors.items()}
+    monkeypatch.setattr(posthoc, "_BLOCK_ELEMENTS", 1)  # one row per block
+    for name, detector in detectors.items():
+        blocked = detector.score_samples(queries)
+        np.testing.assert_allclose(blocked, whole[name], rtol=1e-12, atol=1e-12, err_msg=name)

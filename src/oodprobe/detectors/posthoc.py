@@ -19,7 +19,7 @@ home of that mapping.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -178,10 +178,8 @@ class HeadDetector(Detector):
         width: int = 0,
     ) -> Scores:
         """(n,) float64 ``score(h)`` of the mapped features, computed per row block."""
-        scores = np.empty(len(np.asarray(features)), dtype=np.float64)
-        for rows, head_features in self.head_feature_blocks(features, width):
-            scores[rows] = score(head_features)
-        return scores
+        blocks = [score(h) for _, h in self.head_feature_blocks(features, width)]
+        return np.concatenate(blocks).astype(np.float64, copy=False)
 
     def head_logits(self, head_features: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """(n, C) logits ``h @ W.T + b`` of mapped features ``h`` (from :meth:`head_features`)."""
@@ -739,9 +737,11 @@ class SHEDetector(HeadDetector):
     classes — a ``probe`` or ``zero-shot`` head (built on the ID classes) or labels agreeing
     with the head's prediction on more than half of the training samples — else
     ``predicted`` (an ImageNet head on another dataset's classes). The choice made is
-    ``pattern_samples_``. Difference: a class without samples (never predicted, or never
-    correct) has a zero pattern and scores 0, where the authors' code needs every class
-    present. Piecewise differentiable (the predicted class is chosen without gradient).
+    ``pattern_samples_``; the runner passes the ID labels for ``correct`` and for ``auto`` on
+    a ``probe`` or ``zero-shot`` head (:meth:`needs_labels`). Difference: a class without
+    samples (never predicted, or never correct) has a zero pattern and scores 0, where the
+    authors' code needs every class present. Piecewise differentiable (the predicted class
+    is chosen without gradient).
     """
 
     name: ClassVar[str] = "she"
@@ -762,6 +762,18 @@ class SHEDetector(HeadDetector):
     ) -> None:
         self.pattern_samples = pattern_samples
         _head_init(self, head, (head_weight, head_bias, image_projection))
+
+    @classmethod
+    def needs_labels(cls, params: Mapping[str, Any]) -> bool:
+        """Labels for ``correct``, and for ``auto`` over a head built on the ID classes.
+
+        (A ``probe`` or ``zero-shot`` head; an encoder's own head is fitted without them: its
+        classes are rarely the ID set's.)
+        """
+        mode = params.get("pattern_samples", "auto")
+        return mode == "correct" or (
+            mode == "auto" and params.get("head", "encoder") in ("probe", "zero-shot")
+        )
 
     def _predict(self, head_features: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
         blocks = row_blocks(len(head_features), rows_per_block(max(self.weight_.shape)))
@@ -793,9 +805,13 @@ class SHEDetector(HeadDetector):
         if mode == "correct":
             assert labels is not None
             keep = labels == predictions
-        counts = np.bincount(predictions[keep], minlength=n_classes)
+        classes, kept = predictions[keep], features[keep]
+        order = np.argsort(classes, kind="stable")
+        present, starts = np.unique(classes[order], return_index=True)
         sums = np.zeros((n_classes, features.shape[1]))
-        np.add.at(sums, predictions[keep], features[keep])
+        if len(order):
+            sums[present] = np.add.reduceat(kept[order], starts, axis=0)
+        counts = np.bincount(classes, minlength=n_classes)
         self.patterns_ = sums / np.maximum(counts, 1)[:, None]
         self.pattern_counts_ = counts.astype(np.int64)
         self.pattern_samples_ = mode
