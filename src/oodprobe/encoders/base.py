@@ -196,21 +196,23 @@ class ImageEncoder(torch.nn.Module):
     def _head_reproduces_logits(self, weight: np.ndarray, bias: np.ndarray) -> bool:
         """Whether ``features @ W.T + b`` equals the model's ``logits`` on two random images.
 
-        In float32 on the encoder's device, to a tolerance of 1e-3 of the logits' scale (the
-        model's own matmul and ours round differently).
+        On the encoder's device with autocast off, to 1e-2 of the logits' largest magnitude:
+        loose enough for a GPU's TF32 matmuls, tight enough for any other layer (a wrong layer
+        misses by the size of the logits themselves).
         """
         rng = np.random.default_rng(0)
         images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in "ab"]
         pixels = torch.stack([self.pixel_transform(image) for image in images])
-        with torch.inference_mode():
-            outputs = self(pixels.to(self.pixel_mean.device))
+        device = self.pixel_mean.device
+        with torch.inference_mode(), torch.autocast(device.type, enabled=False):
+            outputs = self(pixels.to(device))
         features = outputs["features"].float().cpu().numpy().astype(np.float64)
         logits = outputs["logits"].float().cpu().numpy().astype(np.float64)
         if logits.shape != (len(images), len(weight)):
             return False
         expected = features @ weight.astype(np.float64).T + bias
         scale = max(1.0, float(np.abs(logits).max()))
-        return bool(np.all(np.abs(expected - logits) <= 1e-3 * scale))
+        return bool(np.all(np.abs(expected - logits) <= 1e-2 * scale))
 
     def freeze(self) -> ImageEncoder:
         """Eval mode, no parameter gradients (pixel gradients still flow)."""
