@@ -280,10 +280,28 @@ def test_sharpening_stays_finite_on_features_with_negative_entries(name: str) ->
     assert np.all(np.isfinite(detector.score_samples(queries)))
 
 
-def test_ash_keeps_all_units_tied_with_the_kth_largest() -> None:
+def test_ash_keeps_exactly_k_units_breaking_ties_by_lowest_index() -> None:
     detector = create_detector("ash-p", head_weight=np.eye(4), percentile=50).fit(np.ones((3, 4)))
-    shaped = detector.shape(np.array([[3.0, 2.0, 2.0, 1.0]]))  # k = 2; the two 2s tie
-    np.testing.assert_array_equal(shaped, [[3.0, 2.0, 2.0, 0.0]])
+    shaped = detector.shape(np.array([[3.0, 2.0, 2.0, 1.0], [0.0, 0.0, 0.0, 1.0]]))  # k = 2
+    np.testing.assert_array_equal(shaped, [[3.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    torch_shaped = detector._shape_torch(torch.tensor([[0.0, 0.0, 0.0, 1.0]]))
+    np.testing.assert_array_equal(torch_shaped.numpy(), [[0.0, 0.0, 0.0, 1.0]])
+
+
+def test_ash_b_fills_k_units_with_the_rows_mean_over_them_when_most_units_are_zero() -> None:
+    # post-ReLU features: 10 of 16 units are 0, and ASH-B at p = 50 keeps k = 8 units, so two
+    # zeros are kept and get the fill s1 / 8 as well (the authors' topk keeps 8 too)
+    rng = np.random.default_rng(0)
+    features = np.zeros((20, 16))
+    features[:, :6] = rng.uniform(1, 2, size=(20, 6))
+    detector = create_detector("ash-b", head_weight=rng.normal(size=(3, 16)), percentile=50)
+    detector.fit(features)
+    shaped = detector.shape(features)
+    assert np.all(np.count_nonzero(shaped, axis=1) == 8)
+    np.testing.assert_allclose(shaped.sum(axis=1), features.sum(axis=1))
+    np.testing.assert_allclose(shaped[:, :8], features.sum(axis=1, keepdims=True) / 8 * np.ones(8))
+    torch_scores = detector.score_samples_torch(torch.tensor(features, dtype=torch.float32))
+    np.testing.assert_allclose(torch_scores.numpy(), detector.score_samples(features), 1e-5)
 
 
 # -- DICE -----------------------------------------------------------------------------------

@@ -425,17 +425,29 @@ def kept_units(n_dims: int, percentile: float) -> int:
 
 
 def _top_mask(features: npt.NDArray[np.float64], n_kept: int) -> npt.NDArray[np.bool_]:
-    """(n, D) mask of each row's entries >= its ``n_kept``-th largest (ties all kept)."""
-    kth = np.partition(features, features.shape[1] - n_kept, axis=1)[:, -n_kept]
-    return np.asarray(features >= kth[:, None])
+    """(n, D) mask of each row's ``n_kept`` largest entries; ties broken by lowest index.
+
+    Exactly ``n_kept`` per row, as ``torch.topk`` keeps (which picks an unspecified subset of
+    ties). Ties matter: post-ReLU features are mostly exact zeros (77 % for EfficientNet-Lite0
+    on digits), so at ASH-B's 65th percentile the k-th largest is often 0.
+    """
+    kth = np.partition(features, features.shape[1] - n_kept, axis=1)[:, -n_kept : -n_kept + 1]
+    greater = features > kth
+    ties = features == kth
+    needed = n_kept - greater.sum(axis=1, keepdims=True)
+    return np.asarray(greater | (ties & (np.cumsum(ties, axis=1) <= needed)))
 
 
 def _top_mask_torch(features: torch.Tensor, n_kept: int) -> torch.Tensor:
+    """:func:`_top_mask` of a tensor (without gradient: a choice of units)."""
     import torch
 
     with torch.no_grad():
         kth = torch.topk(features, n_kept, dim=1).values[:, -1:]
-    return features >= kth
+        greater = features > kth
+        ties = features == kth
+        needed = n_kept - greater.sum(dim=1, keepdim=True)
+        return greater | (ties & (torch.cumsum(ties, dim=1) <= needed))
 
 
 def sharpening_exponent(
@@ -539,11 +551,11 @@ class ASHPDetector(_ShapingDetector):
 class ASHBDetector(_ShapingDetector):
     """ASH-B: energy of the head on features binarised to their largest units.
 
-    Djurisic et al., ICLR 2023 (see ``ash-s``). Score: ``logsumexp(W (m · s1/|m|) + b)``,
+    Djurisic et al., ICLR 2023 (see ``ash-s``). Score: ``logsumexp(W (m · s1/k) + b)``,
     ``s1 = Σ h`` the row's sum before pruning and ``m`` its ``k`` largest entries (so the sum
     is kept). Default percentile 65, the authors' ImageNet setting for ASH-B (Table 1).
-    Differences: see ``ash-s``; the fill divides by the number of kept units (k, or more with
-    ties). Piecewise differentiable (through ``s1``).
+    Differences: see ``ash-s``; ties matter most here, as post-ReLU features are mostly exact
+    zeros and the fill lands on the zeros chosen. Piecewise differentiable (through ``s1``).
     """
 
     name: ClassVar[str] = "ash-b"
@@ -561,14 +573,12 @@ class ASHBDetector(_ShapingDetector):
         _head_init(self, head, (head_weight, head_bias, image_projection))
 
     def shape(self, head_features: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        mask = _top_mask(head_features, self.n_kept_)
-        fill = head_features.sum(axis=1) / mask.sum(axis=1)
-        return np.where(mask, fill[:, None], 0.0)
+        fill = head_features.sum(axis=1) / self.n_kept_
+        return np.where(_top_mask(head_features, self.n_kept_), fill[:, None], 0.0)
 
     def _shape_torch(self, head_features: torch.Tensor) -> torch.Tensor:
-        mask = _top_mask_torch(head_features, self.n_kept_)
-        fill = head_features.sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True)
-        return mask * fill
+        fill = head_features.sum(dim=1, keepdim=True) / self.n_kept_
+        return _top_mask_torch(head_features, self.n_kept_) * fill
 
 
 @register_detector
@@ -582,8 +592,9 @@ class ASHSDetector(_ShapingDetector):
     Differences: applied to the pooled features, as the authors' ImageNet ResNet-50 code does
     (``apply_ash`` after ``avgpool``, on a 2048 × 1 × 1 map, andrijazz/ash); for their CIFAR
     and other networks it shapes an earlier feature map, which cached pooled features cannot
-    reproduce (OpenOOD and pytorch-ood on pooled input do as here). Units tied with the k-th
-    largest are all kept (``torch.topk`` keeps an arbitrary k of them). ``s1/s2`` is clipped
+    reproduce (OpenOOD and pytorch-ood on pooled input do as here). Exactly k units are kept,
+    ties with the k-th largest broken by lowest index (``torch.topk``: unspecified, so the
+    authors' choice among tied units is not reproducible). ``s1/s2`` is clipped
     to ``[1, D/k]`` (1 where ``s2 <= 0``): a no-op on the non-negative (post-ReLU) features
     the paper assumes, finite scores on features with negative entries (ViT, CLIP), where the
     method is outside its assumptions. Piecewise differentiable.
