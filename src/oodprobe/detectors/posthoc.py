@@ -679,12 +679,13 @@ class DICEDetector(HeadDetector):
     """DICE: energy of the head with only its largest ID contributions kept.
 
     Sun & Li, "DICE: Leveraging Sparsification for Out-of-Distribution Detection", ECCV 2022.
-    Score: ``logsumexp((W ⊙ M) h + b)``, ``M`` keeping the ``round((1 − p)·C·D)`` largest
+    Score: ``logsumexp((W ⊙ M) h + b)``, ``M`` keeping the ``C·D − round(p·C·D)`` largest
     entries of the contribution matrix ``mean_ID(h)[None, :] ⊙ W`` (fitted on the ID training
     features). Default sparsity p = 0.9 (``RouteDICE(p=90)`` of deeplearning-wisc/dice;
     OpenOOD's ``dice.yml``). Differences: the authors keep ``contrib > percentile(contrib,
     100p)``, which drops the smallest contribution even at p = 0; here exactly the top count
-    is kept (ties at the threshold all kept), so p = 0 is the plain energy. Differentiable
+    is kept (ties, such as the zero contributions of units never active on ID data, broken
+    by lowest index), so p = 0 is the plain energy. Differentiable
     (the mask is fixed after ``fit``).
     """
 
@@ -711,8 +712,9 @@ class DICEDetector(HeadDetector):
         self.mean_activation_ = np.asarray(features.mean(axis=0), dtype=np.float64)
         contributions = (self.mean_activation_[None, :] * self.weight_).ravel()
         n_kept = max(1, contributions.size - int(np.round(contributions.size * self.sparsity)))
-        threshold = np.partition(contributions, contributions.size - n_kept)[-n_kept]
-        mask = (contributions >= threshold).reshape(self.weight_.shape)
+        mask = np.zeros(contributions.size, dtype=bool)
+        mask[np.argsort(-contributions, kind="stable")[:n_kept]] = True  # ties: lowest index
+        mask = mask.reshape(self.weight_.shape)
         self.masked_weight_ = np.where(mask, self.weight_, 0.0)
 
     def score_samples(self, features: Features) -> Scores:
