@@ -712,10 +712,9 @@ class DICEDetector(HeadDetector):
         self.mean_activation_ = np.asarray(features.mean(axis=0), dtype=np.float64)
         contributions = (self.mean_activation_[None, :] * self.weight_).ravel()
         n_kept = max(1, contributions.size - int(np.round(contributions.size * self.sparsity)))
-        mask = np.zeros(contributions.size, dtype=bool)
-        mask[np.argsort(-contributions, kind="stable")[:n_kept]] = True  # ties: lowest index
-        mask = mask.reshape(self.weight_.shape)
-        self.masked_weight_ = np.where(mask, self.weight_, 0.0)
+        kept = np.zeros(contributions.size, dtype=bool)
+        kept[np.argsort(-contributions, kind="stable")[:n_kept]] = True  # ties: lowest index
+        self.masked_weight_ = np.where(kept.reshape(self.weight_.shape), self.weight_, 0.0)
 
     def score_samples(self, features: Features) -> Scores:
         """(n,) float64 DICE energies of (n, D) features, higher = more in-distribution."""
