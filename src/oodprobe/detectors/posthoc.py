@@ -15,6 +15,15 @@ Every method here is a function of the pooled features ``f`` (n × D) and the he
 The methods see ``h`` (the features the head is applied to: ``f`` itself for the first two)
 and the head; :meth:`HeadDetector.head_features` and :meth:`HeadDetector.head_logits` are the one
 home of that mapping.
+
+Detectors here, each with its paper, formula, the authors' defaults and the differences in its
+class docstring: ``vim`` and ``vim-residual``, ``react``, ``ash-p``, ``ash-b``, ``ash-s``,
+``scale``, ``dice``, ``she``, ``nnguide``, ``fdbd`` (the softmax-based ones are in
+``posthoc_logits.py``). What they fit (ViM's subspace, ReAct's clip, DICE's mask, SHE's
+patterns, NNGuide's bank, fDBD's mean) is fitted in ``fit`` on the ID training features only.
+Numpy scores are float64, computed in row blocks (:meth:`HeadDetector.head_feature_blocks`);
+every torch score is differentiable, piecewise where a method selects units, neighbours or a
+class (without gradient) and is smooth in the selected values.
 """
 
 from __future__ import annotations
