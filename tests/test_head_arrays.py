@@ -667,3 +667,22 @@ def test_the_cli_fits_and_scores_a_post_hoc_detector_with_a_probe_head(
         rows = list(csv.DictReader(handle))
     assert len(rows) == 12 and all(np.isfinite(float(row["score"])) for row in rows)
     capsys.readouterr()
+
+
+def test_fit_labels_index_a_probe_heads_rows() -> None:
+    from oodprobe.pipeline import fit_labels
+
+    rng = np.random.default_rng(1)
+    labels = 3 + 2 * (np.arange(300) % 3)  # classes 3, 5, 7: a probe head's rows 0, 1, 2
+    features = (rng.normal(0, 3, (8, 32))[labels] + rng.normal(size=(300, 32))).astype(np.float32)
+    train = _feature_set(features, labels, key="fit-labels-test")
+    spec = DetectorSpec("temp-msp", {"head": "probe"})
+    detector = build_detector(spec, None, None, train=train)
+    rows = fit_labels(detector, spec, labels)
+    np.testing.assert_array_equal(rows, (labels - 3) // 2)
+    detector.fit(features, rows)
+    assert np.all(np.isfinite(detector.score_samples(features)))
+    label_free = DetectorSpec(HEAD_TEST, {"head": "probe"})  # its fit takes no labels
+    assert (
+        fit_labels(build_detector(label_free, None, None, train=train), label_free, labels) is None
+    )
