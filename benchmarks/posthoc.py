@@ -681,6 +681,27 @@ def measure(comparison: Comparison, problem: Problem) -> dict[str, Any]:
             (np.abs(ours.scores - theirs) / np.maximum(np.abs(ours.scores), 1e-300)).max()
         ),
     )
+    kept: int = getattr(ours.detector, "n_kept_", 0) or problem.queries.shape[1]
+    ordered = -np.sort(-problem.queries, axis=1) if kept < problem.queries.shape[1] else None
+    if ordered is not None and np.any(ordered[:, kept - 1] == ordered[:, kept]):
+        # ASH/SCALE keep k units per row; where the k-th and (k+1)-th largest are tied (exact
+        # zeros of post-ReLU features), which tied units are kept is the implementation's
+        # choice (torch.topk: unspecified; ours: lowest index), and ASH-B fills each kept one
+        untied = ordered[:, kept - 1] > ordered[:, kept]
+        rho = float(spearmanr(ours.scores[untied], theirs[untied]).statistic)
+        difference = float(np.abs(ours.scores[untied] - theirs[untied]).max())
+        row["untied_rows"] = int(untied.sum())
+        row["spearman_untied"] = rho
+        row["max_abs_difference_untied"] = difference
+        row["note"] = "; ".join(
+            part
+            for part in (
+                row["note"],
+                f"{int((~untied).sum())} of {len(untied)} rows tie at the k-th unit (k={kept}); "
+                f"without them Spearman {rho:.6f}, max |diff| {difference:.1e}",
+            )
+            if part
+        )
     if comparison.reference is temperature_peer:
         row["note"] = temperature_peer.note  # type: ignore[attr-defined]
     return row
