@@ -440,7 +440,8 @@ def _top_mask(features: npt.NDArray[np.float64], n_kept: int) -> npt.NDArray[np.
     ties). Ties matter: post-ReLU features are mostly exact zeros (77 % for EfficientNet-Lite0
     on digits), so at ASH-B's 65th percentile the k-th largest is often 0.
     """
-    kth = np.partition(features, features.shape[1] - n_kept, axis=1)[:, -n_kept : -n_kept + 1]
+    column = features.shape[1] - n_kept
+    kth = np.partition(features, column, axis=1)[:, column : column + 1]
     greater = features > kth
     ties = features == kth
     needed = n_kept - greater.sum(axis=1, keepdims=True)
