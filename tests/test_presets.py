@@ -138,3 +138,31 @@ def test_offline_default_keeps_its_own_fast_settings() -> None:
         "linear-probe",
         {"epochs": 30, "batch_size": 256},
     )
+
+
+# The post-hoc family every classifier preset reports (issue 10), by registered name.
+POSTHOC = (
+    "vim", "vim-residual", "react", "ash-p", "ash-b", "ash-s", "scale", "dice", "she",
+    "nnguide", "fdbd", "gen", "kl-matching", "gradnorm", "entropy",
+)  # fmt: skip
+
+
+def test_offline_default_reports_the_post_hoc_family_on_the_imagenet_head() -> None:
+    spec = create_benchmark("offline-default")
+    pairs = {(d.name, d.params.get("head", "encoder")) for d in spec.detectors}
+    assert {(name, "encoder") for name in POSTHOC} <= pairs  # each on the ImageNet head
+    assert {("react", "probe"), ("vim", "probe")} <= pairs
+    by_label = detectors_by_label(spec)
+    assert by_label["temp-msp (probe head)"] == ("temp-msp", {"head": "probe"})
+    assert by_label["score-ensemble (knn + mahalanobis + vim)"][0] == "score-ensemble"
+
+
+def test_imagenet_classifier_preset_runs_the_family_on_a_timm_head() -> None:
+    spec = create_benchmark("imagenet-classifier")
+    assert spec.encoders == ("timm:resnet50.a1_in1k",)
+    names = {d.name for d in spec.detectors}
+    assert set(POSTHOC) | {"temp-msp", "logits", "knn", "mahalanobis"} <= names
+    assert all(d.params.get("head", "encoder") == "encoder" for d in spec.detectors)
+    imagenet = create_benchmark("imagenet")
+    assert spec.id_train.source == imagenet.id_train.source and spec.id_train.per_class == 100
+    assert spec.id_test == imagenet.id_test and spec.ood == imagenet.ood

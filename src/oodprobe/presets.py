@@ -44,6 +44,27 @@ IMAGE_DETECTORS = (
     DetectorSpec("linear-probe", {"epochs": 30, "batch_size": 256}, "linear-probe"),
 )
 
+# The post-hoc family on a classifier's own head (detectors/posthoc.py, posthoc_logits.py), each
+# with its authors' defaults; temp-msp fits its temperature on labels of the head's classes, so
+# it runs on a probe head unless the ID set is the classifier's own (imagenet-classifier).
+POSTHOC_DETECTORS = (
+    DetectorSpec("vim"),
+    DetectorSpec("vim-residual"),
+    DetectorSpec("react"),
+    DetectorSpec("ash-p"),
+    DetectorSpec("ash-b"),
+    DetectorSpec("ash-s"),
+    DetectorSpec("scale"),
+    DetectorSpec("dice"),
+    DetectorSpec("she"),
+    DetectorSpec("nnguide"),
+    DetectorSpec("fdbd"),
+    DetectorSpec("gen"),
+    DetectorSpec("kl-matching"),
+    DetectorSpec("gradnorm"),
+    DetectorSpec("entropy"),
+)
+
 # The paper's settings (reference/PAPER.md).
 PAPER_CONVENTION = "plp"  # FPR@95 = np.interp(0.95, tpr, fpr) on sklearn's default ROC
 PAPER_PROMPTS = "ensemble"  # the 5 prompts, for MCM and PLP alike
@@ -122,6 +143,17 @@ def offline_default() -> BenchmarkSpec:
                 ),
                 DetectorSpec("logits", {"score": "msp"}, "imagenet-head msp"),
                 DetectorSpec("logits", {"score": "energy"}, "imagenet-head energy"),
+                # the post-hoc family on the ImageNet head (1000 classes that are not the ID
+                # classes: the features-and-head methods still apply), and on the probe's
+                *POSTHOC_DETECTORS,
+                DetectorSpec("temp-msp", {"head": "probe"}, "temp-msp (probe head)"),
+                DetectorSpec("react", {"head": "probe"}, "react (probe head)"),
+                DetectorSpec("vim", {"head": "probe"}, "vim (probe head)"),
+                DetectorSpec(
+                    "score-ensemble",
+                    {"members": ["knn", "mahalanobis", "vim"], "normalize": "rank"},
+                    "score-ensemble (knn + mahalanobis + vim)",
+                ),
             ),
             bootstrap=200,
         )
@@ -200,6 +232,52 @@ def imagenet() -> BenchmarkSpec:
     )
 
 
+IMAGENET_CLASSIFIER = "timm:resnet50.a1_in1k"
+"""The imagenet-classifier preset's default encoder: a timm ImageNet-1k classifier whose head
+(a single linear layer on the pooled 2048-d features) the post-hoc family uses."""
+IMAGENET_CLASSIFIER_PER_CLASS = 100
+"""ImageNet training images per class the post-hoc detectors fit on (128k of 1.28M): their
+fitted statistics (ReAct's percentile, ViM's subspace, DICE's mean, SHE's patterns, NNGuide's
+bank) are stable long before the full set, and k-NN over 1.28M rows would dominate the run."""
+
+
+def imagenet_classifier() -> BenchmarkSpec:
+    """The post-hoc family on any timm ImageNet classifier's own head, on the ImageNet folders.
+
+    The ID classes are the classifier's (ImageNet-1K, synset folders in sorted order, which is
+    timm's class order), so temperature-scaled MSP and SHE use the classifier's head with the
+    data's labels. Replace the encoder with ``-e timm:NAME`` (any timm model with a linear
+    classifier); the data are the ``imagenet`` preset's folders.
+    """
+    base = imagenet()
+    return validate(
+        replace(
+            base,
+            name="imagenet-classifier",
+            description=(
+                "Post-hoc OOD scores of a timm ImageNet-1K classifier's own head (MSP, energy, "
+                "ViM, ReAct, ASH, DICE, SCALE, GEN, KL-matching, GradNorm, SHE, NNGuide, fDBD, "
+                f"entropy, temperature-scaled MSP) beside k-NN and Mahalanobis; ID training "
+                f"subsampled to {IMAGENET_CLASSIFIER_PER_CLASS} images per class. "
+                + base.description.split(" (paper, Tables 2-3). ", 1)[-1]
+            ),
+            id_train=replace(base.id_train, per_class=IMAGENET_CLASSIFIER_PER_CLASS),
+            encoders=(IMAGENET_CLASSIFIER,),
+            detectors=(
+                DetectorSpec("logits", {"score": "msp"}, "msp"),
+                DetectorSpec("logits", {"score": "energy"}, "energy"),
+                DetectorSpec("logits", {"score": "max-logit"}, "max-logit"),
+                *POSTHOC_DETECTORS,
+                DetectorSpec("temp-msp"),
+                DetectorSpec("knn"),
+                DetectorSpec("mahalanobis"),
+            ),
+            prompts=base.prompts,
+            convention="oodprobe",
+        )
+    )
+
+
 # Blocks of each EfficientNet-Lite model the offline study sweeps: the last block of stage 3
 # and of stage 5 (of 7), beside the final 1280-d features; one forward pass per model serves all
 # three. Block indices count `model._blocks` from 1 (16 blocks in Lite0, 21 in Lite1 and Lite2).
@@ -255,6 +333,7 @@ BENCHMARKS.update(
         "cifar10": cifar10,
         "cifar100": cifar100,
         "imagenet": imagenet,
+        "imagenet-classifier": imagenet_classifier,
     }
 )
 DEFAULT_BENCHMARK = "offline-default"
