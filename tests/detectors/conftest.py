@@ -69,6 +69,12 @@ DetectorFactory = Callable[[ClusterData], Detector]
 # small linear-probe training runs: lr 1e-2 so ~100 updates suffice on 200 samples
 _PROBE = {"epochs": 15, "batch_size": 32, "lr": 1e-2, "device": "cpu"}
 
+
+def _head_factory(name: str, **params: object) -> DetectorFactory:
+    """A post-hoc detector over the head ``W = class means / 5`` (unit class directions)."""
+    return lambda data: create_detector(name, head_weight=data.class_means / 5, **params)
+
+
 DETECTOR_FACTORIES: dict[str, DetectorFactory] = {
     "knn": lambda data: create_detector("knn", k=5, temperature=0.1),
     "deep-knn": lambda data: create_detector("deep-knn", k=5),
@@ -83,6 +89,43 @@ DETECTOR_FACTORIES: dict[str, DetectorFactory] = {
     "linear-probe": lambda data: create_detector("linear-probe", **_PROBE),
     "mcm": lambda data: create_detector("mcm", class_embeddings=data.class_means),
     "plp": lambda data: create_detector("plp", class_embeddings=data.class_means, **_PROBE),
+    # posthoc.py / posthoc_logits.py: the unit class directions as the head (ID confident, OOD
+    # equidistant; the class means themselves, 5x larger, make GradNorm's ||h||_1 factor win on
+    # OOD). Small fitted subspaces and neighbourhoods keep them fast on 6-d clusters.
+    **{
+        name: _head_factory(name)
+        for name in (
+            "react",
+            "ash-p",
+            "ash-b",
+            "ash-s",
+            "scale",
+            "she",
+            "fdbd",
+            "gen",
+            "kl-matching",
+            "gradnorm",
+            "entropy",
+            "temp-msp",
+        )
+    },
+    "vim": _head_factory("vim", dim=2),
+    "vim-residual": _head_factory("vim-residual", dim=2),
+    "nnguide": _head_factory("nnguide", k=5),
+    # 90 % sparsity of a 4 x 6 head zeroes whole classes; half keeps every class's own weight
+    "dice": _head_factory("dice", sparsity=0.5),
+    # ensemble.py: members whose torch scores are float64 (so the rank normalisation's steep
+    # segments stay within the torch test's 1e-4); mahalanobis gets the labels from fit_arrays
+    "score-ensemble": lambda data: create_detector(
+        "score-ensemble", members=["gaussian", "mahalanobis"]
+    ),
+    "prob-ensemble": lambda data: create_detector(
+        "prob-ensemble",
+        heads=["encoder", "probe"],
+        head_weights=[data.class_means, 0.5 * data.class_means],
+        head_biases=[None, None],
+        image_projections=[None, None],
+    ),
     # adversarial.py: fitted on clean (1) vs attacked (0) rows, see fit_arrays
     "class-score-svm": lambda data: create_detector("class-score-svm"),
     "class-score-svm-features": lambda data: create_detector("class-score-svm-features"),

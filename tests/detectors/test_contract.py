@@ -115,11 +115,23 @@ def test_clone_and_get_params_round_trip(fitted: Detector) -> None:
         cloned.score_samples(np.zeros((1, 6), np.float32))
 
 
+# Activation shaping rescales a row by statistics of thousands of non-negative (ReLU) units
+# (ASH-B spreads their sum over the kept units, ASH-S and SCALE multiply by exp(sum/kept sum)):
+# on these 6-d signed clusters the OOD rows have the larger sums, so the ranking inverts. Their
+# known answers are in tests/test_posthoc.py, on wide non-negative features.
+WIDE_RELU_LAYER_ONLY = {
+    name: f"{name} needs a wide layer of non-negative activations, not 6-d clusters"
+    for name in ("ash-b", "ash-s", "scale")
+}
+
+
 def test_higher_scores_mean_in_distribution(fitted: Detector, cluster_data: ClusterData) -> None:
     id_scores = fitted.score_samples(cluster_data.test_features)
     ood_scores = fitted.score_samples(cluster_data.ood_features)
     truth = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
     auroc = roc_auc_score(truth, np.r_[id_scores, ood_scores])
+    if fitted.name in WIDE_RELU_LAYER_ONLY:
+        pytest.skip(WIDE_RELU_LAYER_ONLY[fitted.name])
     assert auroc > 0.9, f"{fitted.name}: AUROC {auroc:.3f}"
 
 
@@ -219,10 +231,17 @@ def test_runner_parameters_are_refused_from_users_and_accepted_from_the_runner(
             f"parameter {parameter!r} of detector {name!r} is computed by the runner from the "
             f"encoder; remove it from the detector's parameters"
         )
-    cls.check_params({"class_embeddings": cluster_data.class_means}, runner=True)
-    with pytest.raises(InvalidParameterError) as error:
-        create_detector(name)
-    assert str(error.value).startswith(f"detector {name!r} needs class_embeddings")
+    if cls.requires_text:  # required: create_detector names it
+        cls.check_params({"class_embeddings": cluster_data.class_means}, runner=True)
+        with pytest.raises(InvalidParameterError) as error:
+            create_detector(name)
+        assert str(error.value).startswith(f"detector {name!r} needs class_embeddings")
+    elif "head_weight" in cls.runner_params:  # None at construction: fit names the missing head
+        cls.check_params({"head_weight": cluster_data.class_means}, runner=True)
+        detector = create_detector(name)
+        with pytest.raises(InvalidParameterError) as error:
+            detector.fit(cluster_data.train_features, cluster_data.train_labels)
+        assert str(error.value).startswith(f"detector {name!r} needs the classifier head's")
 
 
 @pytest.mark.parametrize("name", NAMES)
