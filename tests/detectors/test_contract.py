@@ -115,23 +115,11 @@ def test_clone_and_get_params_round_trip(fitted: Detector) -> None:
         cloned.score_samples(np.zeros((1, 6), np.float32))
 
 
-# Activation shaping rescales a row by statistics of thousands of non-negative (ReLU) units
-# (ASH-B spreads their sum over the kept units, ASH-S and SCALE multiply by exp(sum/kept sum)):
-# on these 6-d signed clusters the OOD rows have the larger sums, so the ranking inverts. Their
-# known answers are in tests/test_posthoc.py, on wide non-negative features.
-WIDE_RELU_LAYER_ONLY = {
-    name: f"{name} needs a wide layer of non-negative activations, not 6-d clusters"
-    for name in ("ash-b", "ash-s", "scale")
-}
-
-
 def test_higher_scores_mean_in_distribution(fitted: Detector, cluster_data: ClusterData) -> None:
     id_scores = fitted.score_samples(cluster_data.test_features)
     ood_scores = fitted.score_samples(cluster_data.ood_features)
     truth = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
     auroc = roc_auc_score(truth, np.r_[id_scores, ood_scores])
-    if fitted.name in WIDE_RELU_LAYER_ONLY:
-        pytest.skip(WIDE_RELU_LAYER_ONLY[fitted.name])
     assert auroc > 0.9, f"{fitted.name}: AUROC {auroc:.3f}"
 
 
