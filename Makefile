@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo study test lint typecheck test-slow test-gpu system-data clean
+.PHONY: setup demo study test lint typecheck test-slow test-gpu posthoc-agreement system-data clean
 
 setup: $(STAMP) system-data
 
@@ -55,6 +55,13 @@ test-slow: setup
 
 test-gpu: setup
 	$(BIN)/pytest -q -m gpu
+
+# The post-hoc family against pytorch-ood (or the authors' formulas) on identical
+# EfficientNet-Lite0 features and ImageNet head: AUROC both sides, Spearman, largest difference,
+# time; writes benchmarks/results/posthoc.json.
+posthoc-agreement: setup
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/posthoc.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
