@@ -613,3 +613,24 @@ def test_half_precision_torch_scores_match_the_numpy_scores(
         scores.sum().backward()
         assert features.grad is not None and features.grad.dtype == dtype
         assert torch.all(torch.isfinite(features.grad)) and torch.count_nonzero(features.grad) > 0
+
+
+def test_a_probe_head_member_gets_the_heads_row_indices_not_the_raw_labels() -> None:
+    """ID classes 5 and 7: a temp-msp member on a (2-row) probe head is fitted on 0 / 1."""
+    train, labels, test, _ = overlapping_data()
+    raw = np.where(labels == 0, 5, 7)
+    head = np.zeros((2, train.shape[1]))
+    head[0, 0], head[1, 0] = 2.0, -2.0  # row 0 = class 5 at +e_0, row 1 = class 7 at -e_0
+    members = [
+        create_detector("temp-msp", head="probe", head_weight=head),
+        create_detector("gaussian"),
+    ]
+    ensemble = create_detector(
+        "score-ensemble", members=["temp-msp:head=probe", "gaussian"], member_detectors=members
+    ).fit(train, raw)
+    fitted = ensemble.members_[0]
+    alone = create_detector("temp-msp", head="probe", head_weight=head)
+    fit_rows, _ = holdout_split(len(train), raw, 0.2, 0)
+    alone.fit(train[fit_rows], np.where(raw[fit_rows] == 5, 0, 1))
+    assert fitted.temperature_ == pytest.approx(alone.temperature_)
+    assert np.isfinite(ensemble.score_samples(test)).all()

@@ -425,11 +425,19 @@ class ScoreEnsembleDetector(Detector):
             len(features), labels, float(self.holdout_fraction), int(self.seed)
         )
         fit_features, holdout_features = features[fit_rows], features[holdout_rows]
-        fit_labels = None if labels is None else labels[fit_rows]
+        fit_labels = None
+        row_labels = None
+        if labels is not None:
+            fit_labels = labels[fit_rows]
+            row_labels = np.searchsorted(np.unique(labels), fit_labels)
         holdout = np.empty((len(members), len(holdout_rows)), dtype=np.float64)
-        for index, member in enumerate(members):
+        # a member on a probe head takes the indices of the head's rows (row c: the c-th
+        # sorted class of all the labels the runner fitted the probe on), as the runner's
+        # pipeline.fit_labels gives a top-level detector
+        for index, (member, spec) in enumerate(zip(members, specs, strict=True)):
+            member_labels = row_labels if spec.params.get("head") == "probe" else fit_labels
             try:
-                member.fit(fit_features, fit_labels)
+                member.fit(fit_features, member_labels)
                 holdout[index] = np.sort(member.score_samples(holdout_features))
             except InvalidParameterError as error:
                 raise InvalidParameterError(
