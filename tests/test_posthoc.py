@@ -555,11 +555,27 @@ def test_save_load_round_trip_keeps_parameters_state_and_scores(
 
 
 def test_she_asks_the_runner_for_labels_where_they_index_the_head() -> None:
+    """``correct`` needs labels; ``auto`` uses them when the ID set has them, else predicts."""
+    from oodprobe.benchmark_spec import DetectorSpec
+    from oodprobe.pipeline import fit_labels, needs_labels
+
     cls = DETECTORS["she"]
     assert cls.needs_labels({"pattern_samples": "correct"})
-    assert cls.needs_labels({"head": "probe"}) and cls.needs_labels({"head": "zero-shot"})
-    assert not cls.needs_labels({}) and not cls.needs_labels({"pattern_samples": "predicted"})
+    assert not cls.needs_labels({}) and not cls.needs_labels({"head": "zero-shot"})
+    assert not cls.needs_labels({"pattern_samples": "predicted"})
+    assert cls.uses_labels({}) and cls.uses_labels({"head": "zero-shot"})
+    assert not cls.uses_labels({"pattern_samples": "predicted"})
     assert not DETECTORS["react"].needs_labels({"head": "probe"})  # the probe's own need aside
+    # the runner: an unlabelled ID set is no reason to refuse zero-shot SHE; labels go to fit
+    zero_shot = DetectorSpec("she", {"head": "zero-shot"})
+    assert not needs_labels(zero_shot)
+    assert needs_labels(DetectorSpec("she", {"head": "probe"}))  # the probe needs them
+    labels = np.array([3, 1, 3])
+    detector = create_detector("she", head="zero-shot")
+    np.testing.assert_array_equal(fit_labels(detector, zero_shot, labels), labels)
+    predicted = DetectorSpec("she", {"pattern_samples": "predicted"})
+    grouped = create_detector("she", pattern_samples="predicted")
+    assert fit_labels(grouped, predicted, labels) is None
 
 
 def test_scores_are_blocked_rows_of_one_computation(

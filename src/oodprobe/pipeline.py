@@ -136,11 +136,11 @@ def needs_labels(spec: DetectorSpec) -> bool:
 
 def fit_labels(detector: Detector, spec: DetectorSpec, labels: np.ndarray | None) -> Any:
     """The ``labels`` to pass to a built detector's ``fit``: ``labels`` when its fit uses them
-    (``Detector.needs_labels`` with the spec's params: a labelled member of an ensemble too),
+    (``Detector.uses_labels`` with the spec's params: a labelled member of an ensemble too),
     else None. ``labels`` are those the detector was built with (``train``'s): under a probe
     head they become the indices of the head's rows (row c is the c-th sorted class), which
     is what a post-hoc detector fitted on labels (``temp-msp``) takes."""
-    if labels is None or not type(detector).needs_labels(spec.params):
+    if labels is None or not type(detector).uses_labels(spec.params):
         return None
     if head_source(spec) == "probe":
         return np.unique(labels, return_inverse=True)[1]

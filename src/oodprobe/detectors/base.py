@@ -321,6 +321,13 @@ class Detector(BaseEstimator):
         return cls.requires_labels
 
     @classmethod
+    def uses_labels(cls, params: Mapping[str, Any]) -> bool:
+        """Whether ``fit`` uses class labels when the ID set has them (it may do without:
+        SHE's ``auto`` mode); the runner passes them then, and refuses only on ``needs_labels``.
+        """
+        return cls.needs_labels(params)
+
+    @classmethod
     def needs_text(cls, params: Mapping[str, Any]) -> bool:
         """Whether it needs class embeddings from a text tower (and the image projection)."""
         return cls.requires_text

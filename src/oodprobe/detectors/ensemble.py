@@ -378,6 +378,10 @@ class ScoreEnsembleDetector(Detector):
         return any(DETECTORS[s.name].needs_labels(s.params) for s in ensemble_member_specs(params))
 
     @classmethod
+    def uses_labels(cls, params: Mapping[str, Any]) -> bool:
+        return any(DETECTORS[s.name].uses_labels(s.params) for s in ensemble_member_specs(params))
+
+    @classmethod
     def needs_text(cls, params: Mapping[str, Any]) -> bool:
         return any(DETECTORS[s.name].needs_text(s.params) for s in ensemble_member_specs(params))
 

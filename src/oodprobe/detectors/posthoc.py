@@ -759,10 +759,10 @@ class SHEDetector(HeadDetector):
     classes — a ``probe`` or ``zero-shot`` head (built on the ID classes) or labels agreeing
     with the head's prediction on more than half of the training samples — else
     ``predicted`` (an ImageNet head on another dataset's classes). The choice made is
-    ``pattern_samples_``; the runner passes the ID labels for ``correct`` and for ``auto`` on
-    a ``probe`` or ``zero-shot`` head (:meth:`needs_labels`). Difference: a class without
-    samples (never predicted, or never correct) has a zero pattern and scores 0, where the
-    authors' code needs every class present. Piecewise differentiable (the predicted class
+    ``pattern_samples_``; the runner passes the ID labels whenever the ID set has them
+    (:meth:`uses_labels`) and refuses unlabelled ID data for ``correct`` only. Difference: a
+    class without samples (never predicted, or never correct) has a zero pattern and scores 0,
+    where the authors' code needs every class present. Piecewise differentiable (the predicted class
     is chosen without gradient).
     """
 
@@ -787,15 +787,13 @@ class SHEDetector(HeadDetector):
 
     @classmethod
     def needs_labels(cls, params: Mapping[str, Any]) -> bool:
-        """Labels for ``correct``, and for ``auto`` over a head built on the ID classes.
+        """Labels are needed for ``correct`` only (a probe head needs them anyway)."""
+        return params.get("pattern_samples", "auto") == "correct"
 
-        (A ``probe`` or ``zero-shot`` head; an encoder's own head is fitted without them: its
-        classes are rarely the ID set's.)
-        """
-        mode = params.get("pattern_samples", "auto")
-        return mode == "correct" or (
-            mode == "auto" and params.get("head", "encoder") in ("probe", "zero-shot")
-        )
+    @classmethod
+    def uses_labels(cls, params: Mapping[str, Any]) -> bool:
+        """``auto`` uses labels when the ID set has them (else it groups by prediction)."""
+        return params.get("pattern_samples", "auto") in ("correct", "auto")
 
     def _predict(self, head_features: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
         blocks = row_blocks(len(head_features), rows_per_block(max(self.weight_.shape)))
