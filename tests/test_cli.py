@@ -219,7 +219,8 @@ def test_extract_lists_skipped_files(
         (
             ["bench", "--preset", "nope"],
             "error: Invalid value for '--preset': 'nope' is not one of 'offline-default', "
-            "'offline-study', 'cifar10', 'cifar100', 'imagenet'. (see 'oodprobe bench --help')",
+            "'offline-study', 'cifar10', 'cifar100', 'imagenet', 'imagenet-classifier'. "
+            "(see 'oodprobe bench --help')",
         ),
         (
             ["extract", "mnist-5k", "--device", "gpu"],
