@@ -265,7 +265,11 @@ class _RankNormalizer:
             upper_index = upper_index.clamp(1, len(self.knots) - 1)
             left, right = knots[upper_index - 1], knots[upper_index]
             low, high = values[upper_index - 1], values[upper_index]
-            inside = low + (clamped - left) * (high - low) / (right - left)
+            # knots distinct in float64 may be equal in the scores' dtype (float32): a segment
+            # of zero width (only the last, where clamped == left) is worth its left value
+            span = right - left
+            span = torch.where(span > 0, span, torch.ones_like(span))
+            inside = low + (clamped - left) * (high - low) / span
         # the exponents are clamped at 0 so the branch torch.where drops never overflows
         # (an inf there would make its zero gradient NaN)
         lower = values[0] * torch.exp(((scores - knots[0]) / tau).clamp(max=0.0))
