@@ -438,3 +438,30 @@ def test_svm_transfer_across_attack_kinds(
         class_score_svm_transfer([whole.output_dir, other.output_dir])
     assert main(["attack-svm", str(tmp_path / "nothing")]) == 1
     assert "holds no finished attack run" in capsys.readouterr().err
+
+
+def test_pgd_on_a_post_hoc_detector_and_an_ensemble(
+    spec: BenchmarkSpec, shared_cache: Path, tmp_path: Path
+) -> None:
+    """The runner's head (Lite0's ImageNet head, from the cached features) and an ensemble's
+    members reach PGD; every reported success raised the attacked detector's own score."""
+    options: dict[str, Any] = {
+        "eps": (8 / 255,),
+        "steps": 3,
+        "n": 4,
+        "batch_size": 4,
+        "device": "cpu",
+        "cache_root": shared_cache,
+    }
+    for detector in ("react", 'score-ensemble:members=["knn","deep-knn:k=5"]'):
+        run = run_attack(spec, tmp_path / str(len(detector)), detector=detector, **options)
+        assert run.summary["params"]["detector"]["name"] == detector.partition(":")[0]
+        for image in run.summary["images"]:
+            (attack,) = image["attacks"]
+            assert attack["float_attacked_score"] >= attack["float_clean_score"]
+        assert any(image["attacks"][0]["score_raised"] for image in run.summary["images"])
+    with pytest.raises(InvalidParameterError, match="no differentiable score"):
+        run_attack(
+            spec, tmp_path / "lof", detector='score-ensemble:members=["knn","lof"]', **options
+        )
+    assert not (tmp_path / "lof").exists()
