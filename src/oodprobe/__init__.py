@@ -67,6 +67,7 @@ _LAZY = {
     "run_attack": "oodprobe.attack_run",
     "AttackRun": "oodprobe.attack_run",
     "parse_eps": "oodprobe.attack_run",
+    "class_score_svm_transfer": "oodprobe.attack_run",
 }
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ if TYPE_CHECKING:
         robustness_curve,
         save_attack_images,
     )
-    from oodprobe.attack_run import AttackRun, parse_eps, run_attack
+    from oodprobe.attack_run import AttackRun, class_score_svm_transfer, parse_eps, run_attack
     from oodprobe.benchmark import run_benchmark
     from oodprobe.benchmark_spec import benchmark_names, create_benchmark, load_benchmark
     from oodprobe.data import DATASETS, create_dataset, list_datasets
@@ -132,6 +133,7 @@ __all__ = [
     "aupr",
     "auroc",
     "benchmark_names",
+    "class_score_svm_transfer",
     "create_benchmark",
     "create_dataset",
     "create_detector",
