@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 
-from oodprobe.detectors import create_detector
+from oodprobe.detectors import create_detector, load_detector, save_detector
 from oodprobe.detectors.ensemble import _RankNormalizer
 
 
@@ -22,3 +25,27 @@ def test_rank_normalisation_in_float32_is_finite_where_the_top_knots_collapse() 
     assert torch.isfinite(values).all()
     values.sum().backward()
     assert scores.grad is not None and torch.isfinite(scores.grad).all()
+
+
+def _round_trip_scores(detector: Any, features: np.ndarray, path: Path) -> None:
+    loaded = load_detector(save_detector(detector, path))
+    np.testing.assert_array_equal(loaded.score_samples(features), detector.score_samples(features))
+
+
+def test_runner_arrays_given_as_nested_lists_save_and_load(tmp_path: Path) -> None:
+    """The head (and class embeddings) are array-like parameters: a detector fitted with them
+    as nested lists must load from the file it saved, as one fitted with arrays does."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(40, 4))
+    weight, bias = rng.normal(size=(3, 4)), rng.normal(size=3)
+    gen = create_detector("gen", head_weight=weight.tolist(), head_bias=bias.tolist())
+    _round_trip_scores(gen.fit(features), features, tmp_path / "gen.safetensors")
+    prob = create_detector(
+        "prob-ensemble",
+        heads=["encoder", "probe"],
+        head_weights=[weight.tolist(), (2 * weight).tolist()],
+        head_biases=[bias.tolist(), None],
+    )
+    _round_trip_scores(prob.fit(features), features, tmp_path / "prob.safetensors")
+    mcm = create_detector("mcm", class_embeddings=weight.tolist())
+    _round_trip_scores(mcm.fit(features), features, tmp_path / "mcm.safetensors")

@@ -413,8 +413,23 @@ class Detector(BaseEstimator):
             setattr(self, key, value)
 
     def _params_to_save(self) -> dict[str, Any]:
-        """Constructor parameters to save (default: all); a file restores them on load."""
-        return dict(self.get_params(deep=False))
+        """Constructor parameters to save (default: all); a file restores them on load.
+
+        Runner arrays given as array-likes (nested lists: a head, class embeddings, or a list
+        of them) are saved as arrays, the only form in which a file's runner parameters load.
+        """
+        params = dict(self.get_params(deep=False))
+        for name in sorted(self.runner_params & params.keys()):
+            value = params[name]
+            if value is None or isinstance(value, np.ndarray):
+                continue
+            if "array-like" in self._parameter_constraints.get(name, []):
+                params[name] = np.asarray(value)
+            elif isinstance(value, (list, tuple)) and not any(
+                isinstance(item, Detector) for item in value
+            ):  # one array-like per entry (a probability ensemble's heads)
+                params[name] = [None if item is None else np.asarray(item) for item in value]
+        return params
 
     def _get_members(self) -> list[Detector]:
         """Fitted member detectors saved nested in the file (an ensemble's); default none."""
