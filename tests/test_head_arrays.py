@@ -686,3 +686,29 @@ def test_fit_labels_index_a_probe_heads_rows() -> None:
     assert (
         fit_labels(build_detector(label_free, None, None, train=train), label_free, labels) is None
     )
+
+
+def test_text_detectors_prompt_only_the_id_training_sets_classes() -> None:
+    """A class selection keeps the full name list (labels index it); prompting it would give
+    the zero-shot head rows for the near-OOD classes, so only the selected classes are named."""
+    from oodprobe.benchmark_spec import DataSpec
+    from oodprobe.pipeline import id_class_names
+
+    full = DataSpec("fashion-mnist:train", per_class=2).create(False)
+    first = DataSpec("fashion-mnist:train", classes=(0, 1, 2, 3, 4), per_class=2).create(False)
+    last = DataSpec("fashion-mnist:train", classes=(7, 5, 9), per_class=2).create(False)
+    assert len(first.class_names) == 10  # the dataset's own list, indexed by label
+    assert id_class_names(None, first) == list(full.class_names[:5])
+    names = full.class_names
+    assert id_class_names(None, last) == [names[5], names[7], names[9]]  # sorted labels
+    assert id_class_names(["a", "b"], last) == ["a", "b"]  # the user's names as given
+    assert id_class_names(None, full) == list(full.class_names)
+    # ... and a detector fitted on labels over a zero-shot head gets the rows' indices
+    from oodprobe.benchmark_spec import DetectorSpec
+    from oodprobe.detectors import create_detector
+    from oodprobe.pipeline import fit_labels
+
+    spec = DetectorSpec("she", {"head": "zero-shot"})
+    detector = create_detector("she", head="zero-shot")
+    mapped = fit_labels(detector, spec, np.array([9, 5, 7, 5]))
+    np.testing.assert_array_equal(mapped, [2, 0, 1, 0])

@@ -449,6 +449,7 @@ def run_attack(
         compute_text_embeddings,
         detector_input,
         fit_labels,
+        id_class_names,
         needs_text,
     )
 
@@ -471,7 +472,7 @@ def run_attack(
         class_embeddings = None
         if needs_text([detector_spec]):
             class_embeddings = compute_text_embeddings(
-                model, spec.class_names or id_train.class_names, spec.prompts
+                model, id_class_names(spec.class_names, id_train), spec.prompts
             )
         fitted = build_detector(detector_spec, model, class_embeddings, train=train)
         fitted.fit(detector_input(fitted, train), fit_labels(fitted, detector_spec, train.labels))

@@ -38,6 +38,7 @@ from oodprobe.pipeline import (
     detector_input,
     detector_params,
     fit_labels,
+    id_class_names,
     needs_text,
 )
 from oodprobe.results import ResultRow, RowContext, failed_rows, metric_row
@@ -339,7 +340,7 @@ def execute_benchmark(
         splits = [extract(role, encoder, outputs) for role in data]
         class_embeddings = None
         if needs_text([d for ds in served.values() for d in ds]):  # final-layer encoders only
-            names_of_classes = spec.class_names or id_train.class_names
+            names_of_classes = id_class_names(spec.class_names, id_train)
             class_embeddings = compute_text_embeddings(encoder, names_of_classes, spec.prompts)
         for name in names:
             output_key = outputs[name]

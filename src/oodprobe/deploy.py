@@ -118,6 +118,7 @@ def fit_deployment(
         detector_input,
         fit_labels,
         head_sources,
+        id_class_names,
         member_specs,
         needs_text,
     )
@@ -149,7 +150,7 @@ def fit_deployment(
     )
     class_embeddings = None
     if needs_text([detector]):  # before extraction: a missing class list fails now
-        class_embeddings = compute_text_embeddings(encoder, names or dataset.class_names, prompts)
+        class_embeddings = compute_text_embeddings(encoder, id_class_names(names, dataset), prompts)
     # a post-hoc detector's head (an ensemble member's too) may be fitted on the training rows:
     # built once they are known; any other detector now, before extraction
     model = None

@@ -137,12 +137,12 @@ def needs_labels(spec: DetectorSpec) -> bool:
 def fit_labels(detector: Detector, spec: DetectorSpec, labels: np.ndarray | None) -> Any:
     """The ``labels`` to pass to a built detector's ``fit``: ``labels`` when its fit uses them
     (``Detector.uses_labels`` with the spec's params: a labelled member of an ensemble too),
-    else None. ``labels`` are those the detector was built with (``train``'s): under a probe
-    head they become the indices of the head's rows (row c is the c-th sorted class), which
+    else None. ``labels`` are those the detector was built with (``train``'s): under a probe or
+    zero-shot head they become the indices of its rows (row c: the c-th sorted class), which
     is what a post-hoc detector fitted on labels (``temp-msp``) takes."""
     if labels is None or not type(detector).uses_labels(spec.params):
         return None
-    if head_source(spec) == "probe":
+    if head_source(spec) in ("probe", "zero-shot"):  # rows: the sorted classes present
         return np.unique(labels, return_inverse=True)[1]
     return labels
 
@@ -261,6 +261,26 @@ def needs_text(detectors: Iterable[DetectorSpec]) -> bool:
         or needs_text(member_specs(d))
         for d in detectors
     )
+
+
+def id_class_names(class_names: Sequence[str] | None, dataset: Any) -> list[str] | None:
+    """The class names text detectors and zero-shot heads prompt, in label order.
+
+    The user's ``class_names`` when given; else the names of the classes the ID training
+    ``dataset`` holds. A class selection (``classes = [0, 1, 2, 3, 4]``) keeps the dataset's
+    full name list so that labels index it, but prompting the names of the classes left out —
+    often the near-OOD set's — would score those OOD images as ID classes. Row ``c`` of the
+    embeddings is then the c-th sorted class present, as for a probe's head.
+    """
+    if class_names:
+        return list(class_names)
+    names = dataset.class_names
+    if not names:
+        return None
+    labels = dataset.labels
+    if labels is None:
+        return list(names)
+    return [names[int(label)] for label in np.unique(labels)]
 
 
 def compute_text_embeddings(
