@@ -200,3 +200,28 @@ def test_attack_detectors_are_refused_by_the_runner_before_any_work() -> None:
             id_label="digits",
             encoders={"efficientnet-lite0": None},
         )
+
+
+def test_a_text_detector_without_class_names_is_refused_before_any_extraction(
+    tmp_path: Path, cache_root: Path, tiny_openclip: str
+) -> None:
+    """A flat image folder has no class names: MCM is refused once the data are listed."""
+    from PIL import Image
+
+    from oodprobe.errors import InvalidParameterError
+
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(6):
+        pixels = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+    spec = _spec(
+        encoders=[tiny_openclip],
+        id={"train": {"source": str(folder)}, "test": {"source": str(folder)}},
+        ood=[{"source": str(folder), "name": "same"}],
+        detectors=[{"name": "mcm"}],
+    )
+    with pytest.raises(InvalidParameterError, match=r"^text detectors need class names"):
+        run_benchmark(spec, tmp_path / "out", cache_root=cache_root, progress=False)
+    assert not cache_root.exists()  # nothing was extracted

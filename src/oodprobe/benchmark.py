@@ -40,6 +40,7 @@ from oodprobe.pipeline import (
     fit_labels,
     id_class_names,
     needs_text,
+    require_class_names,
 )
 from oodprobe.results import ResultRow, RowContext, failed_rows, metric_row
 
@@ -263,6 +264,8 @@ def execute_benchmark(
         **{f"ood:{ood.label}": (ood, create_data(ood, "OOD set", download)) for ood in spec.ood},
     }
     labelled = datasets["id_train"][1].labels is not None
+    if not skip_inapplicable and needs_text(spec.detectors):  # before any model or extraction
+        require_class_names(id_class_names(spec.class_names, id_train))
     if labelled and detectors_if_labelled:
         spec = validate(replace(spec, detectors=(*spec.detectors, *detectors_if_labelled)))
     if require_accuracy:

@@ -283,19 +283,25 @@ def id_class_names(class_names: Sequence[str] | None, dataset: Any) -> list[str]
     return [names[int(label)] for label in np.unique(labels)]
 
 
+def require_class_names(class_names: Sequence[str] | None) -> list[str]:
+    """The class list text detectors and zero-shot heads prompt; refused in one line if none."""
+    if not class_names:
+        raise InvalidParameterError(
+            "text detectors need class names: set [id].class_names in the config (or "
+            "--class-names) or use a dataset with named classes"
+        )
+    return list(class_names)
+
+
 def compute_text_embeddings(
     encoder: Any, class_names: Sequence[str] | None, prompts: str | Sequence[str]
 ) -> np.ndarray:
     """(C, E) class embeddings of ``class_names`` under a named prompt set or a prompt list."""
     from oodprobe.encoders.text import PROMPT_SETS, compute_class_embeddings
 
-    if not class_names:
-        raise InvalidParameterError(
-            "text detectors need class names: set [id].class_names in the config (or "
-            "--class-names) or use a dataset with named classes"
-        )
+    names = require_class_names(class_names)
     prompt_list = PROMPT_SETS[prompts] if isinstance(prompts, str) else tuple(prompts)
-    return compute_class_embeddings(encoder, list(class_names), prompt_list)
+    return compute_class_embeddings(encoder, names, prompt_list)
 
 
 def build_detector(
