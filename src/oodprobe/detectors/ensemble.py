@@ -39,7 +39,12 @@ from oodprobe.detectors.base import (
     register_detector,
     validate_values,
 )
-from oodprobe.detectors.posthoc import HEAD_CONSTRAINTS, HEAD_SOURCES, HeadDetector
+from oodprobe.detectors.posthoc import (
+    HEAD_CONSTRAINTS,
+    HEAD_SOURCES,
+    HeadDetector,
+    store_head_params,
+)
 from oodprobe.errors import InvalidParameterError, OodprobeError
 
 if TYPE_CHECKING:
@@ -607,10 +612,7 @@ class _Head(HeadDetector):
         head_bias: npt.ArrayLike | None = None,
         image_projection: npt.ArrayLike | None = None,
     ) -> None:
-        self.head = head
-        self.head_weight = head_weight
-        self.head_bias = head_bias
-        self.image_projection = image_projection
+        store_head_params(self, head, (head_weight, head_bias, image_projection))
 
     def score_samples(self, features: Features) -> Scores:  # pragma: no cover - never scored
         raise NotImplementedError

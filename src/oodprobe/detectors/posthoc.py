@@ -218,7 +218,7 @@ PRUNE_PERCENTILE: list[Any] = [Number(0, 100, closed="left")]
 _TINY = 1e-12
 
 
-def _head_init(detector: HeadDetector, head: str, arrays: tuple[Any, Any, Any]) -> None:
+def store_head_params(detector: HeadDetector, head: str, arrays: tuple[Any, Any, Any]) -> None:
     """Store the four head parameters of a subclass's ``__init__`` under their own names."""
     detector.head = head
     detector.head_weight, detector.head_bias, detector.image_projection = arrays
@@ -267,7 +267,7 @@ class _ResidualDetector(HeadDetector):
         image_projection: npt.ArrayLike | None = None,
     ) -> None:
         self.dim = dim
-        _head_init(self, head, (head_weight, head_bias, image_projection))
+        store_head_params(self, head, (head_weight, head_bias, image_projection))
 
     def _fit_head(self, features: npt.NDArray[np.float64], labels: Labels | None) -> None:
         n_dims = int(features.shape[1])
@@ -405,7 +405,7 @@ class ReActDetector(HeadDetector):
         image_projection: npt.ArrayLike | None = None,
     ) -> None:
         self.percentile = percentile
-        _head_init(self, head, (head_weight, head_bias, image_projection))
+        store_head_params(self, head, (head_weight, head_bias, image_projection))
 
     def _fit_head(self, features: npt.NDArray[np.float64], labels: Labels | None) -> None:
         self.threshold_ = float(np.percentile(features, float(self.percentile)))
@@ -548,7 +548,7 @@ class ASHPDetector(_ShapingDetector):
         image_projection: npt.ArrayLike | None = None,
     ) -> None:
         self.percentile = percentile
-        _head_init(self, head, (head_weight, head_bias, image_projection))
+        store_head_params(self, head, (head_weight, head_bias, image_projection))
 
     def shape(self, head_features: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         return np.where(_top_mask(head_features, self.n_kept_), head_features, 0.0)
@@ -580,7 +580,7 @@ class ASHBDetector(_ShapingDetector):
         image_projection: npt.ArrayLike | None = None,
     ) -> None:
         self.percentile = percentile
-        _head_init(self, head, (head_weight, head_bias, image_projection))
+        store_head_params(self, head, (head_weight, head_bias, image_projection))
 
     def shape(self, head_features: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         fill = head_features.sum(axis=1) / self.n_kept_
@@ -622,7 +622,7 @@ class ASHSDetector(_ShapingDetector):
         image_projection: npt.ArrayLike | None = None,
     ) -> None:
         self.percentile = percentile
-        _head_init(self, head, (head_weight, head_bias, image_projection))
+        store_head_params(self, head, (head_weight, head_bias, image_projection))
 
     def shape(self, head_features: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         pruned = np.where(_top_mask(head_features, self.n_kept_), head_features, 0.0)
@@ -664,7 +664,7 @@ class SCALEDetector(_ShapingDetector):
         image_projection: npt.ArrayLike | None = None,
     ) -> None:
         self.percentile = percentile
-        _head_init(self, head, (head_weight, head_bias, image_projection))
+        store_head_params(self, head, (head_weight, head_bias, image_projection))
 
     def shape(self, head_features: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         kept = np.where(_top_mask(head_features, self.n_kept_), head_features, 0.0).sum(axis=1)
@@ -716,7 +716,7 @@ class DICEDetector(HeadDetector):
         image_projection: npt.ArrayLike | None = None,
     ) -> None:
         self.sparsity = sparsity
-        _head_init(self, head, (head_weight, head_bias, image_projection))
+        store_head_params(self, head, (head_weight, head_bias, image_projection))
 
     def _fit_head(self, features: npt.NDArray[np.float64], labels: Labels | None) -> None:
         self.mean_activation_ = np.asarray(features.mean(axis=0), dtype=np.float64)
@@ -783,7 +783,7 @@ class SHEDetector(HeadDetector):
         image_projection: npt.ArrayLike | None = None,
     ) -> None:
         self.pattern_samples = pattern_samples
-        _head_init(self, head, (head_weight, head_bias, image_projection))
+        store_head_params(self, head, (head_weight, head_bias, image_projection))
 
     @classmethod
     def needs_labels(cls, params: Mapping[str, Any]) -> bool:
@@ -888,7 +888,7 @@ class NNGuideDetector(HeadDetector):
         image_projection: npt.ArrayLike | None = None,
     ) -> None:
         self.k = k
-        _head_init(self, head, (head_weight, head_bias, image_projection))
+        store_head_params(self, head, (head_weight, head_bias, image_projection))
 
     def _fit_head(self, features: npt.NDArray[np.float64], labels: Labels | None) -> None:
         search.check_search_limits(int(self.k), len(features), None)
@@ -967,7 +967,7 @@ class FDBDDetector(HeadDetector):
         head_bias: npt.ArrayLike | None = None,
         image_projection: npt.ArrayLike | None = None,
     ) -> None:
-        _head_init(self, head, (head_weight, head_bias, image_projection))
+        store_head_params(self, head, (head_weight, head_bias, image_projection))
 
     def _fit_head(self, features: npt.NDArray[np.float64], labels: Labels | None) -> None:
         n_classes = len(self.weight_)

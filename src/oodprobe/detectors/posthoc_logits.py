@@ -24,7 +24,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from oodprobe.arrays import Features, Labels, Scores, check_labels, row_blocks
 from oodprobe.detectors.base import Number, integer, register_detector
-from oodprobe.detectors.posthoc import HEAD_CONSTRAINTS, HeadDetector
+from oodprobe.detectors.posthoc import HEAD_CONSTRAINTS, HeadDetector, store_head_params
 from oodprobe.detectors.probe import TEMPERATURE, msp
 from oodprobe.errors import InvalidParameterError
 
@@ -196,10 +196,7 @@ class GENDetector(_LogitHeadDetector):
     ) -> None:
         self.gamma = gamma
         self.top_m = top_m
-        self.head = head
-        self.head_weight = head_weight
-        self.head_bias = head_bias
-        self.image_projection = image_projection
+        store_head_params(self, head, (head_weight, head_bias, image_projection))
 
     def _fit_head(self, features: npt.NDArray[np.float64], labels: Labels | None) -> None:
         _require_classes(self)
@@ -268,10 +265,7 @@ class KLMatchingDetector(_LogitHeadDetector):
         head_bias: npt.ArrayLike | None = None,
         image_projection: npt.ArrayLike | None = None,
     ) -> None:
-        self.head = head
-        self.head_weight = head_weight
-        self.head_bias = head_bias
-        self.image_projection = image_projection
+        store_head_params(self, head, (head_weight, head_bias, image_projection))
 
     def _fit_head(self, features: npt.NDArray[np.float64], labels: Labels | None) -> None:
         """``log d_k`` (K, C) of every predicted class ``k`` (``typical_classes_``, sorted)."""
@@ -365,10 +359,7 @@ class GradNormDetector(HeadDetector):
         image_projection: npt.ArrayLike | None = None,
     ) -> None:
         self.temperature = temperature
-        self.head = head
-        self.head_weight = head_weight
-        self.head_bias = head_bias
-        self.image_projection = image_projection
+        store_head_params(self, head, (head_weight, head_bias, image_projection))
 
     def score_samples(self, features: Features) -> Scores:
         """(n,) float64 GradNorm scores of (n, D) features, higher = more in-distribution."""
@@ -432,10 +423,7 @@ class EntropyDetector(_LogitHeadDetector):
         head_bias: npt.ArrayLike | None = None,
         image_projection: npt.ArrayLike | None = None,
     ) -> None:
-        self.head = head
-        self.head_weight = head_weight
-        self.head_bias = head_bias
-        self.image_projection = image_projection
+        store_head_params(self, head, (head_weight, head_bias, image_projection))
 
     def _fit_head(self, features: npt.NDArray[np.float64], labels: Labels | None) -> None:
         _require_classes(self)
@@ -520,10 +508,7 @@ class TemperatureMSPDetector(_LogitHeadDetector):
     ) -> None:
         self.holdout_fraction = holdout_fraction
         self.seed = seed
-        self.head = head
-        self.head_weight = head_weight
-        self.head_bias = head_bias
-        self.image_projection = image_projection
+        store_head_params(self, head, (head_weight, head_bias, image_projection))
 
     def _fit_head(self, features: npt.NDArray[np.float64], labels: Labels | None) -> None:
         _require_classes(self)
