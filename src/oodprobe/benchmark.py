@@ -264,8 +264,6 @@ def execute_benchmark(
         **{f"ood:{ood.label}": (ood, create_data(ood, "OOD set", download)) for ood in spec.ood},
     }
     labelled = datasets["id_train"][1].labels is not None
-    if not skip_inapplicable and needs_text(spec.detectors):  # before any model or extraction
-        require_class_names(id_class_names(spec.class_names, id_train))
     if labelled and detectors_if_labelled:
         spec = validate(replace(spec, detectors=(*spec.detectors, *detectors_if_labelled)))
     if require_accuracy:
@@ -286,6 +284,8 @@ def execute_benchmark(
                 id_label=spec.id_train.label,
                 encoders=dict.fromkeys(spec.encoders),
             )
+    if needs_text([d for served in by_name.values() for d in served]):  # before any model
+        require_class_names(id_class_names(spec.class_names, id_train))
     passes = shared_passes(spec.encoders)
     # fingerprints once per data set per run (a stat per file)
     data = {role: (s, d, d.fingerprint()) for role, (s, d) in datasets.items()}
