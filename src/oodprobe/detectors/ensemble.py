@@ -45,6 +45,7 @@ from oodprobe.detectors.posthoc import (
     HeadDetector,
     store_head_params,
 )
+from oodprobe.detectors.posthoc_logits import softmax
 from oodprobe.errors import InvalidParameterError, OodprobeError
 
 if TYPE_CHECKING:
@@ -618,11 +619,6 @@ class _Head(HeadDetector):
         raise NotImplementedError
 
 
-def _softmax(logits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return np.asarray(shifted / shifted.sum(axis=1, keepdims=True), dtype=np.float64)
-
-
 def score_probabilities(
     probabilities: npt.NDArray[np.float64], score: str, gamma: float = 0.1, top_m: int = 100
 ) -> Scores:
@@ -836,7 +832,7 @@ class ProbEnsembleDetector(Detector):
             block = np.asarray(features[rows], dtype=np.float64)
             for head, temperature in zip(self._heads, self._temperatures(), strict=True):
                 logits = head.head_logits(head.head_features(block))
-                mean[rows] += _softmax(logits / temperature)
+                mean[rows] += softmax(logits / temperature)
         return mean / len(self._heads)
 
     def score_samples(self, features: Features) -> Scores:

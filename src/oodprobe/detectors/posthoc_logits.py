@@ -54,6 +54,13 @@ def shifted_exponentials(
     return shifted, exponentials, exponentials.sum(axis=1)
 
 
+def softmax(logits: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """(n, C) ``softmax(z)`` in float64, shifted by the row maximum (no overflow)."""
+    _, exponentials, total = shifted_exponentials(logits)
+    exponentials /= total[:, None]
+    return exponentials
+
+
 def log_softmax(logits: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """(n, C) ``log softmax(z)`` in float64, shifted by the row maximum (finite for finite z)."""
     shifted, _, total = shifted_exponentials(logits)
