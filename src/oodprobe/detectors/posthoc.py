@@ -94,12 +94,13 @@ class HeadDetector(Detector):
     def fit(self, features: Features, labels: Labels | None = None) -> HeadDetector:
         """Check the head's arrays against ``features`` (n, D); learn the method's state."""
         self._validate_params()
-        features = check_features(features)
+        features = check_features(features, dtype=np.float64)
         weight, bias, projection = self._checked_head(int(features.shape[1]))
         self.n_dims_ = int(features.shape[1])
         self.weight_, self.bias_ = weight, bias
         self.projection_ = projection
-        self._fit_head(self.head_features(features), labels)
+        # head_features' mapping, without checking the features a second time
+        self._fit_head(self._map_features(np.asarray(features, dtype=np.float64)), labels)
         return self
 
     def _fit_head(self, features: npt.NDArray[np.float64], labels: Labels | None) -> None:
