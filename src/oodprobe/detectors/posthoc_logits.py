@@ -14,13 +14,11 @@ exact value (and finite gradients): see :func:`generalized_entropy` for ``log(1 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 from scipy.special import logsumexp
-from sklearn.utils.validation import check_is_fitted
 
 from oodprobe.arrays import Features, Labels, Scores, check_labels, row_blocks
 from oodprobe.detectors.base import Number, integer, register_detector
@@ -110,14 +108,7 @@ def _require_classes(detector: HeadDetector) -> None:
 
 
 class _LogitHeadDetector(HeadDetector):
-    """A head detector whose score is a function of the logits only (shared row-block loop)."""
-
-    def _logit_blocks(self, features: Features) -> Iterator[npt.NDArray[np.float64]]:
-        """Yield float64 logits of consecutive row blocks of the (n, D) features."""
-        check_is_fitted(self)
-        head_features = self.head_features(features)
-        for rows in row_blocks(len(head_features), _CHUNK):
-            yield self.head_logits(head_features[rows])
+    """A head detector whose score is a function of the logits only."""
 
     def _torch_logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.head_logits_torch(self.head_features_torch(features))
@@ -127,8 +118,7 @@ class _LogitHeadDetector(HeadDetector):
 
     def score_samples(self, features: Features) -> Scores:
         """(n,) float64 scores of (n, D) features, higher = more in-distribution."""
-        blocks = [self._score_logits(logits) for logits in self._logit_blocks(features)]
-        return np.asarray(np.concatenate(blocks), dtype=np.float64)
+        return self._score_blocks(features, lambda h: self._score_logits(self.head_logits(h)))
 
 
 def _params(**extra: list[Any]) -> dict[str, list[Any]]:
@@ -370,17 +360,8 @@ class GradNormDetector(HeadDetector):
 
     def score_samples(self, features: Features) -> Scores:
         """(n,) float64 GradNorm scores of (n, D) features, higher = more in-distribution."""
-        check_is_fitted(self)
-        head_features = self.head_features(features)
-        blocks = [
-            gradnorm(
-                head_features[rows],
-                self.head_logits(head_features[rows]),
-                float(self.temperature),
-            )
-            for rows in row_blocks(len(head_features), _CHUNK)
-        ]
-        return np.asarray(np.concatenate(blocks), dtype=np.float64)
+        temperature = float(self.temperature)
+        return self._score_blocks(features, lambda h: gradnorm(h, self.head_logits(h), temperature))
 
     def score_samples_torch(self, features: torch.Tensor) -> torch.Tensor:
         """Differentiable (n,) GradNorm scores of an (n, D) tensor; as ``score_samples``."""
