@@ -831,7 +831,8 @@ class ProbEnsembleDetector(Detector):
         for rows in row_blocks(len(features), max(1, _BLOCK_ELEMENTS // width)):
             block = np.asarray(features[rows], dtype=np.float64)
             for head, temperature in zip(self._heads, self._temperatures(), strict=True):
-                logits = head.head_logits(head.head_features(block))
+                # the features are checked once above, not again per block and head
+                logits = head.head_logits(head._map_features(block))
                 mean[rows] += softmax(logits / temperature)
         return mean / len(self._heads)
 
