@@ -409,12 +409,10 @@ def extract_shared_features(
     torch_device = select_device(device)
     resolved_precision = resolve_precision(precision, torch_device)
     root = Path(cache_root) if cache_root is not None else cache.default_cache_root()
+    base = encoder.base if isinstance(encoder, TappedEncoder) else encoder
     views = {}
     for name, output in outputs.items():
-        is_final = not isinstance(encoder, TappedEncoder) or output in encoder.base.outputs
-        base_outputs = (
-            encoder.base.outputs if isinstance(encoder, TappedEncoder) else encoder.outputs
-        )
+        is_final = base is encoder or output in base.outputs
         views[name] = _VariantView(
             name=name,
             cache_id=(
@@ -422,11 +420,9 @@ def extract_shared_features(
                 if isinstance(encoder, TappedEncoder)
                 else encoder.cache_id
             ),
-            outputs=tuple(base_outputs) if is_final else ("features",),
+            outputs=tuple(base.outputs) if is_final else ("features",),
             source=output,
-            head=(encoder.base if isinstance(encoder, TappedEncoder) else encoder).head_arrays()
-            if is_final
-            else None,
+            head=base.head_arrays() if is_final else None,
         )
     keys = {
         name: _entry_key(view.cache_id, resolved_precision, dataset, shard_size)
