@@ -47,7 +47,7 @@ from oodprobe.arrays import (
 )
 from oodprobe.detectors import search
 from oodprobe.detectors.base import Choices, Detector, Number, integer, register_detector
-from oodprobe.detectors.probe import negative_energy
+from oodprobe.detectors.probe import negative_energy, score_logits_torch
 from oodprobe.errors import InvalidParameterError
 
 if TYPE_CHECKING:
@@ -226,10 +226,11 @@ def store_head_params(detector: HeadDetector, head: str, arrays: tuple[Any, Any,
 
 
 def energy_torch(logits: torch.Tensor) -> torch.Tensor:
-    """Negative free energy ``logsumexp(z)`` of (n, C) logits (float32 at least); higher = ID."""
-    import torch
+    """Negative free energy ``logsumexp(z)`` of (n, C) logits (float32 at least); higher = ID.
 
-    return torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
+    The torch twin of ``negative_energy``: probe's ``score_logits_torch``, its one home.
+    """
+    return score_logits_torch(logits, "energy")
 
 
 # -- ViM and its residual ---------------------------------------------------------------------
