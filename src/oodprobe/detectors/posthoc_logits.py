@@ -23,7 +23,7 @@ from scipy.special import logsumexp
 from oodprobe.arrays import Features, Labels, Scores, check_labels, row_blocks
 from oodprobe.detectors.base import Number, integer, register_detector
 from oodprobe.detectors.posthoc import HEAD_CONSTRAINTS, HeadDetector, store_head_params
-from oodprobe.detectors.probe import TEMPERATURE, msp
+from oodprobe.detectors.probe import TEMPERATURE, msp, score_logits_torch
 from oodprobe.errors import InvalidParameterError
 
 if TYPE_CHECKING:
@@ -541,7 +541,4 @@ class TemperatureMSPDetector(_LogitHeadDetector):
 
     def score_samples_torch(self, features: torch.Tensor) -> torch.Tensor:
         """Differentiable (n,) temperature-scaled MSP of an (n, D) tensor; as ``score_samples``."""
-        import torch
-
-        logits = self._torch_logits(features)
-        return torch.softmax(logits / self.temperature_, dim=1).amax(dim=1)
+        return score_logits_torch(self._torch_logits(features), "msp", self.temperature_)
