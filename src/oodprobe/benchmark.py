@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -43,9 +43,6 @@ from oodprobe.pipeline import (
     require_class_names,
 )
 from oodprobe.results import ResultRow, RowContext, failed_rows, metric_row
-
-if TYPE_CHECKING:
-    pass
 
 Log = Callable[[str], None]
 
