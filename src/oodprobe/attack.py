@@ -163,9 +163,10 @@ def _json_list(values: Any) -> list[Any]:
 # -- validation -----------------------------------------------------------------------------
 
 
-def _check_number(
+def check_number(
     name: str, value: Any, *, low: float, high: float = math.inf, closed_low: bool = True
 ) -> float:
+    """``value`` as a float: a finite number in [low, high] (low excluded with closed_low off)."""
     ok = (
         not isinstance(value, bool)
         and isinstance(value, (int, float, np.integer, np.floating))
@@ -181,7 +182,8 @@ def _check_number(
     return float(value)
 
 
-def _check_int(name: str, value: Any, *, low: int) -> int:
+def check_int(name: str, value: Any, *, low: int) -> int:
+    """``value`` as an int: an integer (not a bool) >= ``low``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise InvalidParameterError(f"{name} must be an integer >= {low}, got {value!r}")
     return int(value)
@@ -307,7 +309,7 @@ def encode_images(
     from oodprobe.features import borrowed_encoder
 
     images = _check_images("images", images)
-    batch_size = _check_int("batch_size", batch_size, low=1)
+    batch_size = check_int("batch_size", batch_size, low=1)
     if output not in encoder.outputs:
         raise InvalidParameterError(
             f"output must be one of the encoder's outputs ({', '.join(encoder.outputs)}), "
@@ -341,9 +343,9 @@ def score_images(
 
 def random_targets(n_images: int, n_train: int, *, seed: int = 0) -> npt.NDArray[np.int64]:
     """(n_images,) seeded random indices of ID training images, distinct where possible."""
-    n_images = _check_int("n_images", n_images, low=1)
-    n_train = _check_int("n_train", n_train, low=1)
-    seed = _check_int("seed", seed, low=0)
+    n_images = check_int("n_images", n_images, low=1)
+    n_train = check_int("n_train", n_train, low=1)
+    seed = check_int("seed", seed, low=0)
     rng = np.random.default_rng(seed)
     return rng.choice(n_train, size=n_images, replace=n_images > n_train).astype(np.int64)
 
@@ -472,12 +474,12 @@ def feature_matching_attack(
             f"targets must have the images' shape {tuple(images.shape)} (one target per image), "
             f"got {tuple(targets.shape)}"
         )
-    steps = _check_int("steps", steps, low=1)
-    lr = _check_number("lr", lr, low=0.0, closed_low=False)
-    smoothness = _check_number("smoothness", smoothness, low=0.0)
-    init_scale = _check_number("init_scale", init_scale, low=0.0)
-    batch_size = _check_int("batch_size", batch_size, low=1)
-    seed = _check_int("seed", seed, low=0)
+    steps = check_int("steps", steps, low=1)
+    lr = check_number("lr", lr, low=0.0, closed_low=False)
+    smoothness = check_number("smoothness", smoothness, low=0.0)
+    init_scale = check_number("init_scale", init_scale, low=0.0)
+    batch_size = check_int("batch_size", batch_size, low=1)
+    seed = check_int("seed", seed, low=0)
     progress = _check_bool("progress", progress)
     indices = None
     if target_indices is not None:
@@ -648,18 +650,18 @@ def pgd_score_attack(
     if norm not in NORMS:
         raise InvalidParameterError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
     if norm == "linf":
-        eps = _check_number("eps", eps, low=0.0, high=1.0, closed_low=False)
+        eps = check_number("eps", eps, low=0.0, high=1.0, closed_low=False)
     else:
-        eps = _check_number("eps", eps, low=0.0, closed_low=False)
+        eps = check_number("eps", eps, low=0.0, closed_low=False)
     step_size = (
         eps * PGD_STEP_FRACTION
         if step_size is None
-        else _check_number("step_size", step_size, low=0.0, closed_low=False)
+        else check_number("step_size", step_size, low=0.0, closed_low=False)
     )
-    steps = _check_int("steps", steps, low=1)
+    steps = check_int("steps", steps, low=1)
     random_start = _check_bool("random_start", random_start)
-    batch_size = _check_int("batch_size", batch_size, low=1)
-    seed = _check_int("seed", seed, low=0)
+    batch_size = check_int("batch_size", batch_size, low=1)
+    seed = check_int("seed", seed, low=0)
     progress = _check_bool("progress", progress)
     ids = _image_ids(image_ids, len(images))
     target_device = _check_device(device)
@@ -985,7 +987,7 @@ def evaluate_attack(
     attacked = evaluate(id_scores, attacked_array, **options)
     if threshold is None:
         return AttackEvaluation(clean, attacked)
-    cut = _check_number("threshold", threshold, low=-math.inf)
+    cut = check_number("threshold", threshold, low=-math.inf)
     rejected = clean_array < cut
     return AttackEvaluation(
         clean,
@@ -1027,7 +1029,7 @@ def robustness_curve(
     if norm not in NORMS:
         raise InvalidParameterError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
     high = 1.0 if norm == "linf" else math.inf
-    checked = [_check_number("eps", eps, low=0.0, high=high, closed_low=False) for eps in budgets]
+    checked = [check_number("eps", eps, low=0.0, high=high, closed_low=False) for eps in budgets]
     quantized = _check_bool("quantized", quantized)
     device = options.get("device", "auto")
     curve = []

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from oodprobe.attack import PGD_STEPS, input_array_of
+from oodprobe.attack import PGD_STEPS, check_int, check_number, input_array_of
 from oodprobe.errors import InvalidParameterError
 
 if TYPE_CHECKING:
@@ -91,24 +91,6 @@ def parse_eps(value: Any) -> float:
 # -- validation -----------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise InvalidParameterError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def _check_positive(name: str, value: Any) -> float:
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, (int, float, np.integer, np.floating))
-        and math.isfinite(float(value))
-        and float(value) > 0
-    )
-    if not ok:
-        raise InvalidParameterError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise InvalidParameterError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
@@ -121,17 +103,12 @@ def _smoothness(value: Any) -> float:
     if isinstance(value, str):
         _check_choice("smoothness", value, SMOOTHNESS_NAMES)
         return SMOOTHNESS[value]
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, (int, float, np.integer, np.floating))
-        and math.isfinite(float(value))
-        and float(value) >= 0
-    )
-    if not ok:
+    try:
+        return check_number("smoothness", value, low=0)
+    except InvalidParameterError:
         raise InvalidParameterError(
             f"smoothness must be smooth (λ = 5e3), patchy (λ = 0) or a number >= 0, got {value!r}"
-        )
-    return float(value)
+        ) from None
 
 
 def _budgets(eps: Any, norm: str) -> list[float]:
@@ -288,19 +265,19 @@ def run_attack(
     method = _check_choice("method", method, METHODS)
     norm = _check_choice("norm", norm, ("linf", "l2"))
     budgets: list[float | None] = list(_budgets(eps, norm)) if method == "pgd" else [None]
-    steps = _check_int("steps", DEFAULT_STEPS[method] if steps is None else steps, 1)
+    steps = check_int("steps", DEFAULT_STEPS[method] if steps is None else steps, low=1)
     if step_size is not None:
-        step_size = _check_positive("step_size", step_size)
-    lr = _check_positive("lr", lr)
-    n = _check_int("n", n, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
+        step_size = check_number("step_size", step_size, low=0, closed_low=False)
+    lr = check_number("lr", lr, low=0, closed_low=False)
+    n = check_int("n", n, low=1)
+    batch_size = check_int("batch_size", batch_size, low=1)
     targets = _check_choice("targets", targets, TARGET_MODES)
     smoothness_value = _smoothness(smoothness)
-    seed = _check_int("seed", seed, 0)
+    seed = check_int("seed", seed, low=0)
     if not isinstance(force, bool):
         raise InvalidParameterError(f"force must be true or false, got {force!r}")
     if num_workers is not None:
-        _check_int("num_workers", num_workers, 0)
+        check_int("num_workers", num_workers, low=0)
     torch_device = select_device(device)
     feature_precision = resolve_precision(precision, torch_device)
     from oodprobe.attack import resolve_attack_precision
