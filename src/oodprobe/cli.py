@@ -13,7 +13,7 @@ import json
 import re
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -463,6 +463,16 @@ def _preset_data_error(error: DataError, spec: Any) -> DataError:
     return DataError(f"{error} (preset {spec.name}: {spec.description})")
 
 
+def _log_line(console: Any) -> Callable[[str], None]:
+    """A runner's ``log``: each message a dim console line, printed as plain text."""
+
+    def log(message: str) -> None:
+        # markup off: "[encoder]" and "digits:train:" are text, not rich tags or emoji
+        console.print(message, style="dim", markup=False, emoji=False)
+
+    return log
+
+
 def _run_spec(
     runner: Any,
     spec: Any,
@@ -479,12 +489,12 @@ def _run_spec(
     the preset looks for its data.
     """
     pending = [header]
+    write = _log_line(console)
 
     def log(message: str) -> None:
         if pending:
             console.print(pending.pop())
-        # markup off: "[encoder]" and "digits:train:" are text, not rich tags or emoji
-        console.print(message, style="dim", markup=False, emoji=False)
+        write(message)
 
     try:
         return runner(spec, output_dir, log=log, **options)
@@ -847,9 +857,7 @@ def attack_svm(
     from oodprobe.report.tables import format_percent
 
     console = _console()
-    result = class_score_svm_transfer(
-        runs, output, device=device, log=lambda m: console.print(m, style="dim", markup=False)
-    )
+    result = class_score_svm_transfer(runs, output, device=device, log=_log_line(console))
     names = result["attacks"]
     table = Table(
         title=f"class-score SVM AUROC in % on held-out images ({escape(result['encoder'])}, "
