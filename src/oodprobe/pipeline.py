@@ -142,9 +142,9 @@ def fit_labels(detector: Detector, spec: DetectorSpec, labels: np.ndarray | None
     is what a post-hoc detector fitted on labels (``temp-msp``) takes."""
     if labels is None or not type(detector).uses_labels(spec.params):
         return None
-    if head_source(spec) in ("probe", "zero-shot"):  # rows: the sorted classes present
-        return np.unique(labels, return_inverse=True)[1]
-    return labels
+    from oodprobe.detectors.posthoc import head_row_labels
+
+    return head_row_labels(labels, head_source(spec) or "encoder")
 
 
 def encoder_has_head(encoder: Any) -> bool | None:

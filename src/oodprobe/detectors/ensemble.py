@@ -43,6 +43,7 @@ from oodprobe.detectors.posthoc import (
     HEAD_CONSTRAINTS,
     HEAD_SOURCES,
     HeadDetector,
+    head_row_labels,
     store_head_params,
 )
 from oodprobe.detectors.posthoc_logits import softmax
@@ -440,16 +441,18 @@ class ScoreEnsembleDetector(Detector):
         )
         fit_features, holdout_features = features[fit_rows], features[holdout_rows]
         fit_labels = None
-        row_labels = None
+        classes = None
         if labels is not None:
             fit_labels = labels[fit_rows]
-            row_labels = np.searchsorted(np.unique(labels), fit_labels)
+            classes = np.unique(labels)
         holdout = np.empty((len(members), len(holdout_rows)), dtype=np.float64)
-        # a member on a probe head takes the indices of the head's rows (row c: the c-th
-        # sorted class of all the labels the runner fitted the probe on), as the runner's
-        # pipeline.fit_labels gives a top-level detector
+        # a member on a probe or zero-shot head takes the indices of the head's rows, as the
+        # runner's pipeline.fit_labels gives a top-level detector
         for index, (member, spec) in enumerate(zip(members, specs, strict=True)):
-            member_labels = row_labels if spec.params.get("head") == "probe" else fit_labels
+            member_labels = fit_labels
+            if fit_labels is not None:
+                head = str(spec.params.get("head", "encoder"))
+                member_labels = head_row_labels(fit_labels, head, classes)
             try:
                 member.fit(fit_features, member_labels)
                 holdout[index] = np.sort(member.score_samples(holdout_features))

@@ -58,6 +58,23 @@ _BLOCK_ELEMENTS = 1 << 22  # float64 values of one per-row-block temporary (32 M
 HEAD_SOURCES = ("encoder", "probe", "zero-shot")
 """Where a post-hoc detector's head comes from (see the module docstring)."""
 
+
+def head_row_labels(
+    labels: npt.NDArray[np.integer[Any]], head: str, classes: npt.ArrayLike | None = None
+) -> npt.NDArray[np.integer[Any]]:
+    """ID labels as the indices of a head's rows, where the rows are the ID classes.
+
+    A ``probe`` head's row c is the c-th sorted class it was fitted on, and a ``zero-shot``
+    head's the c-th sorted class of the ID training set (``pipeline.id_class_names``);
+    ``classes`` are those sorted classes (default: ``np.unique(labels)``). Other heads (an
+    encoder's own) are indexed by the labels themselves: returned unchanged.
+    """
+    if head not in ("probe", "zero-shot"):
+        return labels
+    known = np.unique(labels) if classes is None else np.asarray(classes)
+    return np.searchsorted(known, labels).astype(np.int64)
+
+
 # the runner's arrays: never set by a user (``head`` is theirs)
 HEAD_CONSTRAINTS: dict[str, list[Any]] = {
     "head": [Choices(*HEAD_SOURCES)],
