@@ -18,8 +18,6 @@ forbids any fetch, there is no script, and every string goes through :func:`html
 
 from __future__ import annotations
 
-import html
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,6 +28,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from oodprobe.report.atomic import write_text_atomic
+from oodprobe.report.html_report import esc, kv_table
 from oodprobe.report.plots import (
     ID_COLOR,
     PALETTE,
@@ -41,7 +40,7 @@ from oodprobe.report.plots import (
     thumbnail,
 )
 from oodprobe.report.style import CSS
-from oodprobe.report.tables import as_float, fpr_label, jsonable
+from oodprobe.report.tables import as_float, fpr_label
 
 __all__ = [
     "REPORT_FILE",
@@ -73,10 +72,6 @@ EXTRA_CSS = """
 .accepted { color: #8a1c1c; font-weight: 600; }
 table.attack td.kind { white-space: nowrap; }
 """
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def _map(value: Any) -> Mapping[str, Any]:
@@ -182,9 +177,9 @@ def _image_cell(pixels: np.ndarray | None, kind: str, alt: str) -> str:
         uri, width, height = thumbnail(Image.fromarray(pixels), size=THUMB)
         frame = (
             f'<div class="frame"><img src="{uri}" width="{width}" height="{height}" '
-            f'alt="{_esc(alt)}"></div>'
+            f'alt="{esc(alt)}"></div>'
         )
-    return f'<div class="cell">{frame}<div class="kind">{_esc(kind)}</div></div>'
+    return f'<div class="cell">{frame}<div class="kind">{esc(kind)}</div></div>'
 
 
 # -- figures -----------------------------------------------------------------------------------
@@ -293,19 +288,6 @@ def score_histogram_figure(
 # -- sections ----------------------------------------------------------------------------------
 
 
-def _kv_rows(items: Sequence[tuple[str, Any]]) -> str:
-    rows = []
-    for key, value in items:
-        value = jsonable(value)
-        if isinstance(value, dict | list):
-            text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
-            shown = f"<pre>{_esc(text)}</pre>"
-        else:
-            shown = f'<span class="mono">{_esc(MISSING if value is None else value)}</span>'
-        rows.append(f"<tr><td>{_esc(key)}</td><td>{shown}</td></tr>")
-    return f'<table class="kv"><tbody>{"".join(rows)}</tbody></table>'
-
-
 def _detector_text(detector: Any) -> str:
     record = _map(detector)
     label = _text(record.get("label") or record.get("name"), "?")
@@ -355,11 +337,11 @@ def _parameters(summary: Mapping[str, Any]) -> str:
         shown.append(("deployment", detector.get("deployment")))
     box = (
         '<div class="convention"><h3>Parameters</h3>'
-        f"{_kv_rows([(key, value) for key, value in shown if value is not None])}</div>"
+        f"{kv_table([(key, value) for key, value in shown if value is not None], MISSING)}</div>"
     )
     details = (
         "<details><summary>Provenance: versions, data fingerprints, encoder weights</summary>"
-        f"{_kv_rows(list(provenance.items()))}</details>"
+        f"{kv_table(list(provenance.items()), MISSING)}</details>"
         if provenance
         else ""
     )
@@ -368,8 +350,8 @@ def _parameters(summary: Mapping[str, Any]) -> str:
 
 def _td(text: str, numeric: bool = True, title: str = "") -> str:
     css = ' class="num"' if numeric else ""
-    hint = f' title="{_esc(title)}"' if title else ""
-    return f"<td{css}{hint}>{_esc(text)}</td>"
+    hint = f' title="{esc(title)}"' if title else ""
+    return f"<td{css}{hint}>{esc(text)}</td>"
 
 
 def _results_table(summary: Mapping[str, Any]) -> str:
@@ -408,7 +390,7 @@ def _results_table(summary: Mapping[str, Any]) -> str:
         svm = _map(entry.get("class_score_svm"))
         svm_text = _percent(svm.get("auroc")) if svm else MISSING
         cells = [
-            f'<td class="kind">{_esc(_attack_kind(entry))}</td>',
+            f'<td class="kind">{esc(_attack_kind(entry))}</td>',
             _td(_eps_text(entry)),
             _td(_percent(entry.get("clean_auroc"))),
             _td(_percent(entry.get("attacked_auroc"))),
@@ -427,7 +409,7 @@ def _results_table(summary: Mapping[str, Any]) -> str:
         rows.append(f"<tr>{''.join(cells)}</tr>")
     if not rows:
         return "<p>No attack results.</p>"
-    head = "".join(f"<th>{_esc(name)}</th>" for name in header)
+    head = "".join(f"<th>{esc(name)}</th>" for name in header)
     return (
         f'<div class="table-wrap"><table class="attack"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></div>"
@@ -452,9 +434,9 @@ def _svm_across(summary: Mapping[str, Any]) -> str:
         (_eps_text({"eps": c.get("fit_eps")}), _eps_text({"eps": c.get("test_eps")})): c
         for c in cells
     }
-    head = "<th>fitted at \\ tested at</th>" + "".join(f"<th>{_esc(t)}</th>" for t in tests)
+    head = "<th>fitted at \\ tested at</th>" + "".join(f"<th>{esc(t)}</th>" for t in tests)
     rows = "".join(
-        f"<tr><td>{_esc(fit)}</td>"
+        f"<tr><td>{esc(fit)}</td>"
         + "".join(_td(_percent(_map(values.get((fit, test))).get("auroc"))) for test in tests)
         + "</tr>"
         for fit in fits
@@ -508,7 +490,7 @@ def _histograms(
         uri = score_histogram_figure(id_scores, clean, attacked, threshold=threshold, title=title)
         alt = f"score histograms of ID test, clean OOD and attacked OOD, {title}"
         figures.append(
-            f'<figure><img src="{uri}" alt="{_esc(alt)}"><figcaption><strong>{_esc(title)}'
+            f'<figure><img src="{uri}" alt="{esc(alt)}"><figcaption><strong>{esc(title)}'
             f"</strong> · {len(images)} OOD images</figcaption></figure>"
         )
     note = "Dashed line: the run's threshold. Higher score = more in-distribution."
@@ -519,7 +501,7 @@ def _histograms(
         )
     return (
         f'<section id="histograms"><h2>Score distributions before and after</h2>'
-        f'<p class="note">{_esc(note)}</p><div class="figures">{"".join(figures)}</div></section>'
+        f'<p class="note">{esc(note)}</p><div class="figures">{"".join(figures)}</div></section>'
     )
 
 
@@ -541,11 +523,11 @@ def _triplet(image: Mapping[str, Any], item: Mapping[str, Any], root: Path | Non
     cosine = ""  # feature matching: the features' cosine to the target image's, before → after
     if "clean_cosine" in item or "attacked_cosine" in item:
         cosine = (
-            f"<br>cosine to target {_esc(_number(item.get('clean_cosine')))} → "
-            f"{_esc(_number(item.get('attacked_cosine')))}"
+            f"<br>cosine to target {esc(_number(item.get('clean_cosine')))} → "
+            f"{esc(_number(item.get('attacked_cosine')))}"
         )
         if image.get("target_index") is not None:
-            cosine += f" (ID training image {_esc(image.get('target_index'))})"
+            cosine += f" (ID training image {esc(image.get('target_index'))})"
     cells = (
         _image_cell(clean, "clean", f"clean {source}")
         + _image_cell(amplified, "perturbation (amplified)", f"perturbation of {source}")
@@ -553,8 +535,8 @@ def _triplet(image: Mapping[str, Any], item: Mapping[str, Any], root: Path | Non
     )
     return (
         f'<div class="triplet"><div class="row">{cells}</div><div class="cap">'
-        f'<span class="mono">{_esc(source)}</span><br><span class="score">score '
-        f"{_esc(before)} → {_esc(after)}</span>{verdict} · L∞ {_esc(size)}{cosine}</div></div>"
+        f'<span class="mono">{esc(source)}</span><br><span class="score">score '
+        f"{esc(before)} → {esc(after)}</span>{verdict} · L∞ {esc(size)}{cosine}</div></div>"
     )
 
 
@@ -573,7 +555,7 @@ def _galleries(
             if index < len(attacks):
                 shown.append(_triplet(image, _map(attacks[index]), root))
         parts.append(
-            f"<h3>{_esc(_attack_title(entry))}</h3>"
+            f"<h3>{esc(_attack_title(entry))}</h3>"
             f'<p class="gallery-meta">first {len(shown)} of {len(images)} attacked images · '
             "clean, perturbation δ scaled so max |δ| is full range (grey = 0), manipulated · "
             "score clean → attacked</p>"
@@ -628,14 +610,14 @@ def _headline(summary: Mapping[str, Any]) -> str:
     params = _map(summary.get("params"))
     results = [_map(entry) for entry in _list(summary.get("results"))]
     parts = [
-        f"<strong>{_esc(_text(params.get('n'), '?'))}</strong> images of "
-        f"<code>{_esc(_text(params.get('ood_set'), '?'))}</code>",
+        f"<strong>{esc(_text(params.get('n'), '?'))}</strong> images of "
+        f"<code>{esc(_text(params.get('ood_set'), '?'))}</code>",
         f"<strong>{len(results)}</strong> attack{'s' if len(results) != 1 else ''}",
     ]
     for entry in results:
         parts.append(
-            f"{_esc(_eps_text(entry))}: AUROC <strong>{_esc(_percent(entry.get('clean_auroc')))}"
-            f" → {_esc(_percent(entry.get('attacked_auroc')))}</strong>"
+            f"{esc(_eps_text(entry))}: AUROC <strong>{esc(_percent(entry.get('clean_auroc')))}"
+            f" → {esc(_percent(entry.get('attacked_auroc')))}</strong>"
         )
     return " · ".join(parts)
 
@@ -655,18 +637,18 @@ def attack_report_html(
     if auroc_curve_figure_needed(summary):
         links.append(("curve", "AUROC vs ε"))
     links += [("histograms", "Score distributions"), ("gallery", "Images")]
-    nav = "<nav>" + "".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t in links) + "</nav>"
+    nav = "<nav>" + "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t in links) + "</nav>"
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_esc(title)}</title><style>{CSS}{EXTRA_CSS}</style></head>\n<body><main>"
-        f'<header><h1>{_esc(title)}</h1><p class="summary">{_headline(summary)}</p>{nav}'
+        f"<title>{esc(title)}</title><style>{CSS}{EXTRA_CSS}</style></head>\n<body><main>"
+        f'<header><h1>{esc(title)}</h1><p class="summary">{_headline(summary)}</p>{nav}'
         "</header>\n"
         + _parameters(summary)
         + "\n"
         + attack_section(summary, root, id_scores=id_scores, max_images=max_images)
-        + f"\n<footer>Generated by oodprobe {_esc(__version__)}.</footer></main></body></html>\n"
+        + f"\n<footer>Generated by oodprobe {esc(__version__)}.</footer></main></body></html>\n"
     )
 
 

@@ -249,16 +249,23 @@ def _gallery(gallery: Gallery, index: int) -> str:
     )
 
 
-def _provenance(provenance: Mapping[str, Any]) -> str:
+def kv_table(items: Iterable[tuple[str, Any]], missing: str = "null") -> str:
+    """A two-column key/value table: lists and dicts as indented JSON, None as ``missing``."""
     rows = []
-    for key, value in jsonable(provenance).items():
+    for key, value in items:
+        value = jsonable(value)
         if isinstance(value, dict | list):
             text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
             shown = f"<pre>{esc(text)}</pre>"
         else:
-            shown = f'<span class="mono">{esc("null" if value is None else value)}</span>'
+            shown = f'<span class="mono">{esc(missing if value is None else value)}</span>'
         rows.append(f"<tr><td>{esc(key)}</td><td>{shown}</td></tr>")
-    table = f'<table class="kv"><tbody>{"".join(rows)}</tbody></table>' if rows else "<p>–</p>"
+    return f'<table class="kv"><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _provenance(provenance: Mapping[str, Any]) -> str:
+    items = list(jsonable(provenance).items())
+    table = kv_table(items) if items else "<p>–</p>"
     return (
         '<section id="provenance"><h2>Provenance</h2><details><summary>Versions, data '
         f"fingerprints, configuration, command line</summary>{table}</details></section>"
