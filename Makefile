@@ -17,7 +17,14 @@ $(STAMP): pyproject.toml
 
 # Fashion-MNIST ships as a Debian package; elsewhere torchvision downloads it on first use.
 # Chromium (Debian package) is what the HTML report's browser test drives.
+# WordNet 3.0 (Debian wordnet-base, /usr/share/wordnet) is the offline text corpus of the
+# label-mining detectors (src/oodprobe/corpus.py); without it, pass a corpus file.
 system-data:
+	@if [ ! -f /usr/share/wordnet/index.noun ] && command -v apt-get >/dev/null 2>&1 \
+	    && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends wordnet-base >/dev/null) \
+	    || echo "note: could not install wordnet-base; the wordnet corpora need it (or pass a corpus file)"; \
+	fi
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 \
 	    && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
