@@ -11,6 +11,11 @@ libraries are imported only when an encoder of theirs is built. The grammar:
   encoder module for which tokens count). The suffix is read only when the name ends in exactly
   ``,layer=<digits>``, so a checkpoint path with commas elsewhere still works.
 * ``finetuned:PATH``: an encoder written by ``oodprobe finetune``.
+* ``openclip:SPEC,local`` and ``hf:SPEC,local`` (CLIP ViTs only; read only when the name ends in
+  exactly ``,local``; not combined with ``,layer=N``): the encoder with its text tower, whose
+  outputs are ``features`` and ``local``, GL-MCM's (B, P + 1, E) joint-space embeddings (row 0
+  the global one, rows 1..P the patches', each L2-normalised; Miyai et al., 2023). One pass of
+  its own (``shared_pass_key`` is the whole name).
 
 A variant (``/blockN``, ``,layer=N``) is an image-only encoder whose ``features`` are that tap;
 it has no logits and no text tower. Several variants of one model are computed in one forward
@@ -72,6 +77,8 @@ _LITE_STAGE_ENDS: dict[str, tuple[int, ...]] = {
 }
 _SIZE_RANGE = (32, 1024)
 _LAYER_SUFFIX = re.compile(r",layer=([^,/]*)\Z")
+_LOCAL_SUFFIX = ",local"
+_LOCAL_SOURCES = ("openclip", "hf")
 _LITE_REST = re.compile(r"(?:/(?P<variant>[^@]*))?(?:@(?P<size>.*))?\Z", re.DOTALL)
 _BLOCK = re.compile(r"block([0-9]+)\Z")
 
@@ -279,6 +286,8 @@ class EncoderName:
     spec: str
     tap: int | None
     canonical: str
+    # a ,local variant (GL-MCM's local tokens); its base is its canonical name: its own pass
+    local: bool = False
 
     @property
     def output_key(self) -> str:
@@ -296,8 +305,9 @@ def parse_encoder_name(name: str) -> EncoderName:
     if not isinstance(name, str):
         raise InvalidParameterError(f"an encoder name must be a string, got {name!r}")
     tap: int | None = None
-    stem = name
-    layer = _LAYER_SUFFIX.search(name)
+    local = name.endswith(_LOCAL_SUFFIX)
+    stem = name[: -len(_LOCAL_SUFFIX)] if local else name
+    layer = _LAYER_SUFFIX.search(stem)
     if layer is not None:
         value = layer[1]
         if not re.fullmatch(r"[0-9]+", value) or int(value) < 1:
@@ -305,8 +315,23 @@ def parse_encoder_name(name: str) -> EncoderName:
                 f"encoder {name!r}: layer must be an integer >= 1, got {value!r}; "
                 f"e.g. 'timm:vit_small_patch16_224,layer=8'"
             )
-        stem, tap = name[: layer.start()], int(value)
+        stem, tap = stem[: layer.start()], int(value)
+    if tap is not None and (local or stem.endswith(_LOCAL_SUFFIX)):
+        plain = stem.removesuffix(_LOCAL_SUFFIX)
+        raise InvalidParameterError(
+            f"encoder {name!r}: ',local' (the last block's patch tokens, GL-MCM) and ',layer=N' "
+            f"cannot be combined; write '{plain},local' or '{plain},layer={tap}'"
+        )
     source, spec, _ = _source(stem)
+    if local:
+        if source.prefix not in _LOCAL_SOURCES:
+            raise InvalidParameterError(
+                f"encoder {name!r}: ',local' (GL-MCM's patch-token features) needs a CLIP ViT "
+                f"with a text tower, and {source.prefix} encoders have none; write "
+                f"'openclip:ARCH/TAG,local' or 'hf:CLIP_ID_OR_DIR,local'"
+            )
+        canonical = f"{stem}{_LOCAL_SUFFIX}"
+        return EncoderName(source, canonical, spec, None, canonical, local=True)
     if source.prefix in _LITE_MODELS:
         if tap is not None:
             raise InvalidParameterError(
@@ -335,6 +360,8 @@ def encoder_name_traits(name: str) -> tuple[bool | None, tuple[str, ...] | None]
     parsed = parse_encoder_name(name)
     if parsed.tap is not None:
         return False, ("features",)
+    if parsed.local:  # a CLIP (refused when built otherwise): text tower kept
+        return True, ("features", "local")
     return parsed.source.has_text, parsed.source.outputs
 
 
@@ -357,10 +384,23 @@ def create_encoder(name: str) -> ImageEncoder:
     raises InvalidParameterError naming the valid range.
     """
     parsed = parse_encoder_name(name)
+    if parsed.local:
+        return _local_encoder(parsed)
     if parsed.tap is None:
         return parsed.source.build(parsed.spec)
     base = parsed.source.build(parsed.spec)
     return TappedEncoder(base, {parsed.tap: "features"}, name=parsed.canonical, keep_base=False)
+
+
+def _local_encoder(parsed: EncoderName) -> ImageEncoder:
+    """The encoder of a ``,local`` name: ``features`` and GL-MCM's ``local`` tokens."""
+    if parsed.source.prefix == "openclip":
+        from oodprobe.encoders.openclip import OpenClipEncoder
+
+        return OpenClipEncoder(parsed.spec, local=True)
+    from oodprobe.encoders.hf import create_hf_encoder
+
+    return create_hf_encoder(parsed.spec, local=True)
 
 
 def create_shared_encoder(names: Sequence[str]) -> tuple[ImageEncoder, dict[str, str]]:
@@ -386,6 +426,8 @@ def create_shared_encoder(names: Sequence[str]) -> tuple[ImageEncoder, dict[str,
             f"or input sizes ({', '.join(bases)}); group them by shared_pass_key"
         )
     keys = {name: entry.output_key for name, entry in zip(names, parsed, strict=True)}
+    if parsed[0].local:  # its own pass (its base is its whole name): the encoder itself
+        return _local_encoder(parsed[0]), keys
     base = parsed[0].source.build(parsed[0].spec)
     taps = {entry.tap: entry.output_key for entry in parsed if entry.tap is not None}
     for entry in parsed:  # a layer the model lacks is named as the user wrote it

@@ -12,6 +12,13 @@ output), averaged over its positions. Token outputs leave out the leading non-pa
 (CLIP's and DINOv2's class token, DINOv2's register tokens): as many as the sequence holds
 beyond the (H / patch) x (W / patch) patch grid. SigLIP has none; a (B, C, H, W) stage output
 (ConvNeXt, ResNet) is averaged over H and W. A layer variant of CLIP or SigLIP has no text tower.
+
+Local features (``hf:ID_OR_DIR,local``, CLIP only) are GL-MCM's (Miyai et al., arXiv:2304.04521,
+2023), as for open_clip (:mod:`oodprobe.encoders.openclip`): the last encoder layer run again on
+its own input with its attention replaced by each token's own value (``x + out_proj(v_proj(
+layer_norm1(x)))``, then ``+ mlp(layer_norm2(.))``), the patch tokens through
+``post_layernorm`` and ``visual_projection``, L2-normalised; the output ``local`` is (B, P + 1,
+projection_dim) with row 0 the normalised projected global embedding.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from oodprobe.encoders.base import (
     build_pixel_transform,
     file_identity,
 )
-from oodprobe.errors import MissingWeightsError
+from oodprobe.errors import InvalidParameterError, MissingWeightsError
 
 _PIL_TO_TORCHVISION = {
     0: "nearest",
@@ -199,14 +206,29 @@ class HFImageEncoder(_HFTaps, ImageEncoder):
 
 
 class HFTextImageEncoder(_HFTaps, TextImageEncoder):
-    """A transformers CLIP or SigLIP model: image features, projection, text embeddings."""
+    """A transformers CLIP or SigLIP model: image features, projection, text embeddings.
+
+    With ``local`` (CLIP only; the ``,local`` name variant) the outputs are ``features`` and
+    ``local`` (B, P + 1, embed_dim) float32: row 0 ``normalize(features @ image_projection)``,
+    rows 1..P GL-MCM's normalised local embeddings of the patches (module docstring).
+    """
+
+    local: bool = False
 
     def __init__(
-        self, source: str, model: Any, processor: Any, tokenizer: Any, identity: dict[str, Any]
+        self,
+        source: str,
+        model: Any,
+        processor: Any,
+        tokenizer: Any,
+        identity: dict[str, Any],
+        *,
+        local: bool = False,
     ) -> None:
         super().__init__(*_mean_std(processor))
-        self.name = f"hf:{source}"
+        self.name = f"hf:{source}" + (",local" if local else "")
         self.model = model
+        self.local = local
         self.tokenizer = tokenizer
         self.model_type = identity["model_type"]
         self.pixel_transform = _pixel_transform_from(processor)
@@ -216,6 +238,13 @@ class HFTextImageEncoder(_HFTaps, TextImageEncoder):
         self.image_projection = (
             projection.weight.detach().T.contiguous().clone() if projection is not None else None
         )
+        if local:
+            from oodprobe.encoders.openclip import LOCAL_METHOD
+
+            _check_local_model(model, self.image_projection, self.name)
+            self.identity = {**identity, "local": LOCAL_METHOD}
+            self.outputs = ("features", "local")
+            self.tap_kind = None  # a ,local encoder has no layer variants
         self.feature_dim = _probe_dim(self)
         self.embed_dim = int(
             self.image_projection.shape[1]
@@ -225,7 +254,40 @@ class HFTextImageEncoder(_HFTaps, TextImageEncoder):
         self.freeze()
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.local:
+            return self._forward_local(pixels)
         return self._final(self._run(pixels, False))
+
+    def _forward_local(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``features`` as the plain forward computes them, and ``local`` (class docstring)."""
+        from oodprobe.encoders.openclip import local_embeddings
+
+        vision = self.model.vision_model
+        last = vision.encoder.layers[-1]
+        seen: list[torch.Tensor] = []
+
+        def keep_input(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen.append(args[0] if args else kwargs["hidden_states"])
+
+        # the input of the last layer, caught on the way: one pass of the tower as it is
+        handle = last.register_forward_pre_hook(keep_input, with_kwargs=True)
+        try:
+            features = self._final(self._run(pixels, False))["features"]
+        finally:
+            handle.remove()
+        (block_input,) = seen
+        hidden = block_input + last.self_attn.out_proj(
+            last.self_attn.v_proj(last.layer_norm1(block_input))
+        )
+        tokens = hidden + last.mlp(last.layer_norm2(hidden))
+        patches = vision.post_layernorm(tokens[:, 1:])  # the class token dropped
+        assert self.image_projection is not None  # checked when built
+        return {
+            "features": features,
+            "local": local_embeddings(
+                self.project_features(features), patches @ self.image_projection.to(patches.dtype)
+            ),
+        }
 
     def _run(self, pixels: torch.Tensor, hidden_states: bool) -> Any:
         normalized = self.normalize(pixels)
@@ -258,6 +320,25 @@ class HFTextImageEncoder(_HFTaps, TextImageEncoder):
         return self
 
 
+def _check_local_model(model: Any, projection: torch.Tensor | None, name: str) -> None:
+    """InvalidParameterError unless ``model`` is a CLIP whose local tokens GL-MCM defines."""
+    layers = getattr(getattr(getattr(model, "vision_model", None), "encoder", None), "layers", None)
+    last = layers[-1] if layers is not None and len(layers) else None
+    attention = getattr(last, "self_attn", None)
+    if (
+        projection is None
+        or last is None
+        or not all(hasattr(last, part) for part in ("layer_norm1", "layer_norm2", "mlp"))
+        or not all(hasattr(attention, part) for part in ("v_proj", "out_proj"))
+        or not hasattr(model.vision_model, "post_layernorm")
+    ):
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise InvalidParameterError(
+            f"encoder {name!r}: ',local' (GL-MCM's patch-token features) needs a CLIP ViT with a "
+            f"visual projection; this is a {model_type} model; drop ',local'"
+        )
+
+
 def _local_folder(identity: dict[str, Any]) -> Path | None:
     """The save_pretrained folder the model was read from (hashed for weights_digest); hub: None.
 
@@ -275,9 +356,18 @@ def _probe_dim(encoder: ImageEncoder) -> int:
         return int(encoder(pixels)["features"].shape[-1])
 
 
-def create_hf_encoder(source: str) -> ImageEncoder:
-    """``hf:ID_OR_DIR`` → a text-image encoder for CLIP/SigLIP, an image encoder otherwise."""
+def create_hf_encoder(source: str, *, local: bool = False) -> ImageEncoder:
+    """``hf:ID_OR_DIR`` → a text-image encoder for CLIP/SigLIP, an image encoder otherwise.
+
+    ``local`` (``hf:ID_OR_DIR,local``): a CLIP encoder that also outputs GL-MCM's ``local``
+    tokens; InvalidParameterError for any other model (SigLIP, DINOv2, …).
+    """
     model, processor, tokenizer, identity = _load(source)
+    if local and identity["model_type"] != "clip":
+        raise InvalidParameterError(
+            f"encoder 'hf:{source},local': ',local' (GL-MCM's patch-token features) needs a CLIP "
+            f"ViT with a visual projection; this is a {identity['model_type']} model; drop ',local'"
+        )
     if identity["model_type"] in _TEXT_MODEL_TYPES:
-        return HFTextImageEncoder(source, model, processor, tokenizer, identity)
+        return HFTextImageEncoder(source, model, processor, tokenizer, identity, local=local)
     return HFImageEncoder(source, model, processor, identity)
