@@ -11,6 +11,7 @@ from oodprobe.detectors import posthoc as _posthoc  # noqa: F401  (vim, react, a
 from oodprobe.detectors import posthoc_logits as _posthoc_logits  # noqa: F401  (gen, gradnorm, …)
 from oodprobe.detectors import probe as _probe  # noqa: F401  (registers linear-probe, logits)
 from oodprobe.detectors import text as _text  # noqa: F401  (registers mcm, plp)
+from oodprobe.detectors import zeroshot as _zeroshot  # noqa: F401  (neglabel, gl-mcm)
 
 # isort: off
 # registered last, so listed last: it detects attacks, it is not an OOD detector of the ID set
