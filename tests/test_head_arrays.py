@@ -712,3 +712,25 @@ def test_text_detectors_prompt_only_the_id_training_sets_classes() -> None:
     detector = create_detector("she", head="zero-shot")
     mapped = fit_labels(detector, spec, np.array([9, 5, 7, 5]))
     np.testing.assert_array_equal(mapped, [2, 0, 1, 0])
+
+
+def test_temp_msp_fits_its_temperature_on_rows_its_probe_head_never_saw() -> None:
+    """Guo et al. (ICML 2017) fit the temperature on a validation set the classifier was not
+    trained on: the runner's probe is fitted on the rows temp-msp does not hold out."""
+    rng = np.random.default_rng(1)
+    labels = np.arange(300) % 3  # enough rows for the probe's recipe to beat chance
+    features = (rng.normal(0, 4, (3, 6))[labels] + rng.normal(0, 1, (300, 6))).astype(np.float32)
+    train = _feature_set(features, labels, key="temp-msp-holdout")
+    spec = DetectorSpec("temp-msp", {"head": "probe", "holdout_fraction": 0.3, "seed": 4})
+    detector = build_detector(spec, None, None, train=train)
+    order = np.random.default_rng(4).permutation(300)
+    held_out, kept = order[:90], np.sort(order[90:])
+    expected = probe_head(train.subset(kept))
+    np.testing.assert_array_equal(detector.head_weight, expected[0])
+    np.testing.assert_array_equal(detector.head_bias, expected[1])
+    assert not np.array_equal(detector.head_weight, probe_head(train)[0])
+    detector.fit(features, labels)  # the same split: the temperature sees only held-out rows
+    logits = features[held_out] @ expected[0].T.astype(np.float64) + expected[1]
+    from oodprobe.detectors.posthoc_logits import fit_temperature
+
+    assert detector.temperature_ == pytest.approx(fit_temperature(logits, labels[held_out]))

@@ -166,3 +166,25 @@ def test_imagenet_classifier_preset_runs_the_family_on_a_timm_head() -> None:
     imagenet = create_benchmark("imagenet")
     assert spec.id_train.source == imagenet.id_train.source and spec.id_train.per_class == 100
     assert spec.id_test == imagenet.id_test and spec.ood == imagenet.ood
+
+
+def test_imagenet_cooked_preset_puts_one_head_on_each_backbone() -> None:
+    from oodprobe.encoders import encoder_name_traits
+    from oodprobe.encoders.concat import split_concat_name
+    from oodprobe.pipeline import check_compatibility
+
+    spec = create_benchmark("imagenet-cooked")
+    (encoder,) = spec.encoders
+    parts = split_concat_name(encoder)
+    assert parts is not None and parts[0] == "timm:resnet50.a1_in1k" and len(parts) == 3
+    assert encoder_name_traits(parts[2])[0] is True  # the CLIP part has the text tower
+    by_label = detectors_by_label(spec)
+    assert by_label["cooked (entropy)"] == (
+        "prob-ensemble",
+        {"heads": ["encoder@1", "probe@2", "zero-shot@3"], "score": "entropy"},
+    )
+    assert by_label["msp (probe@2)"] == ("prob-ensemble", {"heads": ["probe@2"]})
+    # every head is one its part can give, judged by name before any model is built
+    check_compatibility(
+        spec.detectors, labelled=True, id_label="imagenet", encoders={encoder: None}
+    )

@@ -141,6 +141,17 @@ def _detector_spec(detector: Any) -> DetectorSpec:
     )
 
 
+def _refuse_concatenation(encoder_name: str) -> None:
+    """A ``concat:`` encoder has no forward pass (its parts take different pixels)."""
+    from oodprobe.encoders import parse_encoder_name
+
+    if parse_encoder_name(encoder_name).source.prefix == "concat":
+        raise InvalidParameterError(
+            f"encoder {encoder_name!r} is a concatenation, whose parts take different pixels: "
+            f"it has no forward pass to attack; attack one of its parts"
+        )
+
+
 def _refuse_non_differentiable(spec: DetectorSpec) -> None:
     """PGD needs a torch score: a detector without one is refused with its own message."""
     import torch
@@ -316,6 +327,7 @@ def run_attack(
                 f"{deployment_info['encoder']!r}, not {encoder!r}; leave out the encoder option"
             )
         encoder_name = str(deployment_info["encoder"])
+        _refuse_concatenation(encoder_name)
         loaded_params = loaded_detector.get_params(deep=False)
         if method == "pgd" and not type(loaded_detector).is_differentiable(loaded_params):
             loaded_detector.score_samples_torch(_empty())
@@ -344,6 +356,7 @@ def run_attack(
         from oodprobe.pipeline import detector_params
 
         check_encoders([encoder_name], "encoder")
+        _refuse_concatenation(encoder_name)
         check_compatibility(
             [detector_spec], labelled=True, id_label="", encoders={encoder_name: None}
         )

@@ -276,7 +276,9 @@ def extract(
         else (f"extracted at {result.stats['images_per_second']:.1f} images/s")
     )
     console.print(f"[bold]{result.dataset_name}[/] · {result.encoder_name}: {shapes} ({origin})")
-    console.print(f"features: {result.path}  (plain .npy files; np.load works)")
+    paths = [result.path] if result.path else [part["path"] for part in result.stats["parts"]]
+    for path in paths:  # a concatenation's arrays live in its parts' entries
+        console.print(f"features: {path}  (plain .npy files; np.load works)")
     _print_skipped(console, result.skipped, shown=20, more=" (see --json)")
 
 

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from oodprobe.data.decode import DecodeError
 from oodprobe.encoders import ImageEncoder, create_encoder
 from oodprobe.encoders.base import HeadArrays
 from oodprobe.errors import CacheError, DataError, InvalidParameterError
+
+if TYPE_CHECKING:
+    from oodprobe.encoders.concat import ConcatEncoder
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 OnError = Literal["skip", "raise"]
@@ -326,6 +329,26 @@ def extract_features(
     resolved_precision = resolve_precision(precision, torch_device)
     if isinstance(encoder, str):
         encoder = create_encoder(encoder)
+    from oodprobe.encoders.concat import ConcatEncoder
+
+    if isinstance(encoder, ConcatEncoder):  # each part in its own entry, then side by side
+        parts = [
+            extract_features(
+                dataset,
+                part,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                device=device,
+                precision=precision,
+                cache_root=cache_root,
+                use_cache=use_cache,
+                on_error=on_error,
+                shard_size=shard_size,
+                progress=progress,
+            )
+            for part in encoder.part_encoders
+        ]
+        return concatenate_feature_sets(encoder, parts)
     options = {
         "batch_size": batch_size,
         "num_workers": default_num_workers() if num_workers is None else num_workers,
@@ -353,6 +376,66 @@ def extract_features(
     result.stats.pop("messages", None)
     check_nothing_lost(dataset, result.indices, result.skipped)
     return result
+
+
+def concatenate_feature_sets(encoder: ConcatEncoder, parts: Sequence[FeatureSet]) -> FeatureSet:
+    """The FeatureSet of a concatenation from its parts' (one per part, same dataset).
+
+    Rows are the images every part decoded (a part's own failures are its ``skipped``, listed
+    once); ``features`` the parts' side by side, ``logits`` those of the one part that has
+    them, ``head`` that part's classifier padded to the concatenated columns. ``key`` digests
+    the parts' keys; ``path`` is None (the arrays live in the parts' entries, ``stats["parts"]``).
+    """
+    indices = parts[0].indices
+    for part in parts[1:]:
+        indices = np.intersect1d(indices, part.indices)
+    rows = [np.searchsorted(part.indices, indices) for part in parts]
+    features = np.hstack(
+        [
+            np.asarray(part.features[kept], np.float32)
+            for part, kept in zip(parts, rows, strict=True)
+        ]
+    )
+    arrays = {"features": features}
+    if encoder.logits_part is not None:
+        index = encoder.logits_part
+        logits = parts[index].logits
+        if logits is not None:
+            arrays["logits"] = np.asarray(logits[rows[index]])
+    skipped: list[SkippedImage] = []
+    seen: set[tuple[int, str]] = set()
+    for part in parts:
+        for record in part.skipped:
+            if (record.index, record.source) not in seen:
+                seen.add((record.index, record.source))
+                skipped.append(record)
+    first = parts[0]
+    return FeatureSet(
+        arrays=arrays,
+        indices=indices,
+        labels=None if first.labels is None else first.labels[rows[0]],
+        class_names=first.class_names,
+        skipped=skipped,
+        encoder_name=encoder.name,
+        dataset_name=first.dataset_name,
+        key=cache.cache_key({"concat": [part.key for part in parts]}),
+        path=None,
+        from_cache=all(part.from_cache for part in parts),
+        stats={
+            "parts": [
+                {"encoder": part.encoder_name, "path": str(part.path), **part.stats}
+                for part in parts
+            ],
+            "images_per_second": _combined_rate(parts),
+        },
+        head=encoder.head_arrays(),
+    )
+
+
+def _combined_rate(parts: Sequence[FeatureSet]) -> float:
+    """Images per second of extracting every part one after the other (inf from the cache)."""
+    seconds = sum(float(part.stats.get("seconds", 0.0)) for part in parts)
+    return len(parts[0]) / seconds if seconds > 0 else float("inf")
 
 
 def _entry_key(cache_id: str, precision: str, dataset: ImageDataset, shard_size: int) -> str:

@@ -550,6 +550,11 @@ def finetune(
         raise InvalidParameterError(
             f"{encoder_name!r} is already fine-tuned; fine-tune its base encoder instead"
         )
+    if parse_encoder_name(encoder_name).source.prefix == "concat":
+        raise InvalidParameterError(
+            f"{encoder_name!r} is a concatenation of encoders, which has no forward pass; "
+            f"fine-tune one of its parts"
+        )
     if parse_encoder_name(encoder_name).tap is not None:  # also refuses unknown names, cheaply
         raise InvalidParameterError(
             f"{encoder_name!r} is an intermediate-block variant; fine-tune the whole encoder "

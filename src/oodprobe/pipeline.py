@@ -126,10 +126,11 @@ def needs_labels(spec: DetectorSpec) -> bool:
     """Whether running the detector needs ID class labels: for its ``fit``
     (``Detector.needs_labels``), for a probe head, or for a score ensemble's member."""
     from oodprobe.detectors import DETECTORS
+    from oodprobe.detectors.posthoc import head_kinds
 
     return (
         DETECTORS[spec.name].needs_labels(spec.params)
-        or "probe" in head_sources(spec)
+        or "probe" in head_kinds(head_sources(spec))
         or any(needs_labels(member) for member in member_specs(spec))
     )
 
@@ -161,6 +162,36 @@ def encoder_has_head(encoder: Any) -> bool | None:
     return head_arrays is not None and head_arrays() is not None
 
 
+def head_encoder(detector: str, source: str, name: str, encoder: Any) -> tuple[str, Any]:
+    """(name, encoder or name) of what a head source reads: the encoder, or for ``SOURCE@K``
+    part K of a concatenation (``concat:A+B``). InvalidParameterError for a part of an encoder
+    that is not a concatenation, or one it does not have."""
+    from oodprobe.detectors.posthoc import parse_head_source
+    from oodprobe.encoders.concat import ConcatEncoder, split_concat_name
+
+    kind, part = parse_head_source(source)
+    target = name if encoder is None else encoder
+    if part is None:
+        if kind == "zero-shot" and isinstance(encoder, ConcatEncoder):
+            return name, encoder  # the concatenation's text part (ConcatTextEncoder)
+        return name, target
+    parts = split_concat_name(name) if encoder is None else None
+    if encoder is not None and isinstance(encoder, ConcatEncoder):
+        index = encoder.part_index(part, f"detector {detector!r}'s head {source!r}")
+        return encoder.part_encoders[index].name, encoder.part_encoders[index]
+    if parts is None:
+        raise InvalidParameterError(
+            f"detector {detector!r}'s head {source!r} names part {part} of a concat: encoder, "
+            f"but {name!r} is not one; write head={kind!r}, or an encoder 'concat:A+B'"
+        )
+    if not 1 <= part <= len(parts):
+        raise InvalidParameterError(
+            f"detector {detector!r}'s head {source!r} names part {part} of {name!r}, which has "
+            f"parts 1 to {len(parts)}"
+        )
+    return parts[part - 1], parts[part - 1]
+
+
 def check_compatibility(
     detectors: Sequence[DetectorSpec],
     *,
@@ -172,13 +203,16 @@ def check_compatibility(
 
     ``encoders`` maps names to built encoders or to ``None`` (judged from the name alone).
     A post-hoc detector's head is checked too: ``encoder`` needs an encoder with a linear
-    classifier head, ``probe`` labelled ID data, ``zero-shot`` a text tower.
+    classifier head, ``probe`` labelled ID data, ``zero-shot`` a text tower; ``SOURCE@K`` needs
+    a concatenation with a part K that has what the source needs (:func:`head_encoder`).
     """
     from oodprobe.detectors import DETECTORS
+    from oodprobe.detectors.posthoc import head_kinds, parse_head_source
 
     for detector in detectors:
         cls = DETECTORS[detector.name]
-        heads = head_sources(detector)
+        sources = head_sources(detector)
+        heads = head_kinds(sources)
         members = member_specs(detector)
         if members:  # each member as the runner builds it (its name in the message)
             check_compatibility(members, labelled=labelled, id_label=id_label, encoders=encoders)
@@ -202,22 +236,23 @@ def check_compatibility(
             )
         for name, encoder in encoders.items():
             traits = encoder_traits(name if encoder is None else encoder)
-            if "zero-shot" in heads and traits.has_text is False:
-                raise InvalidParameterError(
-                    f"detector {detector.name!r} with head='zero-shot' needs a vision-language "
-                    f"encoder with a text tower (openclip:…, hf: CLIP/SigLIP), but {name!r} is "
-                    f"image-only; use head='encoder' or head='probe'"
-                )
-            if (
-                "encoder" in heads
-                and encoder_has_head(name if encoder is None else encoder) is False
-            ):
-                raise InvalidParameterError(
-                    f"detector {detector.name!r} with head='encoder' scores the encoder's own "
-                    f"classifier, and {name!r} has no linear classifier head on its features; "
-                    f"use head='probe' (a linear probe on the labelled ID training features) or "
-                    f"head='zero-shot' (a CLIP text tower)"
-                )
+            for source in sources:
+                kind = parse_head_source(source)[0]
+                part_name, part = head_encoder(detector.name, source, name, encoder)
+                if kind == "zero-shot" and encoder_traits(part).has_text is False:
+                    raise InvalidParameterError(
+                        f"detector {detector.name!r} with head={source!r} needs a "
+                        f"vision-language encoder with a text tower (openclip:…, hf: "
+                        f"CLIP/SigLIP), but {part_name!r} is image-only; use head='encoder' or "
+                        f"head='probe'"
+                    )
+                if kind == "encoder" and encoder_has_head(part) is False:
+                    raise InvalidParameterError(
+                        f"detector {detector.name!r} with head={source!r} scores the encoder's "
+                        f"own classifier, and {part_name!r} has no linear classifier head on "
+                        f"its features; use head='probe' (a linear probe on the labelled ID "
+                        f"training features) or head='zero-shot' (a CLIP text tower)"
+                    )
             if cls.needs_text(detector.params) and not heads and traits.has_text is False:
                 raise InvalidParameterError(
                     f"detector {detector.name!r} needs a vision-language encoder with a text "
@@ -254,10 +289,11 @@ def detector_input(detector: Detector, features: FeatureSet) -> np.ndarray:
 def needs_text(detectors: Iterable[DetectorSpec]) -> bool:
     """Whether any of the detectors needs class embeddings (text detectors, zero-shot heads)."""
     from oodprobe.detectors import DETECTORS
+    from oodprobe.detectors.posthoc import head_kinds
 
     return any(
         DETECTORS[d.name].needs_text(d.params)
-        or "zero-shot" in head_sources(d)
+        or "zero-shot" in head_kinds(head_sources(d))
         or needs_text(member_specs(d))
         for d in detectors
     )
@@ -397,9 +433,11 @@ def resolve_heads(
     ``c`` is one class in every head. InvalidParameterError when the heads still differ in
     their number of classes.
     """
+    from oodprobe.detectors.posthoc import head_kinds
+
     sources = head_sources(spec)
     heads = [_resolve_source(source, spec, encoder, class_embeddings, train) for source in sources]
-    if "probe" in sources and train is not None and train.labels is not None:
+    if "probe" in head_kinds(sources) and train is not None and train.labels is not None:
         classes = np.unique(train.labels)
         names = train.class_names
 
@@ -430,14 +468,21 @@ def _resolve_source(
     class_embeddings: np.ndarray | None,
     train: FeatureSet | None,
 ) -> HeadParams:
-    """One head of the named source (see :func:`resolve_head`)."""
+    """One head of the named source (see :func:`resolve_head`); ``SOURCE@K`` reads only part
+    K of a concatenated encoder (``oodprobe.encoders.concat``), its head padded with zeros."""
+    from oodprobe.detectors.posthoc import parse_head_source
+
+    kind, part = parse_head_source(source)
+    if part is not None:
+        return _resolve_part_source(kind, part, spec, encoder, class_embeddings, train)
+    source = kind
     if source == "probe":
         if train is None or train.labels is None:
             raise InvalidParameterError(
                 f"detector {spec.name!r} with head='probe' needs the labelled ID training "
                 f"features to fit the probe on; pass train= (a FeatureSet with labels)"
             )
-        weight, bias = probe_head(train)
+        weight, bias = probe_head(_probe_training_set(spec, train))
         return weight, bias, None
     if source == "zero-shot":
         if class_embeddings is None:
@@ -459,6 +504,69 @@ def _resolve_source(
         )
     weight, bias = head
     return np.asarray(weight, np.float32), np.asarray(bias, np.float32), None
+
+
+def _probe_training_set(spec: DetectorSpec, train: FeatureSet) -> FeatureSet:
+    """The rows of ``train`` a probe head is fitted on: all, or those the detector does not
+    hold out for itself (``HeadDetector.probe_rows``: temp-msp fits its temperature on the
+    rest, as Guo et al. fit it on data the classifier was not trained on)."""
+    from oodprobe.detectors import DETECTORS
+
+    probe_rows = getattr(DETECTORS[spec.name], "probe_rows", None)
+    rows = None if probe_rows is None else probe_rows(spec.params, len(train))
+    return train if rows is None else train.subset(rows)
+
+
+def _resolve_part_source(
+    kind: str,
+    part: int,
+    spec: DetectorSpec,
+    encoder: Any,
+    class_embeddings: np.ndarray | None,
+    train: FeatureSet | None,
+) -> HeadParams:
+    """A head on part ``part`` (1-based) of a concatenation, as a head on all its columns."""
+    from dataclasses import replace
+
+    from oodprobe.encoders.concat import ConcatEncoder, ConcatTextEncoder
+
+    source = f"{kind}@{part}"
+    if not isinstance(encoder, ConcatEncoder):
+        head_encoder(spec.name, source, str(getattr(encoder, "name", encoder)), None)
+        raise AssertionError("head_encoder refuses a part of an encoder that is no concat:")
+    index = encoder.part_index(part, f"detector {spec.name!r}'s head {source!r}")
+    part_name = encoder.part_encoders[index].name
+    if kind == "encoder":
+        head = encoder.part_head_arrays(index)
+        if head is None:
+            raise InvalidParameterError(
+                f"detector {spec.name!r} with head={source!r} scores the own classifier of "
+                f"{part_name!r}, which has no linear classifier head; use 'probe@{part}'"
+            )
+        return head[0], head[1], None
+    if kind == "zero-shot":
+        if not isinstance(encoder, ConcatTextEncoder) or encoder.text_part != index:
+            raise InvalidParameterError(
+                f"detector {spec.name!r} with head={source!r}: the zero-shot head of "
+                f"{encoder.name!r} is its first part with a text tower"
+                + (
+                    f" (part {encoder.text_part + 1}); write 'zero-shot@{encoder.text_part + 1}'"
+                    if isinstance(encoder, ConcatTextEncoder)
+                    else ", and it has none"
+                )
+            )
+        return _resolve_source("zero-shot", spec, encoder, class_embeddings, train)
+    if train is None or train.labels is None:
+        return _resolve_source("probe", spec, encoder, class_embeddings, train)  # refused there
+    columns = encoder.part_slices[index]
+    part_train = replace(
+        train,
+        arrays={"features": np.asarray(train.features[:, columns])},
+        key=f"{train.key}:part{part}",
+        head=None,
+    )
+    weight, bias = probe_head(_probe_training_set(spec, part_train))
+    return encoder.pad_head(index, weight), bias, None
 
 
 def zero_shot_head(encoder: Any, class_embeddings: np.ndarray) -> HeadParams:

@@ -278,6 +278,46 @@ def imagenet_classifier() -> BenchmarkSpec:
     )
 
 
+COOKED_ENCODER = (
+    f"concat:{IMAGENET_CLASSIFIER}+timm:vit_small_patch14_dinov2.lvd142m+openclip:ViT-B-16/openai"
+)
+"""The imagenet-cooked preset's three backbones: an ImageNet classifier, a self-supervised ViT
+(no classifier: a probe is fitted on it) and CLIP (its zero-shot head)."""
+
+
+def imagenet_cooked() -> BenchmarkSpec:
+    """COOkeD (Humblot-Renaux et al., ICCV Workshops 2025) on the ImageNet folders: the mean
+    softmax of a classifier's own head, a linear probe on another backbone (DINOv2) and CLIP's
+    zero-shot head, each on its part of a concatenated encoder, beside each head alone."""
+    base = imagenet_classifier()
+    heads = ("encoder@1", "probe@2", "zero-shot@3")
+    alone = tuple(
+        DetectorSpec("prob-ensemble", {"heads": [head]}, f"msp ({head})") for head in heads
+    )
+    return validate(
+        replace(
+            base,
+            name="imagenet-cooked",
+            description=(
+                "COOkeD: the mean predictive distribution of a timm ImageNet classifier's head, "
+                "a linear probe on DINOv2 ViT-S/14 and CLIP ViT-B/16 zero-shot (MSP, entropy, "
+                "GEN), beside each head's MSP alone; encoder "
+                f"{COOKED_ENCODER}; ID training " + base.description.split("; ID training ", 1)[-1]
+            ),
+            encoders=(COOKED_ENCODER,),
+            detectors=(
+                *(
+                    DetectorSpec(
+                        "prob-ensemble", {"heads": list(heads), "score": score}, f"cooked ({score})"
+                    )
+                    for score in ("msp", "entropy", "gen")
+                ),
+                *alone,
+            ),
+        )
+    )
+
+
 # Blocks of each EfficientNet-Lite model the offline study sweeps: the last block of stage 3
 # and of stage 5 (of 7), beside the final 1280-d features; one forward pass per model serves all
 # three. Block indices count `model._blocks` from 1 (16 blocks in Lite0, 21 in Lite1 and Lite2).
@@ -334,6 +374,7 @@ BENCHMARKS.update(
         "cifar100": cifar100,
         "imagenet": imagenet,
         "imagenet-classifier": imagenet_classifier,
+        "imagenet-cooked": imagenet_cooked,
     }
 )
 DEFAULT_BENCHMARK = "offline-default"

@@ -3,9 +3,10 @@
 * ``score-ensemble`` — members are detector specs (``["knn:k=1", "mahalanobis"]``); each
   member's score is normalised on held-out ID training data (rank or z-score) and the ensemble
   scores the weighted mean of the normalised scores.
-* ``prob-ensemble`` — the COOkeD recipe on one backbone: the softmax of several classifier
-  heads over the same features (the encoder's own head, a linear probe, a CLIP zero-shot head)
-  averaged, then MSP, entropy or GEN of the mean distribution.
+* ``prob-ensemble`` — the COOkeD recipe: the softmax of several classifier heads over the same
+  images (the encoder's own head, a linear probe, a CLIP zero-shot head; on one backbone, or
+  one head per part of a concatenated encoder, ``heads = ["encoder@1", "probe@2",
+  "zero-shot@3"]``) averaged, then MSP, entropy or GEN of the mean distribution.
 
 For the runner: :func:`ensemble_member_specs` gives a score ensemble's members as
 ``DetectorSpec``\\ s, to build each one as the runner builds any detector (class embeddings,
@@ -43,7 +44,9 @@ from oodprobe.detectors.posthoc import (
     HEAD_CONSTRAINTS,
     HEAD_SOURCES,
     HeadDetector,
+    head_kinds,
     head_row_labels,
+    is_head_source,
     store_head_params,
 )
 from oodprobe.detectors.posthoc_logits import softmax
@@ -104,8 +107,9 @@ _WEIGHTS = _ListOf(
     lambda item: _is_number(item) and item >= 0, "list of numbers >= 0 (one per member)"
 )
 _HEADS = _ListOf(
-    lambda item: isinstance(item, str) and item in HEAD_SOURCES,
-    f"non-empty list of head sources ({', '.join(HEAD_SOURCES)})",
+    is_head_source,
+    f"non-empty list of head sources ({', '.join(HEAD_SOURCES)}, each optionally @PART of a "
+    f"concat: encoder)",
 )
 _TEMPERATURES = _ListOf(
     lambda item: _is_number(item) and item > 0, "list of numbers > 0 (one per head)"
@@ -672,7 +676,7 @@ def score_probabilities_torch(
 
 @register_detector
 class ProbEnsembleDetector(Detector):
-    """Probability-level ensemble of classifier heads over the same features (COOkeD).
+    """Probability-level ensemble of classifier heads over the same images (COOkeD).
 
     Humblot-Renaux, Franchi, Escalera & Moeslund, "COOkeD: Ensemble-based OOD detection in the
     era of zero-shot CLIP", ICCV Workshops 2025. Score: ``S(p̄)`` of the mean predictive
@@ -682,7 +686,7 @@ class ProbEnsembleDetector(Detector):
     ``gen`` (``−Σ_{top-M} p̄^γ (1 − p̄)^γ``; Liu, Lochman & Zach, CVPR 2023; ``gamma`` = 0.1,
     ``top_m`` = 100, used only by ``gen``). Higher = more in-distribution.
 
-    ``heads``: head sources, one each of ``encoder`` (the encoder's own classifier), ``probe``
+    ``heads``: distinct head sources among ``encoder`` (the encoder's own classifier), ``probe``
     (a linear probe the runner fits on the ID training features) and ``zero-shot`` (a CLIP
     zero-shot head, logit scale × unit class embeddings, so T = 1 is CLIP's own softmax, as in
     COOkeD). ``temperatures``: one per head (None: all 1). Every head must give the same
@@ -694,12 +698,14 @@ class ProbEnsembleDetector(Detector):
     ``head_bias`` and ``image_projection`` the runner gives a post-hoc detector whose
     ``head`` is ``heads[i]``.
 
-    Differences from COOkeD: the authors average a classifier trained end-to-end on the ID
-    data (its own backbone), a zero-shot CLIP head and a probe on CLIP features; here all heads
-    share **one** backbone's features (the encoder's head, a probe and a zero-shot head of the
-    same encoder). A multi-backbone ensemble needs the features of several encoders for the
-    same images, which the detector contract (one array in) does not provide; it is not built
-    here. COOkeD scores MSP and entropy; GEN is added.
+    Several backbones, as in COOkeD (a classifier, a probe on another backbone, CLIP's
+    zero-shot head): on a concatenated encoder (``concat:A+B+C``, the parts' features side by
+    side) each head reads one part, ``heads = ["encoder@1", "probe@2", "zero-shot@3"]``; the
+    runner pads each part's head with zeros to the concatenated columns, so its logits are
+    exactly those of the part alone. Without ``@PART`` every head reads one encoder's features.
+    Differences from COOkeD: the authors' classifier is trained end-to-end on the ID data by
+    them; here it is any encoder's own head, or a probe. COOkeD scores MSP and entropy; GEN is
+    added.
     """
 
     name: ClassVar[str] = "prob-ensemble"
@@ -767,11 +773,11 @@ class ProbEnsembleDetector(Detector):
     @classmethod
     def needs_labels(cls, params: Mapping[str, Any]) -> bool:
         # the probe head is fitted by the runner on the labelled ID training set
-        return "probe" in prob_ensemble_heads(params)
+        return "probe" in head_kinds(prob_ensemble_heads(params))
 
     @classmethod
     def needs_text(cls, params: Mapping[str, Any]) -> bool:
-        return "zero-shot" in prob_ensemble_heads(params)
+        return "zero-shot" in head_kinds(prob_ensemble_heads(params))
 
     def fit(self, features: Features, labels: Labels | None = None) -> ProbEnsembleDetector:
         """Check each head's arrays against (n, D) ``features``; nothing is learned from them."""

@@ -12,6 +12,11 @@ Every method here is a function of the pooled features ``f`` (n × D) and the he
   ``h = normalize(normalize(f) @ image_projection)`` (the projection given when the features are
   pre-projection), and ``W`` is CLIP's logit scale times the unit class embeddings, ``b = 0``.
 
+On a concatenated encoder (``concat:A+B``), ``SOURCE@K`` is that head on part K alone (zeros
+in the other parts' columns; :func:`parse_head_source`): the logits are the part's, while a
+method that also reads the features (ViM's residual, ReAct's clip, GradNorm's norm) reads all
+of the concatenation's.
+
 The methods see ``h`` (the features the head is applied to: ``f`` itself for the first two)
 and the head; :meth:`HeadDetector.head_features` and :meth:`HeadDetector.head_logits` are the one
 home of that mapping.
@@ -28,7 +33,8 @@ class (without gradient) and is smooth in the selected values.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -58,6 +64,53 @@ _BLOCK_ELEMENTS = 1 << 22  # float64 values of one per-row-block temporary (32 M
 HEAD_SOURCES = ("encoder", "probe", "zero-shot")
 """Where a post-hoc detector's head comes from (see the module docstring)."""
 
+_PART = re.compile(r"(?P<source>[a-z-]+)(?:@(?P<part>[1-9][0-9]*))?\Z")
+
+
+def parse_head_source(head: str) -> tuple[str, int | None]:
+    """``SOURCE[@PART]`` → (one of ``HEAD_SOURCES``, 1-based part or None).
+
+    ``probe@2`` is a probe on part 2 of a concatenated encoder (``concat:A+B``; see
+    ``oodprobe.encoders.concat``), ``encoder@1`` part 1's own classifier, ``zero-shot@3`` the
+    zero-shot head of part 3 (its text part). InvalidParameterError for anything else.
+    """
+    match = _PART.match(head) if isinstance(head, str) else None
+    if match is None or match["source"] not in HEAD_SOURCES:
+        raise InvalidParameterError(
+            f"head source {head!r} is not one of {', '.join(HEAD_SOURCES)}, optionally with "
+            f"@PART (a part of a concat: encoder, from 1), e.g. 'probe@2'"
+        )
+    part = match["part"]
+    return match["source"], None if part is None else int(part)
+
+
+def head_kinds(heads: Sequence[str]) -> tuple[str, ...]:
+    """The sources of ``heads`` without their parts: ``("probe@2", "encoder")`` →
+    ``("probe", "encoder")``."""
+    return tuple(parse_head_source(head)[0] for head in heads)
+
+
+def is_head_source(head: Any) -> bool:
+    """Whether ``head`` is a valid ``SOURCE[@PART]`` (see :func:`parse_head_source`)."""
+    try:
+        parse_head_source(head)
+    except InvalidParameterError:
+        return False
+    return True
+
+
+class HeadSource(Choices):
+    """Constraint: a head source, ``encoder``, ``probe`` or ``zero-shot``, optionally ``@PART``."""
+
+    def __init__(self) -> None:
+        super().__init__(*HEAD_SOURCES)
+
+    def is_satisfied_by(self, val: Any) -> bool:
+        return is_head_source(val)
+
+    def describe(self) -> str:
+        return f"one of {', '.join(HEAD_SOURCES)}, optionally @PART of a concat: encoder"
+
 
 def head_row_labels(
     labels: npt.NDArray[np.integer[Any]], head: str, classes: npt.ArrayLike | None = None
@@ -69,7 +122,7 @@ def head_row_labels(
     ``classes`` are those sorted classes (default: ``np.unique(labels)``). Other heads (an
     encoder's own) are indexed by the labels themselves: returned unchanged.
     """
-    if head not in ("probe", "zero-shot"):
+    if parse_head_source(head)[0] not in ("probe", "zero-shot"):
         return labels
     known = np.unique(labels) if classes is None else np.asarray(classes)
     return np.searchsorted(known, labels).astype(np.int64)
@@ -77,7 +130,7 @@ def head_row_labels(
 
 # the runner's arrays: never set by a user (``head`` is theirs)
 HEAD_CONSTRAINTS: dict[str, list[Any]] = {
-    "head": [Choices(*HEAD_SOURCES)],
+    "head": [HeadSource()],
     "head_weight": ["array-like", None],
     "head_bias": ["array-like", None],
     "image_projection": ["array-like", None],
@@ -122,6 +175,12 @@ class HeadDetector(Detector):
 
     def _fit_head(self, features: npt.NDArray[np.float64], labels: Labels | None) -> None:
         """What the method learns from the mapped ID training features (default: nothing)."""
+
+    @classmethod
+    def probe_rows(cls, params: Mapping[str, Any], n_rows: int) -> npt.NDArray[np.int64] | None:
+        """Rows of the ``n_rows`` ID training features a runner-fitted ``probe`` head may be
+        fitted on (None: all); a method that holds rows out for itself keeps them from it."""
+        return None
 
     def _checked_head(
         self, n_dims: int

@@ -14,6 +14,7 @@ exact value (and finite gradients): see :func:`generalized_entropy` for ``log(1 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -22,7 +23,12 @@ from scipy.special import logsumexp
 
 from oodprobe.arrays import Features, Labels, Scores, check_labels, row_blocks
 from oodprobe.detectors.base import Number, integer, register_detector
-from oodprobe.detectors.posthoc import HEAD_CONSTRAINTS, HeadDetector, store_head_params
+from oodprobe.detectors.posthoc import (
+    HEAD_CONSTRAINTS,
+    HeadDetector,
+    parse_head_source,
+    store_head_params,
+)
 from oodprobe.detectors.probe import TEMPERATURE, msp, score_logits_torch
 from oodprobe.errors import InvalidParameterError
 
@@ -458,6 +464,16 @@ def fit_temperature(
     return float(math.exp(result.x))
 
 
+def holdout_split(
+    n_rows: int, fraction: float, seed: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(kept rows sorted, held-out rows): ``round(fraction · n)`` rows (at least 1) of a
+    permutation seeded by ``seed`` are held out; temp-msp's split."""
+    order = np.random.default_rng(seed).permutation(n_rows)
+    count = max(1, round(fraction * n_rows))
+    return np.sort(order[count:]), order[:count]
+
+
 @register_detector
 class TemperatureMSPDetector(_LogitHeadDetector):
     """Maximum softmax probability at a temperature fitted on held-out labelled ID data.
@@ -469,10 +485,10 @@ class TemperatureMSPDetector(_LogitHeadDetector):
     features (a permutation seeded by ``seed``) and fits ``log T`` on them by Brent's bounded
     search in ``[1e-2, 1e2]`` (``scipy.optimize.minimize_scalar``; pytorch-ood's
     ``TemperatureScaling`` runs 50 L-BFGS steps on ``T`` from 1, Guo et al.'s code L-BFGS too).
-    The labels must be the head's own classes (indices into its rows). Differences: Guo et
-    al. use a validation set the classifier was not trained on; with ``head="probe"`` the
-    runner's probe was fitted on the same training features, held-out part included, so its
-    temperature is fitted on data it has seen.
+    The labels must be the head's own classes (indices into its rows). With ``head="probe"``
+    the runner fits the probe on the other rows only (:meth:`probe_rows`), so that, as in Guo
+    et al., the temperature is fitted on data the classifier was not trained on; an encoder's
+    own head (trained elsewhere) sees every row.
     """
 
     name: ClassVar[str] = "temp-msp"
@@ -512,8 +528,7 @@ class TemperatureMSPDetector(_LogitHeadDetector):
                 f"temp-msp: labels must index the head's {n_classes} classes (0..{n_classes - 1})"
                 f", got a label {int(labels.max())}; {self._label_advice()}"
             )
-        order = np.random.default_rng(int(self.seed)).permutation(len(features))
-        held_out = order[: max(1, round(float(self.holdout_fraction) * len(features)))]
+        _, held_out = holdout_split(len(features), float(self.holdout_fraction), int(self.seed))
         logits = self.head_logits(features[held_out])
         accuracy = float(np.mean(logits.argmax(axis=1) == labels[held_out]))
         if accuracy <= 1.0 / n_classes:
@@ -524,9 +539,17 @@ class TemperatureMSPDetector(_LogitHeadDetector):
             )
         self.temperature_ = fit_temperature(logits, labels[held_out])
 
+    @classmethod
+    def probe_rows(cls, params: Mapping[str, Any], n_rows: int) -> npt.NDArray[np.int64] | None:
+        """The rows ``fit`` does not hold out: the ones a probe head may be fitted on."""
+        defaults = {info.name: info.default for info in cls.param_info()}
+        merged = {**defaults, **params}
+        fit_rows, _ = holdout_split(n_rows, float(merged["holdout_fraction"]), int(merged["seed"]))
+        return fit_rows
+
     def _label_advice(self) -> str:
         """How to get labels that index this head's classes (the fix, per head source)."""
-        if self.head == "probe":
+        if parse_head_source(self.head)[0] == "probe":
             return (
                 "a probe head's row c is the c-th of its sorted classes: pass the labels as "
                 "those indices (np.unique(labels, return_inverse=True)[1])"

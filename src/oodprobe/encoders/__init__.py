@@ -11,6 +11,9 @@ libraries are imported only when an encoder of theirs is built. The grammar:
   encoder module for which tokens count). The suffix is read only when the name ends in exactly
   ``,layer=<digits>``, so a checkpoint path with commas elsewhere still works.
 * ``finetuned:PATH``: an encoder written by ``oodprobe finetune``.
+* ``concat:A+B+…``: the features of encoders A, B, … side by side (each part a name of this
+  grammar, extracted and cached on its own; ``oodprobe.encoders.concat``), for detectors over
+  several backbones, such as a COOkeD ensemble with a head on each part (``probe@2``).
 * ``openclip:SPEC,local`` and ``hf:SPEC,local`` (CLIP ViTs only; read only when the name ends in
   exactly ``,local``; not combined with ``,layer=N``): the encoder with its text tower, whose
   outputs are ``features`` and ``local``, GL-MCM's (B, P + 1, E) joint-space embeddings (row 0
@@ -165,6 +168,15 @@ def _finetuned(spec: str) -> ImageEncoder:
 _LAYER_HELP = "; append ,layer=N for the mean-pooled patch tokens of block N (image-only, no text)"
 
 
+def _concat(spec: str) -> ImageEncoder:
+    from oodprobe.encoders.concat import PREFIX, create_concat_encoder, split_concat_name
+
+    name = PREFIX + spec
+    parts = split_concat_name(name)
+    assert parts is not None
+    return create_concat_encoder(name, [create_encoder(part) for part in parts])
+
+
 def _lite_source(model: str, speed_note: str) -> EncoderSource:
     size, n_blocks = _LITE_MODELS[model]
     title = model.replace("efficientnet-lite", "EfficientNet-Lite")
@@ -238,6 +250,14 @@ ENCODERS: dict[str, EncoderSource] = {
             has_text=False,
             outputs=("features", "logits"),
         ),
+        EncoderSource(
+            "concat",
+            _concat,
+            "several encoders' features side by side (concat:A+B+...), each part extracted and "
+            "cached on its own; heads on one part: head='probe@2', 'encoder@1', 'zero-shot@3'",
+            ("concat:efficientnet-lite0+efficientnet-lite1",),
+            offline=True,
+        ),
     )
 }
 
@@ -304,6 +324,14 @@ def parse_encoder_name(name: str) -> EncoderName:
     """
     if not isinstance(name, str):
         raise InvalidParameterError(f"an encoder name must be a string, got {name!r}")
+    from oodprobe.encoders.concat import split_concat_name
+
+    parts = split_concat_name(name)
+    if parts is not None:  # its own pass; each part checked as a name of its own
+        canonical = "concat:" + "+".join(parse_encoder_name(part).canonical for part in parts)
+        return EncoderName(
+            ENCODERS["concat"], canonical, canonical[len("concat:") :], None, canonical
+        )
     tap: int | None = None
     local = name.endswith(_LOCAL_SUFFIX)
     stem = name[: -len(_LOCAL_SUFFIX)] if local else name
@@ -362,7 +390,22 @@ def encoder_name_traits(name: str) -> tuple[bool | None, tuple[str, ...] | None]
         return False, ("features",)
     if parsed.local:  # a CLIP (refused when built otherwise): text tower kept
         return True, ("features", "local")
+    if parsed.source.prefix == "concat":
+        return _concat_traits(parsed.spec.split("+"))
     return parsed.source.has_text, parsed.source.outputs
+
+
+def _concat_traits(parts: Sequence[str]) -> tuple[bool | None, tuple[str, ...] | None]:
+    """A concatenation's traits from its parts': text if any part has it; ``logits`` when
+    exactly one part has them (None where a part's outputs are unknown by name)."""
+    traits = [encoder_name_traits(part) for part in parts]
+    texts = [has_text for has_text, _ in traits]
+    has_text = True if any(texts) else (None if None in texts else False)
+    outputs = [part_outputs for _, part_outputs in traits]
+    if any(part_outputs is None for part_outputs in outputs):
+        return has_text, None
+    with_logits = sum("logits" in part_outputs for part_outputs in outputs if part_outputs)
+    return has_text, ("features", "logits") if with_logits == 1 else ("features",)
 
 
 def shared_pass_key(name: str) -> str:
