@@ -279,11 +279,6 @@ def test_extraction_caches_and_reads_back_the_local_array(
     assert cold.subset(rows).arrays["local"].shape == (2, N_PATCHES + 1, local.embed_dim)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="features._check_shard accepts only 2-d shard arrays, so a killed extraction's "
-    "(n, P + 1, E) 'local' shards are recomputed on resume instead of kept (lead's file)",
-)
 def test_resumed_extraction_keeps_local_shards(
     openclip_pair: tuple[Any, Any], cache_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -307,3 +302,12 @@ def test_resumed_extraction_keeps_local_shards(
         warnings.simplefilter("ignore")
         resumed = extract_features(dataset, local, **options)
     assert resumed.stats["images_encoded"] == 0
+
+
+def test_fine_tuning_refuses_a_local_variant_before_any_work(tmp_path: Path) -> None:
+    from oodprobe.finetune import finetune
+
+    data = ArrayDataset(random_images(4, size=32), np.arange(4) % 2)
+    with pytest.raises(InvalidParameterError, match="',local'"):
+        finetune("openclip:ViT-B-16/openai,local", data, tmp_path / "ft")
+    assert not (tmp_path / "ft").exists()

@@ -758,10 +758,11 @@ def _check_shard(
         raise CacheError(f"{where} has indices of dtype {indices.dtype} and shape {indices.shape}")
     for name in expected_names - {"indices"}:
         array = arrays[name]
-        if array.dtype != np.float32 or array.ndim != 2 or len(array) != len(indices):
+        # (n, D) arrays, or (n, T, E) tokens (GL-MCM's ``local``)
+        if array.dtype != np.float32 or array.ndim < 2 or len(array) != len(indices):
             raise CacheError(
                 f"{where} has {name} of dtype {array.dtype} and shape {array.shape}, "
-                f"expected float32 ({len(indices)}, D)"
+                f"expected float32 ({len(indices)}, D) or ({len(indices)}, T, E)"
             )
     start, stop = shard * shard_size, min((shard + 1) * shard_size, dataset_size)
     covered = np.sort(np.concatenate([indices, [int(r[0]) for r in extra["skipped"]]]))

@@ -555,6 +555,11 @@ def finetune(
             f"{encoder_name!r} is a concatenation of encoders, which has no forward pass; "
             f"fine-tune one of its parts"
         )
+    if parse_encoder_name(encoder_name).local:
+        raise InvalidParameterError(
+            f"{encoder_name!r} is a ',local' (patch-token) variant; fine-tune the encoder "
+            f"without ',local'"
+        )
     if parse_encoder_name(encoder_name).tap is not None:  # also refuses unknown names, cheaply
         raise InvalidParameterError(
             f"{encoder_name!r} is an intermediate-block variant; fine-tune the whole encoder "
