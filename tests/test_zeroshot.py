@@ -242,10 +242,17 @@ def test_neg_mining_in_fit_is_the_public_function() -> None:
 
 
 def hand_gl_mcm(tokens: np.ndarray, tau: float, lam: float) -> np.ndarray:
+    return hand_gl_mcm_with(tokens, CLASS_EMBEDDINGS, tau, lam)
+
+
+def hand_gl_mcm_with(
+    tokens: np.ndarray, class_embeddings: np.ndarray, tau: float, lam: float
+) -> np.ndarray:
     """max_c softmax(cos(g, t)/T) + λ max_p max_c softmax(cos(l_p, t)/T), token by token."""
+    labels = unit(np.asarray(class_embeddings, dtype=np.float64))
     scores = []
     for image in tokens:
-        cos = [unit(token.astype(np.float64)) @ unit(CLASS_EMBEDDINGS).T for token in image]
+        cos = [unit(token.astype(np.float64)) @ labels.T for token in image]
         global_score = softmax(cos[0] / tau).max()
         local = max(softmax(patch / tau).max() for patch in cos[1:])
         scores.append(global_score + lam * local)
@@ -371,3 +378,87 @@ def test_gl_mcm_errors_name_the_expected_shape() -> None:
     bad[1, 2, 3] = np.nan
     with pytest.raises(InvalidParameterError, match=r"NaN or inf in 1 row\(s\)"):
         detector.score_samples(bad)
+
+
+def test_gl_mcm_scores_the_local_output_of_a_tiny_open_clip(tiny_openclip: str) -> None:
+    """The encoder's ',local' output as the detector's input: token 0 is what MCM scores (so
+    λ = 0 is MCM on the pre-projection features with the projection), and the torch score
+    runs back to the pixels (the attack's path)."""
+    from PIL import Image
+
+    from oodprobe.encoders import create_encoder
+    from oodprobe.encoders.text import compute_class_embeddings
+
+    encoder = create_encoder(f"{tiny_openclip},local")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)) for _ in range(6)]
+    pixels = torch.stack([encoder.pixel_transform(image) for image in images])
+    with torch.inference_mode():
+        outputs = encoder(pixels)
+    tokens, features = outputs["local"].numpy(), outputs["features"].numpy()
+    class_embeddings = compute_class_embeddings(
+        encoder, ["cat", "dog", "car"], ["a photo of a {}."]
+    )
+    detector = GLMCMDetector(class_embeddings=class_embeddings, temperature=0.1).fit(tokens)
+    assert detector.n_tokens_ == tokens.shape[1] > 2
+    np.testing.assert_allclose(
+        detector.score_samples(tokens),
+        hand_gl_mcm_with(tokens, class_embeddings, 0.1, 1.0),
+        rtol=1e-10,
+    )
+    projection = encoder.image_projection.detach().numpy()
+    mcm = MCMDetector(
+        class_embeddings=class_embeddings, image_projection=projection, temperature=0.1
+    )
+    global_only = GLMCMDetector(class_embeddings=class_embeddings, temperature=0.1, lambda_local=0)
+    np.testing.assert_allclose(
+        global_only.fit(tokens).score_samples(tokens),
+        mcm.fit(features).score_samples(features),
+        rtol=1e-5,
+    )
+    attacked = pixels.clone().requires_grad_(True)
+    detector.score_samples_torch(encoder(attacked)["local"]).sum().backward()
+    assert attacked.grad is not None and attacked.grad.abs().sum() > 0
+
+
+def test_neglabel_runs_on_a_tiny_open_clip_from_pixels_to_gradients(tiny_openclip: str) -> None:
+    """Real text tower for the labels and a small corpus, pre-projection features with the
+    projection (as the runner passes them), and a torch score back to the pixels."""
+    from PIL import Image
+
+    from oodprobe.encoders import create_encoder
+    from oodprobe.encoders.text import compute_class_embeddings
+
+    encoder = create_encoder(tiny_openclip)
+    prompt = ["a photo of a {}."]
+    class_embeddings = compute_class_embeddings(encoder, ["cat", "dog", "car"], prompt)
+    terms = ["tree", "house", "river", "cloud", "chair", "spoon", "violin", "mountain"]
+    corpus = compute_class_embeddings(encoder, terms, prompt)
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)) for _ in range(5)]
+    pixels = torch.stack([encoder.pixel_transform(image) for image in images])
+    with torch.inference_mode():
+        features = encoder(pixels)["features"].numpy()
+    projection = encoder.image_projection.detach().numpy()
+    detector = create_detector(
+        "neglabel",
+        class_embeddings=class_embeddings,
+        corpus_embeddings=corpus,
+        image_projection=projection,
+        n_negatives=4,
+        n_groups=2,
+    ).fit(features)
+    np.testing.assert_array_equal(
+        detector.negative_indices_, mine_negative_labels(class_embeddings, corpus, 4)
+    )
+    scores = detector.score_samples(features)
+    joint = unit(unit(features.astype(np.float64)) @ projection)
+    per_group = []
+    for group in detector.group_indices():
+        negatives = unit(detector.negative_embeddings_[group].astype(np.float64))
+        logits = joint @ np.vstack([unit(class_embeddings.astype(np.float64)), negatives]).T
+        per_group.append(softmax(logits / 0.01, axis=1)[:, :3].sum(axis=1))
+    np.testing.assert_allclose(np.exp(scores), np.mean(per_group, axis=0), rtol=1e-9)
+    attacked = pixels.clone().requires_grad_(True)
+    detector.score_samples_torch(encoder(attacked)["features"]).sum().backward()
+    assert attacked.grad is not None and torch.all(torch.isfinite(attacked.grad))
