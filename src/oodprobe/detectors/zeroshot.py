@@ -117,10 +117,10 @@ class NegLabelDetector(_TextMixin):
     formula; M is one count over the whole corpus (they take 15 % of nouns and of adjectives).
     The detector returns ``log S(x)`` (log of the mean over groups), computed in float64 with
     stable log-sum-exps (``log S_g = −softplus(lse_neg_g − lse_ID)``, and from ``log(1 − S)``
-    where S is near 1): a monotone transform,
-    so AUROC and FPR are those of ``S``, but ``S`` itself rounds to 1.0 in float64 once the ID
-    log-sum-exp leads a group's by ~37 (a cosine margin of 0.37 at τ = 0.01), tying the most
-    ID-like images; its log keeps them ranked. ``exp(score)`` is the paper's ``S``.
+    where S is near 1): a monotone transform, so AUROC and FPR are those of ``S``, but ``S``
+    itself rounds to 1.0 in float64 once the ID log-sum-exp leads a group's by ~37 (a cosine
+    margin of 0.37 at τ = 0.01), tying the most ID-like images; its log keeps them ranked.
+    ``exp(score)`` is the paper's ``S``.
     A loaded detector holds its mined negatives, not the corpus (``corpus_embeddings`` loads
     as None: it scores, and refitting needs the corpus again).
     """
