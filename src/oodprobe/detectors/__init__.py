@@ -4,6 +4,7 @@ Importing this package registers every detector in ``DETECTORS``.
 """
 
 from oodprobe.detectors import baselines as _baselines  # noqa: F401  (lof, isolation-forest, …)
+from oodprobe.detectors import clipn as _clipn  # noqa: F401  (clipn-atd, clipn-ctw)
 from oodprobe.detectors import ensemble as _ensemble  # noqa: F401  (score-, prob-ensemble)
 from oodprobe.detectors import gaussian as _gaussian  # noqa: F401  (gaussian, mahalanobis, rmd)
 from oodprobe.detectors import neighbors as _neighbors  # noqa: F401  (knn, deep-knn)

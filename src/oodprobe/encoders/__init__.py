@@ -165,6 +165,12 @@ def _finetuned(spec: str) -> ImageEncoder:
     return encoder
 
 
+def _clipn(spec: str) -> ImageEncoder:
+    from oodprobe.encoders.clipn import CLIPNEncoder
+
+    return CLIPNEncoder(spec)
+
+
 _LAYER_HELP = "; append ,layer=N for the mean-pooled patch tokens of block N (image-only, no text)"
 
 
@@ -249,6 +255,17 @@ ENCODERS: dict[str, EncoderSource] = {
             offline=True,
             has_text=False,
             outputs=("features", "logits"),
+        ),
+        EncoderSource(
+            "clipn",
+            _clipn,
+            "CLIPN (Wang et al., ICCV 2023): an open_clip CLIP plus a 'no' text encoder, from a "
+            "local checkpoint (ARCH/PATH; weights linked from github.com/xmed-lab/CLIPN); "
+            "features, projection, yes and no texts",
+            ("clipn:ViT-B-16/CLIPN_ATD_Repeat2_epoch_10.pt",),
+            offline=True,
+            has_text=True,
+            outputs=("features",),
         ),
         EncoderSource(
             "concat",
