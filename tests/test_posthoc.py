@@ -246,6 +246,29 @@ def test_ash_and_scale_equal_the_authors_shaping(data: Data, name: str, percenti
     np.testing.assert_allclose(detector.score_samples(queries), expected, 1e-10)
 
 
+@pytest.mark.parametrize("name", ["ash-s", "scale"])
+def test_ash_s_and_scale_torch_scores_of_float64_features_reach_past_float32(name: str) -> None:
+    """At percentile 99.5 of 1280 dense non-negative units, s1/s2 reaches ~100, past float32's
+    ln(max) of 88.7: the torch score of float32 features overflows (its documented limit), and
+    that of float64 features equals the float64 numpy score, with a finite gradient."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    features = rng.random((40, 1280))
+    weight, bias = rng.normal(0, 0.01, (5, 1280)), rng.normal(size=5)
+    detector = create_detector(name, percentile=99.5, head_weight=weight, head_bias=bias)
+    detector.fit(features)
+    expected = detector.score_samples(features)
+    assert np.isfinite(expected).all() and expected.max() > 1e30  # beyond exp(88)
+    tensor = torch.tensor(features, dtype=torch.float64, requires_grad=True)
+    scores = detector.score_samples_torch(tensor)
+    np.testing.assert_allclose(scores.detach().numpy(), expected, rtol=1e-9)
+    scores.sum().backward()
+    assert tensor.grad is not None and torch.isfinite(tensor.grad).all()
+    single = detector.score_samples_torch(torch.tensor(features, dtype=torch.float32))
+    assert not torch.isfinite(single).all()
+
+
 def test_ash_p_at_percentile_0_is_the_plain_energy(data: Data) -> None:
     queries = np.vstack([data.test, data.ood])
     np.testing.assert_allclose(

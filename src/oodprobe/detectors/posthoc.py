@@ -727,7 +727,9 @@ class SCALEDetector(_ShapingDetector):
     nothing is pruned. Default percentile 85 (the authors' ``configs/postprocessors/
     scale.yml``, kai422/SCALE). Differences: none in where it is applied (the authors' code
     scales the pooled features too); ties and the clip of ``s1/s2`` as in ``ash-s``.
-    Piecewise differentiable.
+    Piecewise differentiable. As for ``ash-s``, ``exp(s1/s2)`` passes float32's range when
+    ``s1/s2 > 88`` (percentiles above ~99 on dense features): the torch score of float32
+    features is then inf; pass float64 features (the numpy score is float64).
     """
 
     name: ClassVar[str] = "scale"
