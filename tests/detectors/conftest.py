@@ -133,6 +133,33 @@ DETECTOR_FACTORIES: dict[str, DetectorFactory] = {
         head_biases=[None, None],
         image_projections=[None, None],
     ),
+    # zeroshot.py. NegLabel: a corpus holding the OOD direction (cosine 0.5 to every class,
+    # mined) and labels near each class (95th-percentile cosine 0.8: not mined). GL-MCM: the
+    # 6 dims as 2 tokens of 3 (token 0 global, token 1 one patch) and 4 class directions in 3-d
+    "neglabel": lambda data: create_detector(
+        "neglabel",
+        class_embeddings=data.class_means,
+        corpus_embeddings=np.vstack(
+            [np.eye(N_CLASSES, N_DIMS).sum(axis=0) / 2, data.class_means / 5 + 0.1]
+        ),
+        n_negatives=1,
+        n_groups=1,
+    ),
+    "gl-mcm": lambda data: create_detector(
+        "gl-mcm", class_embeddings=np.vstack([np.eye(3), -np.ones((1, 3)) / np.sqrt(3)])
+    ),
+    # clipn.py: yes = the class directions, no = the OOD cluster's direction (cos 0.5 to each
+    # class): ID says yes, OOD says no. logit_scale 10, not CLIPN's 100: these cosines differ by
+    # 0.5-1 (CLIP's by 0.05-0.1); at 100 the sigmoids saturate and fp16 gradients underflow to 0
+    **{
+        name: lambda data, name=name: create_detector(
+            name,
+            class_embeddings=data.class_means,
+            no_class_embeddings=np.tile(data.class_means.sum(axis=0), (data.n_classes, 1)),
+            logit_scale=10.0,
+        )
+        for name in ("clipn-atd", "clipn-ctw")
+    },
     # adversarial.py: fitted on clean (1) vs attacked (0) rows, see fit_arrays
     "class-score-svm": lambda data: create_detector("class-score-svm"),
     "class-score-svm-features": lambda data: create_detector("class-score-svm-features"),

@@ -238,6 +238,9 @@ class Detector(BaseEstimator):
     requires_head: ClassVar[bool] = False
     input_array: ClassVar[str] = "features"
     runner_params: ClassVar[frozenset[str]] = frozenset()
+    # runner parameters that ``fit`` alone uses (NegLabel's corpus): saved as None, so a file
+    # holds what scoring needs (the fitted state), not the inputs it was mined from
+    unsaved_params: ClassVar[frozenset[str]] = frozenset()
     differentiable: ClassVar[bool] = False
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {}
     # parameters added after files were first written, with the value that reproduces what such
@@ -429,6 +432,7 @@ class Detector(BaseEstimator):
                 isinstance(item, Detector) for item in value
             ):  # one array-like per entry (a probability ensemble's heads)
                 params[name] = [None if item is None else np.asarray(item) for item in value]
+        params.update(dict.fromkeys(self.unsaved_params & params.keys()))
         return params
 
     def _get_members(self) -> list[Detector]:

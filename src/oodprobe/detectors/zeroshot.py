@@ -127,8 +127,8 @@ class NegLabelDetector(_TextMixin):
 
     name: ClassVar[str] = "neglabel"
     runner_params: ClassVar[frozenset[str]] = frozenset({*_TEXT_CONSTRAINTS, "corpus_embeddings"})
-    # runner parameters used by ``fit`` only and not written to a detector file (the corpus:
-    # 10^5 × E; the fitted negatives are what scoring needs)
+    # the corpus (10^5 × E) is not written to a detector file: the fitted negatives are what
+    # scoring needs (Detector.unsaved_params)
     unsaved_params: ClassVar[frozenset[str]] = frozenset({"corpus_embeddings"})
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         **_TEXT_CONSTRAINTS,
@@ -190,11 +190,6 @@ class NegLabelDetector(_TextMixin):
         self.negative_indices_ = indices
         self.n_dims_, self.n_classes_ = n_dims, int(embeddings.shape[0])
         return self
-
-    # -- persistence: the corpus stays out of the file ------------------------------------
-    def _params_to_save(self) -> dict[str, Any]:
-        params = super()._params_to_save()
-        return {**params, **dict.fromkeys(self.unsaved_params)}
 
     # -- scoring ----------------------------------------------------------------------------
     def group_indices(self) -> npt.NDArray[np.int64]:

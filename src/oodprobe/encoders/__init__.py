@@ -11,6 +11,8 @@ libraries are imported only when an encoder of theirs is built. The grammar:
   encoder module for which tokens count). The suffix is read only when the name ends in exactly
   ``,layer=<digits>``, so a checkpoint path with commas elsewhere still works.
 * ``finetuned:PATH``: an encoder written by ``oodprobe finetune``.
+* ``clipn:ARCH/PATH``: a CLIPN checkpoint (Wang et al., ICCV 2023) on open_clip ARCH: image
+  features, projection, yes texts and no texts (``oodprobe.encoders.clipn``).
 * ``concat:A+B+…``: the features of encoders A, B, … side by side (each part a name of this
   grammar, extracted and cached on its own; ``oodprobe.encoders.concat``), for detectors over
   several backbones, such as a COOkeD ensemble with a head on each part (``probe@2``).
