@@ -18,6 +18,9 @@ term. Built-in corpora (:data:`CORPORA`), all read offline:
 * ``imagenet21k``: the first lemma of each of the 21,843 ImageNet-21k synsets (the lists timm's
   wheel ships under ``timm/data/_info/``), as concept names.
 
+After cleaning (below): 117,391 nouns of WordNet's 117,798 noun lemmas, 21,246 adjectives of
+21,479, 135,541 terms in ``wordnet`` (3,096 of them both), 20,068 ImageNet-21k names.
+
 Cleaning (:func:`clean_terms`): underscores → spaces and runs of whitespace → one
 (:func:`oodprobe.classnames.clean_class_name`); for the built-in corpora, terms with a digit or
 a character other than letters, space, ``-``, ``'`` and ``.`` are dropped (``omega-3 fatty
@@ -621,3 +624,25 @@ def corpus_embeddings(
         arrays, _ = cache.read_entry(directory, key=key, verify=False)
         _check_rows(arrays, 0, n_terms, directory)
         return np.asarray(arrays["features"])
+
+
+def check_corpus_source(source: Any) -> None:
+    """Refuse, without reading it, a corpus that :func:`load_corpus` could not load.
+
+    A built-in name whose input files are missing (WordNet not installed) says what to install;
+    anything else must name an existing file. For checking a spec before any work.
+    """
+    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source):
+        raise InvalidParameterError(
+            f"a corpus is a built-in name ({', '.join(CORPORA)}) or a file path, got {source!r}"
+        )
+    text = os.fspath(source)
+    if text in CORPORA:
+        missing = [path for path in CORPORA[text].inputs() if not path.is_file()]
+        if missing and text.startswith("wordnet"):
+            raise _missing_wordnet(wordnet_dir(), f"{missing[0]} not found")
+        if missing:
+            raise DataError(f"corpus {text!r} needs {missing[0]}, which is missing")
+        return
+    if not Path(text).expanduser().is_file():
+        raise UnknownNameError("corpus (or a corpus file path)", text, CORPORA)
