@@ -102,7 +102,7 @@ def test_help_shows_choices_as_choices(
     lines = _help_options(out)
     assert f"<{'|'.join(benchmark_names())}>" in lines["--preset"]
     assert f"<{'|'.join(CONVENTIONS)}>" in lines["--convention"]
-    assert "<ensemble|single>" in lines["--prompts"]
+    assert "<ensemble|single|clipn>" in lines["--prompts"]
     assert "[auto|cpu|cuda|cuda:N|mps]" in lines["--device"]
     assert "<auto|fp32|fp16|bf16>" in lines["--precision"]
     for option in ("--seed", "--workers", "--bootstrap"):
@@ -112,7 +112,7 @@ def test_help_shows_choices_as_choices(
     for command in ("fit", "score"):
         code, out, _ = _run(capsys, command, "--help")
         options = _help_options(out)
-        assert "<ensemble|single>" in options.get("--prompts", "<ensemble|single>")
+        assert "<ensemble|single|clipn>" in options.get("--prompts", "<ensemble|single|clipn>")
         for option in ("--download", "--workers", "--precision", "--batch-size", "--key-file"):
             assert option in options, (command, option)
     assert {"--class-names", "--prompts"} <= set(_help_options(_run(capsys, "fit", "--help")[1]))
@@ -219,8 +219,8 @@ def test_extract_lists_skipped_files(
         (
             ["bench", "--preset", "nope"],
             "error: Invalid value for '--preset': 'nope' is not one of 'offline-default', "
-            "'offline-study', 'cifar10', 'cifar100', 'imagenet', 'imagenet-classifier'. "
-            "(see 'oodprobe bench --help')",
+            "'offline-study', 'cifar10', 'cifar100', 'imagenet', 'imagenet-classifier', "
+            "'imagenet-cooked'. (see 'oodprobe bench --help')",
         ),
         (
             ["extract", "mnist-5k", "--device", "gpu"],
@@ -244,7 +244,8 @@ def test_extract_lists_skipped_files(
         ),
         (
             ["bench", "--prompts", "many"],
-            "error: Invalid value for '--prompts': 'many' is not one of 'ensemble', 'single'. "
+            "error: Invalid value for '--prompts': 'many' is not one of 'ensemble', 'single', "
+            "'clipn'. "
             "(see 'oodprobe bench --help')",
         ),
         (

@@ -143,8 +143,10 @@ def test_a_key_given_to_fit_signs_the_saved_file(images: ArrayDataset, tmp_path:
         ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
         ({"num_workers": -1}, "num_workers must be an integer >= 0, got -1"),
         ({"precision": "fp8"}, "precision must be one of auto, fp32, fp16, bf16, got 'fp8'"),
-        ({"prompts": "many"}, "prompts must be one of ensemble, single or a list of templates, "
-         "got 'many'"),
+        (
+            {"prompts": "many"},
+            "prompts must be one of ensemble, single, clipn or a list of templates, got 'many'",
+        ),
         ({"class_names": []}, "class_names must not be empty; omit it to use the data's"),
         (
             {"detector": DetectorSpec("mcm")},

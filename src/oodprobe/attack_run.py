@@ -436,7 +436,7 @@ def run_attack(
     from oodprobe.features import extract_features
     from oodprobe.pipeline import (
         build_detector,
-        compute_text_embeddings,
+        compute_text_arrays,
         detector_input,
         fit_labels,
         id_class_names,
@@ -461,8 +461,13 @@ def run_attack(
         assert detector_spec is not None and train is not None
         class_embeddings = None
         if needs_text([detector_spec]):
-            class_embeddings = compute_text_embeddings(
-                model, id_class_names(spec.class_names, id_train), spec.prompts
+            class_embeddings = compute_text_arrays(
+                model,
+                id_class_names(spec.class_names, id_train),
+                spec.prompts,
+                [detector_spec],
+                cache_root=cache_root,
+                progress=progress,
             )
         fitted = build_detector(detector_spec, model, class_embeddings, train=train)
         fitted.fit(detector_input(fitted, train), fit_labels(fitted, detector_spec, train.labels))

@@ -32,9 +32,10 @@ from oodprobe.benchmark_outputs import (
 from oodprobe.benchmark_spec import BenchmarkSpec, DataSpec, DetectorSpec, validate
 from oodprobe.errors import DataError, OodprobeError
 from oodprobe.pipeline import (
+    TextArrays,
     build_detector,
     check_compatibility,
-    compute_text_embeddings,
+    compute_text_arrays,
     detector_input,
     detector_params,
     fit_labels,
@@ -341,7 +342,14 @@ def execute_benchmark(
         class_embeddings = None
         if needs_text([d for ds in served.values() for d in ds]):  # final-layer encoders only
             names_of_classes = id_class_names(spec.class_names, id_train)
-            class_embeddings = compute_text_embeddings(encoder, names_of_classes, spec.prompts)
+            class_embeddings = compute_text_arrays(
+                encoder,
+                names_of_classes,
+                spec.prompts,
+                [d for ds in served.values() for d in ds],
+                cache_root=cache_root,
+                progress=progress,
+            )
         for name in names:
             output_key = outputs[name]
             train, test, *oods = (per_name[name] for per_name in splits)
@@ -542,7 +550,7 @@ def _evaluate_detector(
     detector_spec: DetectorSpec,
     context: RowContext,
     encoder: Any,
-    class_embeddings: np.ndarray | None,
+    class_embeddings: TextArrays | None,
     train: Split,
     test: Split,
     oods: list[Split],

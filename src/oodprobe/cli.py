@@ -45,7 +45,7 @@ CONVENTION_NAMES = (
     "clipn",
     "deep-knn",
 )
-PROMPT_SET_NAMES = ("ensemble", "single")
+PROMPT_SET_NAMES = ("ensemble", "single", "clipn")
 if TYPE_CHECKING:
     Precision = str
     OnError = str

@@ -114,7 +114,7 @@ def fit_deployment(
         build_detector,
         check_compatibility,
         check_detector_specs,
-        compute_text_embeddings,
+        compute_text_arrays,
         detector_input,
         fit_labels,
         head_sources,
@@ -150,7 +150,14 @@ def fit_deployment(
     )
     class_embeddings = None
     if needs_text([detector]):  # before extraction: a missing class list fails now
-        class_embeddings = compute_text_embeddings(encoder, id_class_names(names, dataset), prompts)
+        class_embeddings = compute_text_arrays(
+            encoder,
+            id_class_names(names, dataset),
+            prompts,
+            [detector],
+            cache_root=cache_root,
+            progress=progress,
+        )
     # a post-hoc detector's head (an ensemble member's too) may be fitted on the training rows:
     # built once they are known; any other detector now, before extraction
     model = None

@@ -15,9 +15,11 @@ features, or a CLIP zero-shot head of class embeddings.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -253,6 +255,12 @@ def check_compatibility(
                         f"its features; use head='probe' (a linear probe on the labelled ID "
                         f"training features) or head='zero-shot' (a CLIP text tower)"
                     )
+            if "no_class_embeddings" in cls.runner_params and not _is_clipn(name, encoder):
+                raise InvalidParameterError(
+                    f"detector {detector.name!r} scores CLIPN's 'no' text tower (Wang et al., "
+                    f"ICCV 2023), which {name!r} has not; use a CLIPN checkpoint "
+                    f"('clipn:ARCH/PATH')"
+                )
             if cls.needs_text(detector.params) and not heads and traits.has_text is False:
                 raise InvalidParameterError(
                     f"detector {detector.name!r} needs a vision-language encoder with a text "
@@ -264,6 +272,15 @@ def check_compatibility(
                     f"detector {detector.name!r} scores the encoder's {array}, and "
                     f"{name!r} gives only: {', '.join(traits.outputs)}"
                 )
+
+
+def _is_clipn(name: str, encoder: Any) -> bool:
+    """Whether an encoder (built, or judged by its name) has CLIPN's "no" text tower."""
+    if encoder is not None:
+        return hasattr(encoder, "encode_no_texts")
+    from oodprobe.encoders import parse_encoder_name
+
+    return parse_encoder_name(name).source.prefix == "clipn"
 
 
 def check_device(device: str) -> str:
@@ -333,23 +350,119 @@ def compute_text_embeddings(
     encoder: Any, class_names: Sequence[str] | None, prompts: str | Sequence[str]
 ) -> np.ndarray:
     """(C, E) class embeddings of ``class_names`` under a named prompt set or a prompt list."""
-    from oodprobe.encoders.text import PROMPT_SETS, compute_class_embeddings
+    from oodprobe.encoders.text import compute_class_embeddings
 
     names = require_class_names(class_names)
-    prompt_list = PROMPT_SETS[prompts] if isinstance(prompts, str) else tuple(prompts)
-    return compute_class_embeddings(encoder, names, prompt_list)
+    return compute_class_embeddings(encoder, names, _prompt_list(prompts))
+
+
+def _prompt_list(prompts: str | Sequence[str]) -> tuple[str, ...]:
+    from oodprobe.encoders.text import PROMPT_SETS
+
+    return PROMPT_SETS[prompts] if isinstance(prompts, str) else tuple(prompts)
+
+
+@dataclass
+class TextArrays:
+    """What the runner computes with an encoder's text tower for the detectors of a run.
+
+    ``class_embeddings`` (C × E) of the ID class names; ``no_class_embeddings`` the same names
+    through CLIPN's "no" tower (``clipn-atd``, ``clipn-ctw``), or None; ``corpora`` maps a
+    corpus source (``wordnet``, a file) to the (N × E) embeddings of its terms without the ID
+    class names (NegLabel's candidates), under the class embeddings' prompts.
+    """
+
+    class_embeddings: np.ndarray
+    no_class_embeddings: np.ndarray | None = None
+    corpora: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _all_specs(detectors: Iterable[DetectorSpec]) -> list[DetectorSpec]:
+    """The detectors and, recursively, a score ensemble's members."""
+    found: list[DetectorSpec] = []
+    for spec in detectors:
+        found.append(spec)
+        found.extend(_all_specs(member_specs(spec)))
+    return found
+
+
+def corpus_sources(detectors: Iterable[DetectorSpec]) -> list[str]:
+    """The corpora the detectors mine labels from (NegLabel's ``corpus``), each once."""
+    from oodprobe.detectors import DETECTORS
+
+    sources: list[str] = []
+    for spec in _all_specs(detectors):
+        if "corpus_embeddings" in DETECTORS[spec.name].runner_params:
+            source = str(detector_params(spec)["corpus"])
+            if source not in sources:
+                sources.append(source)
+    return sources
+
+
+def compute_text_arrays(
+    encoder: Any,
+    class_names: Sequence[str] | None,
+    prompts: str | Sequence[str],
+    detectors: Sequence[DetectorSpec],
+    *,
+    cache_root: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> TextArrays:
+    """The class embeddings, and what else the detectors need of the text tower.
+
+    CLIPN's no-embeddings use the same names and prompts as the class embeddings (CLIPN's
+    ``merge_yes_no_feature`` runs one prompt list through both towers). A corpus is embedded
+    with the same prompts and cached (:func:`oodprobe.corpus.corpus_embeddings`: a second run
+    reads it); terms equal to an ID class name (ignoring case) are left out, so that an ID
+    label is never mined as a negative.
+    """
+    from oodprobe.detectors import DETECTORS
+
+    names = require_class_names(class_names)
+    prompt_list = _prompt_list(prompts)
+    text = TextArrays(compute_text_embeddings(encoder, names, prompt_list))
+    specs = _all_specs(detectors)
+    if any("no_class_embeddings" in DETECTORS[spec.name].runner_params for spec in specs):
+        from oodprobe.encoders.clipn import compute_no_class_embeddings
+
+        text.no_class_embeddings = compute_no_class_embeddings(encoder, names, prompt_list)
+    sources = corpus_sources(specs)
+    if sources:
+        from oodprobe.corpus import corpus_embeddings, load_corpus
+        from oodprobe.encoders.text import clean_class_names
+
+        root = None if cache_root is None else Path(cache_root)
+        id_names = {name.casefold() for name in clean_class_names(names)}
+        for source in sources:
+            corpus = load_corpus(source, cache_root=root)
+            embeddings = corpus_embeddings(
+                encoder, corpus, prompt_list, cache_root=root, progress=progress
+            )
+            keep = np.array([term.casefold() not in id_names for term in corpus.terms], bool)
+            text.corpora[source] = embeddings[keep]
+    return text
+
+
+def text_arrays_of(text: TextArrays | np.ndarray | None) -> TextArrays | None:
+    """``text`` as TextArrays (bare class embeddings, as tests and older callers pass them)."""
+    if text is None or isinstance(text, TextArrays):
+        return text
+    return TextArrays(np.asarray(text))
 
 
 def build_detector(
     spec: DetectorSpec,
     encoder: Any,
-    class_embeddings: np.ndarray | None,
+    text: TextArrays | np.ndarray | None,
     *,
     train: FeatureSet | None = None,
 ) -> Detector:
     """Instantiate a detector with the arrays the runner computes for it.
 
-    Text detectors get class embeddings and the image projection; post-hoc detectors their
+    Text detectors get class embeddings (``text``: :class:`TextArrays` from
+    :func:`compute_text_arrays`, or bare class embeddings) and the image projection when they
+    score the encoder's ``features`` (GL-MCM's ``local`` tokens are in the joint space already),
+    CLIPN's detectors the no-embeddings, NegLabel its corpus; post-hoc detectors their
     head (:func:`resolve_head`, from ``train``, the ID training features, and ``encoder``); a
     probability ensemble one head per entry of its ``heads`` (:func:`resolve_heads`); a score
     ensemble its members, each built by this function.
@@ -358,9 +471,17 @@ def build_detector(
 
     cls = DETECTORS[spec.name]
     params = dict(spec.params)
+    arrays = text_arrays_of(text)
+    class_embeddings = None if arrays is None else arrays.class_embeddings
     if cls.requires_text:
         params["class_embeddings"] = class_embeddings
-        params["image_projection"] = _projection(encoder)
+        if cls.input_array_for(spec.params) == "features":
+            params["image_projection"] = _projection(encoder)
+    if "no_class_embeddings" in cls.runner_params:
+        params["no_class_embeddings"] = None if arrays is None else arrays.no_class_embeddings
+    if "corpus_embeddings" in cls.runner_params:
+        source = str(detector_params(spec)["corpus"])
+        params["corpus_embeddings"] = None if arrays is None else arrays.corpora.get(source)
     if head_source(spec) is not None:
         weight, bias, projection = resolve_head(spec, encoder, class_embeddings, train=train)
         params.update(head_weight=weight, head_bias=bias, image_projection=projection)
@@ -373,8 +494,7 @@ def build_detector(
         )
     if "member_detectors" in cls.runner_params:
         params["member_detectors"] = [
-            build_detector(member, encoder, class_embeddings, train=train)
-            for member in member_specs(spec)
+            build_detector(member, encoder, arrays, train=train) for member in member_specs(spec)
         ]
     return create_detector(spec.name, **params)
 

@@ -15,6 +15,7 @@ detector holds a model.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -121,6 +122,9 @@ class NegLabelDetector(_TextMixin):
     itself rounds to 1.0 in float64 once the ID log-sum-exp leads a group's by ~37 (a cosine
     margin of 0.37 at τ = 0.01), tying the most ID-like images; its log keeps them ranked.
     ``exp(score)`` is the paper's ``S``.
+    ``corpus`` names the candidate labels the runner embeds (:mod:`oodprobe.corpus`: default
+    ``wordnet``, WordNet's nouns and adjectives as in the paper, or a file of terms), with the
+    prompts of the ID class embeddings, leaving out the ID class names themselves.
     A loaded detector holds its mined negatives, not the corpus (``corpus_embeddings`` loads
     as None: it scores, and refitting needs the corpus again).
     """
@@ -138,6 +142,7 @@ class NegLabelDetector(_TextMixin):
         "temperature": TEMPERATURE,
         "n_groups": [integer(1)],
         "seed": [integer(0, 2**32 - 1)],
+        "corpus": [str],
     }
 
     negative_embeddings_: npt.NDArray[Any]
@@ -154,8 +159,10 @@ class NegLabelDetector(_TextMixin):
         temperature: float = 0.01,
         n_groups: int = 100,
         seed: int = 0,
+        corpus: str = "wordnet",
     ) -> None:
         self.class_embeddings = class_embeddings
+        self.corpus = corpus
         self.corpus_embeddings = corpus_embeddings
         self.image_projection = image_projection
         self.n_negatives = n_negatives
@@ -163,6 +170,15 @@ class NegLabelDetector(_TextMixin):
         self.temperature = temperature
         self.n_groups = n_groups
         self.seed = seed
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any], *, runner: bool = False) -> None:
+        """The base checks; ``corpus`` a built-in corpus name or an existing file."""
+        super().check_params(params, runner=runner)
+        if "corpus" in params:
+            from oodprobe.corpus import check_corpus_source
+
+            check_corpus_source(params["corpus"])  # a name it knows, or a file that exists
 
     def fit(self, features: Features, labels: Labels | None = None) -> NegLabelDetector:
         """Mine the negatives from the corpus; (n, D) features only fix the shape; no labels."""

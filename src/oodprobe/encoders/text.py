@@ -17,6 +17,7 @@ from oodprobe.encoders.base import TextImageEncoder
 from oodprobe.errors import InvalidParameterError
 
 __all__ = [
+    "CLIPN_PROMPTS",
     "PROMPT_ENSEMBLE",
     "PROMPT_SETS",
     "SINGLE_PROMPT",
@@ -33,7 +34,94 @@ PROMPT_ENSEMBLE: tuple[str, ...] = (
     "a photo of the small {}.",
 )
 SINGLE_PROMPT: tuple[str, ...] = ("a photo of a {}",)
-PROMPT_SETS: dict[str, tuple[str, ...]] = {"ensemble": PROMPT_ENSEMBLE, "single": SINGLE_PROMPT}
+# CLIPN's inference prompts, src/prompt/prompt.txt of their repository, as their
+# ``merge_yes_no_feature`` reads them: each line *with* its single quotes (and, on the two
+# "a photo of a {}." lines, a trailing comma), for the yes and the no tower alike (prompt_no.txt
+# is for training). 64 templates (CLIP's ImageNet ensemble, in CLIPN's order), then the same
+# 64 with "of" -> "with" and "in a video game" -> "appearing in a video game".
+_CLIPN_OF_TEMPLATES: tuple[str, ...] = (
+    "'a bad photo of a {}.'",
+    "'a photo of many {}.'",
+    "'a sculpture of a {}.'",
+    "'a low resolution photo of the {}.'",
+    "'a rendering of a {}.'",
+    "'graffiti of a {}.'",
+    "'a bad photo of the {}.'",
+    "'a cropped photo of the {}.'",
+    "'a tattoo of a {}.'",
+    "'a bright photo of a {}.'",
+    "'a photo of a clean {}.'",
+    "'a photo of a dirty {}.'",
+    "'a dark photo of the {}.'",
+    "'a drawing of a {}.'",
+    "'a photo of my {}.'",
+    "'a photo of the cool {}.'",
+    "'a close-up photo of a {}.'",
+    "'a black and white photo of the {}.'",
+    "'a painting of the {}.'",
+    "'a painting of a {}.'",
+    "'a pixelated photo of the {}.'",
+    "'a sculpture of the {}.'",
+    "'a bright photo of the {}.'",
+    "'a cropped photo of a {}.'",
+    "'a photo of the dirty {}.'",
+    "'a jpeg corrupted photo of a {}.'",
+    "'a blurry photo of the {}.'",
+    "'a photo of the {}.'",
+    "'a good photo of the {}.'",
+    "'a rendering of the {}.'",
+    "'a {} in a video game.'",
+    "'a photo of one {}.'",
+    "'a doodle of a {}.'",
+    "'a close-up photo of the {}.'",
+    "'a photo of a {}.',",
+    "'the {} in a video game.'",
+    "'a sketch of a {}.'",
+    "'a doodle of the {}.'",
+    "'a low resolution photo of a {}.'",
+    "'a rendition of the {}.'",
+    "'a photo of the clean {}.'",
+    "'a photo of a large {}.'",
+    "'a rendition of a {}.'",
+    "'a photo of a nice {}.'",
+    "'a photo of a weird {}.'",
+    "'a blurry photo of a {}.'",
+    "'art of a {}.'",
+    "'a sketch of the {}.'",
+    "'a pixelated photo of a {}.'",
+    "'itap of the {}.'",
+    "'a jpeg corrupted photo of the {}.'",
+    "'a good photo of a {}.'",
+    "'a photo of the nice {}.'",
+    "'a photo of the small {}.'",
+    "'a photo of the weird {}.'",
+    "'a drawing of the {}.'",
+    "'a photo of the large {}.'",
+    "'a black and white photo of a {}.'",
+    "'a dark photo of a {}.'",
+    "'itap of a {}.'",
+    "'graffiti of the {}.'",
+    "'a photo of a cool {}.'",
+    "'a photo of a small {}.'",
+    "'a tattoo of the {}.'",
+)
+
+
+def _with_variant(template: str) -> str:
+    return template.replace(" of ", " with ", 1).replace(
+        " in a video game", " appearing in a video game"
+    )
+
+
+CLIPN_PROMPTS: tuple[str, ...] = _CLIPN_OF_TEMPLATES + tuple(
+    _with_variant(template) for template in _CLIPN_OF_TEMPLATES
+)
+"""CLIPN's 128 inference prompts (``{}`` = class name), verbatim as their evaluation uses them."""
+PROMPT_SETS: dict[str, tuple[str, ...]] = {
+    "ensemble": PROMPT_ENSEMBLE,
+    "single": SINGLE_PROMPT,
+    "clipn": CLIPN_PROMPTS,
+}
 
 
 def compute_class_embeddings(
