@@ -153,3 +153,96 @@ def test_a_bad_corpus_and_clipn_scores_without_clipn_are_refused_before_any_work
             id_label="id",
             encoders={tiny_openclip: None},
         )
+
+
+def test_class_names_mined_from_a_corpus_serve_the_text_detectors_and_the_report(
+    tiny_openclip: str, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ClusterMine-style: no class names given; the run mines them from the corpus, records
+    them per cluster (mined_names.json) and shows each cluster with thumbnails.
+
+    A random tiny model maps every digit to nearly one direction, so its own text embeddings
+    would give every image the same term; the corpus embeddings are therefore set so that the
+    terms "volcano", "harbour" and "violin" lie at the mean joint embedding of digits 0, 1, 2
+    (the rest stay the model's): the mined names must be among those three."""
+    import json
+
+    import oodprobe.corpus
+    from oodprobe.benchmark import create_id_sets, execute_benchmark, finish_benchmark
+    from oodprobe.benchmark_spec import spec_from_dict
+    from oodprobe.encoders import create_encoder
+    from oodprobe.features import extract_features
+    from oodprobe.pipeline import joint_embeddings
+
+    spec = spec_from_dict(
+        {
+            "name": "mined",
+            "encoders": [tiny_openclip],
+            "bootstrap": 0,
+            "gallery_size": 0,
+            "id": {
+                "train": {"source": "digits:train", "classes": "0-2", "per_class": 10},
+                "test": {"source": "digits:test", "classes": "0-2", "per_class": 4},
+                "mine": {"corpus": str(corpus_file), "clusters": 3, "min_agreement": 0.0},
+            },
+            "ood": [{"source": "digits:test", "classes": "5-6", "per_class": 4, "name": "5-6"}],
+            "detectors": [{"name": "mcm"}, {"name": "knn"}],
+        }
+    )
+    encoder = create_encoder(tiny_openclip)
+    train = extract_features(create_id_sets(spec, False)[0], encoder, cache_root=tmp_path / "cache")
+    joint = joint_embeddings(encoder, train.features)
+    assert train.labels is not None
+    centres = {
+        term: joint[train.labels == digit].mean(axis=0)
+        for digit, term in enumerate(("volcano", "harbour", "violin"))
+    }
+    original = oodprobe.corpus.corpus_embeddings
+
+    def placed(model: Any, corpus: Any, *args: Any, **kwargs: Any) -> np.ndarray:
+        embeddings = np.array(original(model, corpus, *args, **kwargs))
+        for term, centre in centres.items():
+            embeddings[corpus.terms.index(term)] = centre / np.linalg.norm(centre)
+        return embeddings
+
+    monkeypatch.setattr(oodprobe.corpus, "corpus_embeddings", placed)
+    execution = execute_benchmark(spec, tmp_path / "out", cache_root=tmp_path / "cache")
+    run = finish_benchmark(execution)
+    (record,) = json.loads((tmp_path / "out" / "mined_names.json").read_text())
+    names = record["class_names"]
+    assert len(names) >= 2 and set(names) <= set(centres)
+    assert [cluster["cluster"] for cluster in record["clusters"]] == [0, 1, 2]
+    assert sum(cluster["size"] for cluster in record["clusters"]) == 30
+    assert all(len(cluster["examples"]) <= 8 for cluster in record["clusters"])
+    mcm = next(row for row in run.rows if row.context.detector == "mcm")
+    assert mcm.error is None and mcm.context.class_names == names
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "Mined cluster 0" in html and record["clusters"][0]["examples"][0]["source"] in html
+
+
+def test_mining_settings_are_checked_when_the_spec_is_built(corpus_file: Path) -> None:
+    from oodprobe.benchmark_spec import spec_from_dict
+
+    def spec(mine: Any, **extra: Any) -> Any:
+        return spec_from_dict(
+            {
+                "id": {
+                    "train": {"source": "digits:train"},
+                    "test": {"source": "digits:test"},
+                    "mine": mine,
+                    **extra,
+                },
+                "ood": [{"source": "digits:test"}],
+            }
+        )
+
+    for mine, message in [
+        ({"corpus": str(corpus_file), "clusters": 1}, "clusters must be an integer >= 2"),
+        ({"corpus": str(corpus_file), "min_agreement": 2}, "min_agreement must be a number"),
+        ({"corpus": "no-such-corpus"}, "corpus"),
+        ({"corpus": str(corpus_file), "k": 3}, "unknown key 'k'"),
+    ]:
+        with pytest.raises(OodprobeError, match=message):
+            spec(mine)
+    with pytest.raises(InvalidParameterError, match="both class_names and mine"):
+        spec({"corpus": str(corpus_file)}, class_names=["a", "b"])

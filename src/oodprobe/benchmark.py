@@ -174,6 +174,7 @@ class BenchmarkExecution:
     seconds: float
     device: str
     precision: str
+    mined: list[dict[str, Any]] = field(default_factory=list)
 
 
 def finish_benchmark(
@@ -204,6 +205,8 @@ def finish_benchmark(
             precision=execution.precision,
         ),
         study=study,
+        mined=execution.mined,
+        id_train=execution.data["id_train"][1],
     )
     return run
 
@@ -282,8 +285,8 @@ def execute_benchmark(
                 id_label=spec.id_train.label,
                 encoders=dict.fromkeys(spec.encoders),
             )
-    if needs_text([d for served in by_name.values() for d in served]):  # before any model
-        require_class_names(id_class_names(spec.class_names, id_train))
+    if needs_text([d for served in by_name.values() for d in served]) and spec.mining is None:
+        require_class_names(id_class_names(spec.class_names, id_train))  # before any model
     passes = shared_passes(spec.encoders)
     # fingerprints once per data set per run (a stat per file)
     data = {role: (s, d, d.fingerprint()) for role, (s, d) in datasets.items()}
@@ -294,6 +297,7 @@ def execute_benchmark(
     outcomes: list[DetectorOutcome] = []
     records: list[EncoderRecord] = []
     skipped: dict[str, list[Any]] = {}
+    mined: list[dict[str, Any]] = []
 
     def extract(role: str, encoder: Any, outputs: dict[str, str]) -> dict[str, Split]:
         """Each encoder's features of one data set: one pass, each cached in its own entry."""
@@ -342,6 +346,8 @@ def execute_benchmark(
         class_embeddings = None
         if needs_text([d for ds in served.values() for d in ds]):  # final-layer encoders only
             names_of_classes = id_class_names(spec.class_names, id_train)
+            final = next(name for name in names if outputs[name] == "features")
+            final_train = splits[0][final]
             class_embeddings = compute_text_arrays(
                 encoder,
                 names_of_classes,
@@ -349,7 +355,13 @@ def execute_benchmark(
                 [d for ds in served.values() for d in ds],
                 cache_root=cache_root,
                 progress=progress,
+                mining=spec.mining,
+                train=final_train.features,
             )
+            if class_embeddings.mined is not None:
+                record_of_mining = mined_record(final, encoder, class_embeddings, final_train)
+                mined.append(record_of_mining)
+                log(f"[{final}] mined class names: {', '.join(class_embeddings.class_names)}")
         for name in names:
             output_key = outputs[name]
             train, test, *oods = (per_name[name] for per_name in splits)
@@ -380,6 +392,8 @@ def execute_benchmark(
                 context = _row_context(
                     spec, detector_spec, record, train, test, str(torch_device), resolved_precision
                 )
+                if class_embeddings is not None and context.class_names is not None:
+                    context = replace(context, class_names=list(class_embeddings.class_names))
                 outcome = _evaluate_detector(
                     spec, detector_spec, context, encoder, class_embeddings, train, test, oods, log
                 )
@@ -408,7 +422,44 @@ def execute_benchmark(
         seconds=time.perf_counter() - started,
         device=str(torch_device),
         precision=resolved_precision,
+        mined=mined,
     )
+
+
+MINED_EXAMPLES = 8  # training images shown per mined cluster: the nearest to its centre
+
+
+def mined_record(encoder_name: str, encoder: Any, text: TextArrays, train: Split) -> dict[str, Any]:
+    """What a run records of mined class names: per cluster its names with their scores and
+    agreement, its size, and the training images nearest its centre (for the report)."""
+    from oodprobe.pipeline import joint_embeddings
+
+    mined = text.mined
+    joint = joint_embeddings(encoder, train.features.features)
+    clusters = []
+    for cluster, names in enumerate(mined.cluster_names()):
+        members = np.flatnonzero(mined.assignments == cluster)
+        similarity = joint[members] @ mined.centers[cluster]
+        nearest = members[np.argsort(-similarity, kind="stable")[:MINED_EXAMPLES]]
+        entries = np.flatnonzero(mined.clusters == cluster)
+        clusters.append(
+            {
+                "cluster": cluster,
+                "size": int(mined.cluster_sizes[cluster]),
+                "names": names,
+                "scores": [float(mined.scores[i]) for i in entries],
+                "agreement": [float(mined.agreement[i]) for i in entries],
+                "examples": [
+                    {
+                        "index": int(train.features.indices[row]),
+                        "source": train.dataset.describe(int(train.features.indices[row])),
+                        "similarity": float(joint[row] @ mined.centers[cluster]),
+                    }
+                    for row in nearest
+                ],
+            }
+        )
+    return {"encoder": encoder_name, "class_names": list(text.class_names), "clusters": clusters}
 
 
 def _head_accuracy(encoder: Any, test: Split) -> float | None:

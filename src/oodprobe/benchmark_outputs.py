@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import importlib.metadata
+import json
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from oodprobe.benchmark_spec import DataSpec, _slug
-from oodprobe.files import atomic_write
+from oodprobe.files import atomic_write, write_text_atomic
 
 if TYPE_CHECKING:
     from oodprobe.benchmark_spec import BenchmarkSpec
@@ -181,6 +183,34 @@ def galleries(outcome: DetectorOutcome, size: int) -> list[Any]:
     ]
 
 
+def mined_galleries(record: dict[str, Any], id_train: Any) -> list[Any]:
+    """One gallery per mined cluster: its names, and the training images nearest its centre
+    (captioned, their cosine to the centre as the score)."""
+    from oodprobe.report.model import Gallery, GalleryImage
+
+    return [
+        Gallery(
+            title=f"Mined cluster {cluster['cluster']}: {', '.join(cluster['names']) or '(none)'}",
+            encoder=record["encoder"],
+            detector="class names mined from the corpus",
+            images=[
+                GalleryImage(
+                    image=id_train.load(example["index"]),
+                    caption=example["source"],
+                    score=example["similarity"],
+                )
+                for example in cluster["examples"]
+            ],
+            description=(
+                f"{cluster['size']} ID training images; name scores (share of the cluster "
+                f"choosing the name) {', '.join(f'{v:.2f}' for v in cluster['scores']) or '-'};"
+                f" score under each image: cosine to the cluster centre"
+            ),
+        )
+        for cluster in record["clusters"]
+    ]
+
+
 def provenance(
     spec: BenchmarkSpec,
     data: dict[str, tuple[DataSpec, Any, str]],
@@ -225,11 +255,15 @@ def write_outputs(
     run_provenance: dict[str, Any],
     *,
     study: dict[str, Any] | None = None,
+    mined: Sequence[dict[str, Any]] = (),
+    id_train: Any = None,
 ) -> dict[str, Path]:
     """results.json/.csv/.md and report.html for a finished run; returns the paths.
 
     A study's analysis (:mod:`oodprobe.study`) adds study.json/.csv and the report's study
-    section; its score figures are those of the study's primary detector.
+    section; its score figures are those of the study's primary detector. Class names mined
+    from a corpus (``mined``, one record per encoder) go to mined_names.json and the report
+    shows each cluster's names with thumbnails of its ID training images (``id_train``).
     """
     from oodprobe.metrics import get_convention
     from oodprobe.report import ReportData, ScoreSet, render_html, write_results
@@ -253,7 +287,10 @@ def write_outputs(
         title=f"oodprobe benchmark: {spec.name}",
         rows=[row.as_dict() for row in rows],
         score_sets=score_sets,
-        galleries=[g for outcome in outcomes for g in galleries(outcome, spec.gallery_size)],
+        galleries=[
+            *(g for record in mined for g in mined_galleries(record, id_train)),
+            *(g for outcome in outcomes for g in galleries(outcome, spec.gallery_size)),
+        ],
         convention={**convention.as_dict(), "tpr": spec.tpr},
         provenance=run_provenance,
         id_accuracy=id_accuracy,
@@ -262,4 +299,8 @@ def write_outputs(
     files = dict(write_results(report, output_dir))
     files["report"] = render_html(report, output_dir / "report.html")
     files["scores"] = output_dir / "scores"
+    if mined:
+        files["mined_names"] = write_text_atomic(
+            output_dir / "mined_names.json", json.dumps(list(mined), indent=1)
+        )
     return files

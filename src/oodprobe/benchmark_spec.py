@@ -11,6 +11,7 @@ train = { source = "fashion-mnist:train", classes = "0-4", per_class = 500 }
 test = { source = "fashion-mnist:test", classes = "0-4" }
 # class_names = ["T-shirt", ...]   # optional: for text detectors; default: the dataset's names
 # prompts = "ensemble"              # "ensemble" (5 prompts), "single", or a list with "{}"
+# mine = { corpus = "wordnet", clusters = 10 }  # no names: mine them (ClusterMine-style)
 
 [[ood]]
 name = "fashion 5-9"
@@ -156,6 +157,52 @@ class StudySpec:
 
 
 @dataclass(frozen=True)
+class MiningSpec:
+    """``[id] mine = {...}``: ID class names mined from a corpus, for data without names.
+
+    ClusterMine-style (Adaloglou et al., WACV 2026): the ID training images are clustered
+    (``clusters``, k-means seeded by ``seed``) in the joint space, and each cluster gets the
+    ``names_per_cluster`` corpus terms whose zero-shot choice agrees with it on at least
+    ``min_agreement`` of their images (:func:`oodprobe.mining.mine_positive_labels`); the mined
+    names are the class names of the text detectors (MCM, PLP, NegLabel).
+    """
+
+    corpus: str = "wordnet"
+    clusters: int = 10
+    names_per_cluster: int = 1
+    min_agreement: float = 0.5
+    seed: int = 0
+
+
+_MINE_KEYS = {"corpus", "clusters", "names_per_cluster", "min_agreement", "seed"}
+
+
+def _check_mining(mining: MiningSpec, class_names: Sequence[str] | None) -> None:
+    from oodprobe.corpus import check_corpus_source
+
+    if class_names is not None:
+        raise InvalidParameterError(
+            "[id] has both class_names and mine; give the names, or mine them, not both"
+        )
+    for key, low in (("clusters", 2), ("names_per_cluster", 1), ("seed", 0)):
+        value = getattr(mining, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise InvalidParameterError(
+                f"[id].mine.{key} must be an integer >= {low}, got {value!r}"
+            )
+    agreement = mining.min_agreement
+    if (
+        isinstance(agreement, bool)
+        or not isinstance(agreement, (int, float))
+        or not (0 <= agreement <= 1)
+    ):
+        raise InvalidParameterError(
+            f"[id].mine.min_agreement must be a number in [0, 1], got {agreement!r}"
+        )
+    check_corpus_source(mining.corpus)
+
+
+@dataclass(frozen=True)
 class BenchmarkSpec:
     """Everything a benchmark run needs: ID data, OOD sets, encoders, detectors, metrics."""
 
@@ -174,6 +221,7 @@ class BenchmarkSpec:
     gallery_size: int = 12
     description: str = ""
     study: StudySpec = field(default_factory=StudySpec)
+    mining: MiningSpec | None = None
 
     def with_overrides(
         self,
@@ -448,6 +496,8 @@ def validate(spec: BenchmarkSpec) -> BenchmarkSpec:
         raise InvalidParameterError(f"OOD set names must be unique, got {ood_labels}")
     if spec.class_names is not None:
         _check_str_list(spec.class_names, "[id].class_names")
+    if spec.mining is not None:
+        _check_mining(spec.mining, spec.class_names)
     _check_prompts(spec.prompts)
     return spec
 
@@ -505,7 +555,7 @@ _TOP_KEYS = {
     "gallery_size",
     "study",
 }
-_ID_KEYS = {"train", "test", "images", "test_fraction", "class_names", "prompts"}
+_ID_KEYS = {"train", "test", "images", "test_fraction", "class_names", "prompts", "mine"}
 
 
 def _id_specs(id_table: Mapping[str, Any], base_dir: Path | None) -> tuple[DataSpec, DataSpec]:
@@ -581,6 +631,16 @@ def spec_from_dict(config: Mapping[str, Any], base_dir: Path | None = None) -> B
         _check_str_list(class_names, "[id].class_names")
     if not isinstance(prompts, str):
         _check_str_list(prompts, "[id].prompts")
+    mine = id_table.get("mine")
+    mining = None
+    if mine is not None:
+        if not isinstance(mine, Mapping):
+            raise InvalidParameterError(
+                f"[id].mine must be a table such as {{ corpus = 'wordnet', clusters = 10 }}, "
+                f"got {mine!r}"
+            )
+        _check_keys(mine, _MINE_KEYS, "[id].mine")
+        mining = MiningSpec(**mine)
     spec = BenchmarkSpec(
         name=config.get("name", "benchmark"),
         description=config.get("description", ""),
@@ -599,6 +659,7 @@ def spec_from_dict(config: Mapping[str, Any], base_dir: Path | None = None) -> B
         seed=config.get("seed", 0),
         gallery_size=config.get("gallery_size", 12),
         study=_study_spec(config.get("study", {})),
+        mining=mining,
     )
     return validate(spec)
 

@@ -27,7 +27,7 @@ import numpy as np
 from oodprobe.errors import InvalidParameterError, UnknownNameError
 
 if TYPE_CHECKING:
-    from oodprobe.benchmark_spec import DetectorSpec
+    from oodprobe.benchmark_spec import DetectorSpec, MiningSpec
     from oodprobe.detectors import Detector
     from oodprobe.features import FeatureSet
 
@@ -375,6 +375,8 @@ class TextArrays:
     class_embeddings: np.ndarray
     no_class_embeddings: np.ndarray | None = None
     corpora: dict[str, np.ndarray] = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)
+    mined: Any = None  # oodprobe.mining.MinedLabels when the names were mined
 
 
 def _all_specs(detectors: Iterable[DetectorSpec]) -> list[DetectorSpec]:
@@ -407,8 +409,13 @@ def compute_text_arrays(
     *,
     cache_root: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    mining: MiningSpec | None = None,
+    train: FeatureSet | None = None,
 ) -> TextArrays:
     """The class embeddings, and what else the detectors need of the text tower.
+
+    With ``mining`` the class names are mined from a corpus with the ID training features
+    ``train`` (:func:`mine_class_names`) instead of given.
 
     CLIPN's no-embeddings use the same names and prompts as the class embeddings (CLIPN's
     ``merge_yes_no_feature`` runs one prompt list through both towers). A corpus is embedded
@@ -418,9 +425,16 @@ def compute_text_arrays(
     """
     from oodprobe.detectors import DETECTORS
 
-    names = require_class_names(class_names)
     prompt_list = _prompt_list(prompts)
-    text = TextArrays(compute_text_embeddings(encoder, names, prompt_list))
+    root = None if cache_root is None else Path(cache_root)
+    if mining is not None:
+        if train is None:
+            raise InvalidParameterError("mining class names needs the ID training features")
+        text = mine_class_names(encoder, train, mining, prompt_list, root, progress)
+        names = text.class_names
+    else:
+        names = require_class_names(class_names)
+        text = TextArrays(compute_text_embeddings(encoder, names, prompt_list), class_names=names)
     specs = _all_specs(detectors)
     if any("no_class_embeddings" in DETECTORS[spec.name].runner_params for spec in specs):
         from oodprobe.encoders.clipn import compute_no_class_embeddings
@@ -431,7 +445,6 @@ def compute_text_arrays(
         from oodprobe.corpus import corpus_embeddings, load_corpus
         from oodprobe.encoders.text import clean_class_names
 
-        root = None if cache_root is None else Path(cache_root)
         id_names = {name.casefold() for name in clean_class_names(names)}
         for source in sources:
             corpus = load_corpus(source, cache_root=root)
@@ -441,6 +454,61 @@ def compute_text_arrays(
             keep = np.array([term.casefold() not in id_names for term in corpus.terms], bool)
             text.corpora[source] = embeddings[keep]
     return text
+
+
+def joint_embeddings(encoder: Any, features: np.ndarray) -> np.ndarray:
+    """(n, E) unit joint-space embeddings ``normalize(normalize(f) @ W_proj)`` of features (the
+    features themselves, normalised, for an encoder without a projection)."""
+    from oodprobe.arrays import l2_normalize
+
+    joint = l2_normalize(np.asarray(features), dtype=np.float64)
+    projection = _projection(encoder)
+    if projection is not None:
+        joint = l2_normalize(joint @ projection.astype(np.float64))
+    return np.asarray(joint)
+
+
+def mine_class_names(
+    encoder: Any,
+    train: FeatureSet,
+    mining: MiningSpec,
+    prompts: Sequence[str],
+    cache_root: Path | None,
+    progress: bool,
+) -> TextArrays:
+    """Class names mined from ``mining.corpus`` for the ID training images (ClusterMine-style,
+    :func:`oodprobe.mining.mine_positive_labels`); their class embeddings are the corpus rows.
+
+    The corpus is embedded with ``prompts`` and cached. InvalidParameterError when fewer than two
+    names are mined (the text detectors need two classes), saying what to change.
+    """
+    from oodprobe.corpus import corpus_embeddings, load_corpus
+    from oodprobe.mining import mine_positive_labels
+
+    corpus = load_corpus(mining.corpus, cache_root=cache_root)
+    embeddings = corpus_embeddings(
+        encoder, corpus, prompts, cache_root=cache_root, progress=progress
+    )
+    mined = mine_positive_labels(
+        joint_embeddings(encoder, train.features),
+        embeddings,
+        corpus.terms,
+        mining.clusters,
+        names_per_cluster=mining.names_per_cluster,
+        min_agreement=mining.min_agreement,
+        seed=mining.seed,
+    )
+    if len(mined.names) < 2:
+        raise InvalidParameterError(
+            f"mining class names from {mining.corpus!r} found {len(mined.names)} name(s) for "
+            f"{mining.clusters} clusters of {len(train)} images, and text detectors need two; "
+            f"lower [id].mine.min_agreement (now {mining.min_agreement}) or change clusters"
+        )
+    return TextArrays(
+        np.asarray(embeddings[mined.indices], np.float32),
+        class_names=list(mined.names),
+        mined=mined,
+    )
 
 
 def text_arrays_of(text: TextArrays | np.ndarray | None) -> TextArrays | None:
