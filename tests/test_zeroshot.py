@@ -200,6 +200,7 @@ def test_neglabel_contract_and_parameter_checks() -> None:
         "temperature",
         "n_groups",
         "seed",
+        "corpus",  # which corpus the runner embeds (a user parameter since the runner wiring)
     ]
     defaults = {info.name: info.default for info in NegLabelDetector.param_info()}
     assert defaults == {
@@ -208,6 +209,7 @@ def test_neglabel_contract_and_parameter_checks() -> None:
         "temperature": 0.01,
         "n_groups": 100,
         "seed": 0,
+        "corpus": "wordnet",
     }
     with pytest.raises(InvalidParameterError) as error:
         create_detector("neglabel")
