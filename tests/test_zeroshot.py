@@ -464,3 +464,35 @@ def test_neglabel_runs_on_a_tiny_open_clip_from_pixels_to_gradients(tiny_opencli
     attacked = pixels.clone().requires_grad_(True)
     detector.score_samples_torch(encoder(attacked)["features"]).sum().backward()
     assert attacked.grad is not None and torch.all(torch.isfinite(attacked.grad))
+
+
+def test_a_neglabel_fits_saves_and_loads_where_its_corpus_is_not_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``corpus`` names what the runner embeds; a detector given the embeddings (or loaded with
+    its mined negatives) needs neither WordNet nor the corpus file: a deployment machine may
+    have neither. The runner still refuses a missing corpus before any work."""
+    from oodprobe.benchmark_spec import DetectorSpec
+    from oodprobe.corpus import WordNetMissingError
+    from oodprobe.pipeline import check_detector_specs
+
+    monkeypatch.setenv("OODPROBE_WORDNET", str(tmp_path / "no-wordnet"))
+    id_features, ood_features, corpus = near_ood_world(0)
+    detector = neglabel(corpus, n_negatives=3, n_groups=1).fit(id_features)  # corpus="wordnet"
+    moved = create_detector(
+        "neglabel",
+        class_embeddings=CLASS_EMBEDDINGS,
+        corpus_embeddings=corpus,
+        n_negatives=3,
+        n_groups=1,
+        corpus=str(tmp_path / "gone.txt"),  # a corpus file no longer there
+    ).fit(id_features)
+    queries = np.vstack([id_features, ood_features])
+    for fitted in (detector, moved):
+        loaded = load_detector(fitted.save(tmp_path / "neglabel.safetensors"))
+        np.testing.assert_array_equal(loaded.score_samples(queries), fitted.score_samples(queries))
+    with pytest.raises(WordNetMissingError, match="apt-get install wordnet-base"):
+        check_detector_specs([DetectorSpec("neglabel")])
+    member = {"members": ["mcm", "neglabel"]}
+    with pytest.raises(WordNetMissingError, match="apt-get install wordnet-base"):
+        check_detector_specs([DetectorSpec("score-ensemble", member)])

@@ -56,8 +56,9 @@ def encoder_traits(encoder: Any) -> EncoderTraits:
     return EncoderTraits(isinstance(encoder, TextImageEncoder), tuple(encoder.outputs))
 
 
-def check_detector_specs(detectors: Iterable[DetectorSpec]) -> None:
-    """Every detector name is registered and its parameters are valid for its class."""
+def check_detector_specs(detectors: Sequence[DetectorSpec]) -> None:
+    """Every detector name is registered, its parameters are valid for its class, and every
+    corpus the runner would embed for it (NegLabel's ``corpus``, a member's too) is there."""
     from oodprobe.detectors import DETECTORS, detector_names
 
     detector_names()  # imports the registry
@@ -69,6 +70,11 @@ def check_detector_specs(detectors: Iterable[DetectorSpec]) -> None:
         device = detector.params.get("device", "auto")  # probes train on a device of their own
         if device != "auto":
             check_device(device)
+    from oodprobe.corpus import check_corpus_source
+
+    # a corpus is the runner's to load (a fitted or loaded detector holds its negatives only)
+    for source in corpus_sources(detectors):
+        check_corpus_source(source)
 
 
 def detector_params(spec: DetectorSpec) -> dict[str, Any]:

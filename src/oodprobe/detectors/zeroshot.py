@@ -15,7 +15,6 @@ detector holds a model.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -170,15 +169,6 @@ class NegLabelDetector(_TextMixin):
         self.temperature = temperature
         self.n_groups = n_groups
         self.seed = seed
-
-    @classmethod
-    def check_params(cls, params: Mapping[str, Any], *, runner: bool = False) -> None:
-        """The base checks; ``corpus`` a built-in corpus name or an existing file."""
-        super().check_params(params, runner=runner)
-        if "corpus" in params:
-            from oodprobe.corpus import check_corpus_source
-
-            check_corpus_source(params["corpus"])  # a name it knows, or a file that exists
 
     def fit(self, features: Features, labels: Labels | None = None) -> NegLabelDetector:
         """Mine the negatives from the corpus; (n, D) features only fix the shape; no labels."""
