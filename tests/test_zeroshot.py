@@ -496,3 +496,22 @@ def test_a_neglabel_fits_saves_and_loads_where_its_corpus_is_not_installed(
     member = {"members": ["mcm", "neglabel"]}
     with pytest.raises(WordNetMissingError, match="apt-get install wordnet-base"):
         check_detector_specs([DetectorSpec("score-ensemble", member)])
+
+
+def test_more_groups_than_negatives_is_refused_with_the_spec() -> None:
+    """Before any work (the runner embeds the corpus first: hours for WordNet on a CPU): the
+    default 100 groups with n_negatives=50 is refused by the parameter check."""
+    from oodprobe.benchmark_spec import DetectorSpec
+    from oodprobe.pipeline import check_detector_specs
+
+    expected = (
+        "detector 'neglabel': n_groups must be <= n_negatives (50), got 100; each group needs at "
+        "least one negative"
+    )
+    with pytest.raises(InvalidParameterError) as error:
+        NegLabelDetector.check_params({"n_negatives": 50})
+    assert str(error.value) == expected
+    with pytest.raises(InvalidParameterError) as error:
+        check_detector_specs([DetectorSpec("neglabel", {"n_negatives": 50})])
+    assert str(error.value) == expected
+    NegLabelDetector.check_params({"n_negatives": 50, "n_groups": 50})  # one negative each

@@ -15,6 +15,7 @@ detector holds a model.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -170,6 +171,20 @@ class NegLabelDetector(_TextMixin):
         self.n_groups = n_groups
         self.seed = seed
 
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any], *, runner: bool = False) -> None:
+        """The base checks, and ``n_groups <= n_negatives`` (defaults filled in): each group
+        needs a negative. Checked with the spec, before the runner embeds the corpus."""
+        super().check_params(params, runner=runner)
+        defaults = {info.name: info.default for info in cls.param_info()}
+        n_negatives = params.get("n_negatives", defaults["n_negatives"])
+        n_groups = params.get("n_groups", defaults["n_groups"])
+        if n_groups > n_negatives:
+            raise InvalidParameterError(
+                f"detector {cls.name!r}: n_groups must be <= n_negatives ({n_negatives}), "
+                f"got {n_groups}; each group needs at least one negative"
+            )
+
     def fit(self, features: Features, labels: Labels | None = None) -> NegLabelDetector:
         """Mine the negatives from the corpus; (n, D) features only fix the shape; no labels."""
         self._validate_params()
@@ -181,11 +196,6 @@ class NegLabelDetector(_TextMixin):
                 f"candidate labels, computed by the runner) to mine its negatives; a loaded "
                 f"detector keeps only the mined negatives: score with it, or refit it with "
                 f"corpus_embeddings"
-            )
-        if self.n_groups > self.n_negatives:
-            raise InvalidParameterError(
-                f"detector {self.name!r}: n_groups must be <= n_negatives ({self.n_negatives}), "
-                f"got {self.n_groups}; each group needs at least one negative"
             )
         corpus = np.asarray(self.corpus_embeddings)
         indices = mine_negative_labels(
