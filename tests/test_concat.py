@@ -123,6 +123,29 @@ def test_concatenated_features_are_the_parts_side_by_side_each_cached_on_its_own
     )
 
 
+def test_parts_that_skip_different_images_join_on_the_images_every_part_has(
+    encoders: dict[str, Any], extracted: dict[str, FeatureSet]
+) -> None:
+    from oodprobe.data.base import SkippedImage
+    from oodprobe.features import concatenate_feature_sets
+
+    def without(key: str, dropped: list[int]) -> FeatureSet:
+        part = extracted[key]
+        kept = part.subset(np.flatnonzero(~np.isin(part.indices, dropped)))
+        kept.skipped = [SkippedImage(index, f"image {index}", "undecodable") for index in dropped]
+        return kept
+
+    parts = [without("lite", [2]), without("block", [5, 2]), without("clip", [7])]
+    joined = concatenate_feature_sets(encoders["concat"], parts)
+    rows = np.setdiff1d(np.arange(18), [2, 5, 7])
+    np.testing.assert_array_equal(joined.indices, rows)
+    expected = np.hstack([extracted[key].features[rows] for key in ("lite", "block", "clip")])
+    np.testing.assert_array_equal(joined.features, expected)
+    np.testing.assert_array_equal(joined.logits, extracted["lite"].logits[rows])
+    np.testing.assert_array_equal(joined.labels, extracted["lite"].labels[rows])
+    assert sorted(item.index for item in joined.skipped) == [2, 5, 7]  # each image once
+
+
 def test_a_concatenation_has_no_forward_pass(encoders: dict[str, Any]) -> None:
     import torch
 
