@@ -258,6 +258,21 @@ def test_a_part_head_the_part_cannot_give_is_refused_by_name_and_once_built(
             )
 
 
+def test_a_zero_shot_head_on_a_second_text_part_is_refused_by_name_and_once_built(
+    names: dict[str, str],
+) -> None:
+    """The class embeddings come from the first part with a text tower: a zero-shot head on
+    another CLIP part is refused before any extraction, not when the detector is built."""
+    name = f"concat:{names['clip']}+{LITE}+{names['clip']}"
+    spec = DetectorSpec("prob-ensemble", {"heads": ["zero-shot@3", "probe@2"]})
+    message = r"first part with a text tower \(part 1\); write 'zero-shot@1'"
+    for built in (None, create_encoder(name)):
+        with pytest.raises(InvalidParameterError, match=message):
+            check_compatibility([spec], labelled=True, id_label="id", encoders={name: built})
+    fine = DetectorSpec("prob-ensemble", {"heads": ["zero-shot@1", "probe@2"]})
+    check_compatibility([fine], labelled=True, id_label="id", encoders={name: None})
+
+
 def test_a_part_of_an_encoder_that_is_not_a_concatenation_is_refused(
     encoders: dict[str, Any],
 ) -> None:

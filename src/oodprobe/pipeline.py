@@ -175,7 +175,7 @@ def head_encoder(detector: str, source: str, name: str, encoder: Any) -> tuple[s
     part K of a concatenation (``concat:A+B``). InvalidParameterError for a part of an encoder
     that is not a concatenation, or one it does not have."""
     from oodprobe.detectors.posthoc import parse_head_source
-    from oodprobe.encoders.concat import ConcatEncoder, split_concat_name
+    from oodprobe.encoders.concat import ConcatEncoder, ConcatTextEncoder, split_concat_name
 
     kind, part = parse_head_source(source)
     target = name if encoder is None else encoder
@@ -186,7 +186,15 @@ def head_encoder(detector: str, source: str, name: str, encoder: Any) -> tuple[s
     parts = split_concat_name(name) if encoder is None else None
     if encoder is not None and isinstance(encoder, ConcatEncoder):
         index = encoder.part_index(part, f"detector {detector!r}'s head {source!r}")
-        return encoder.part_encoders[index].name, encoder.part_encoders[index]
+        chosen = encoder.part_encoders[index]
+        if (
+            kind == "zero-shot"
+            and isinstance(encoder, ConcatTextEncoder)
+            and index != encoder.text_part
+            and encoder_traits(chosen).has_text
+        ):
+            raise _not_the_text_part(detector, source, encoder.name, encoder.text_part)
+        return chosen.name, chosen
     if parts is None:
         raise InvalidParameterError(
             f"detector {detector!r}'s head {source!r} names part {part} of a concat: encoder, "
@@ -197,7 +205,37 @@ def head_encoder(detector: str, source: str, name: str, encoder: Any) -> tuple[s
             f"detector {detector!r}'s head {source!r} names part {part} of {name!r}, which has "
             f"parts 1 to {len(parts)}"
         )
+    if kind == "zero-shot" and encoder_traits(parts[part - 1]).has_text is not False:
+        text_part = _first_text_part(parts)  # the part a ConcatTextEncoder embeds texts with
+        if text_part is not None and text_part != part - 1:
+            raise _not_the_text_part(detector, source, name, text_part)
     return parts[part - 1], parts[part - 1]
+
+
+def _first_text_part(parts: Sequence[str]) -> int | None:
+    """The 0-based index of the first part name with a text tower; None when there is none, or
+    when a part before it can only tell once built (``hf:``)."""
+    for index, part in enumerate(parts):
+        has_text = encoder_traits(part).has_text
+        if has_text is not False:
+            return index if has_text else None
+    return None
+
+
+def _not_the_text_part(
+    detector: str, source: str, name: str, text_part: int | None
+) -> InvalidParameterError:
+    """A zero-shot head on a part of concatenation ``name`` other than its text part (0-based
+    ``text_part``, None: it has none): the class embeddings are that part's."""
+    where = (
+        ", and it has none"
+        if text_part is None
+        else f" (part {text_part + 1}); write 'zero-shot@{text_part + 1}'"
+    )
+    return InvalidParameterError(
+        f"detector {detector!r} with head={source!r}: the zero-shot head of {name!r} is its "
+        f"first part with a text tower{where}"
+    )
 
 
 def check_compatibility(
@@ -740,15 +778,8 @@ def _resolve_part_source(
         return head[0], head[1], None
     if kind == "zero-shot":
         if not isinstance(encoder, ConcatTextEncoder) or encoder.text_part != index:
-            raise InvalidParameterError(
-                f"detector {spec.name!r} with head={source!r}: the zero-shot head of "
-                f"{encoder.name!r} is its first part with a text tower"
-                + (
-                    f" (part {encoder.text_part + 1}); write 'zero-shot@{encoder.text_part + 1}'"
-                    if isinstance(encoder, ConcatTextEncoder)
-                    else ", and it has none"
-                )
-            )
+            text_part = encoder.text_part if isinstance(encoder, ConcatTextEncoder) else None
+            raise _not_the_text_part(spec.name, source, encoder.name, text_part)
         return _resolve_source("zero-shot", spec, encoder, class_embeddings, train)
     if train is None or train.labels is None:
         return _resolve_source("probe", spec, encoder, class_embeddings, train)  # refused there
