@@ -241,6 +241,10 @@ def test_mining_settings_are_checked_when_the_spec_is_built(corpus_file: Path) -
         ({"corpus": str(corpus_file), "min_agreement": 2}, "min_agreement must be a number"),
         ({"corpus": "no-such-corpus"}, "corpus"),
         ({"corpus": str(corpus_file), "k": 3}, "unknown key 'k'"),
+        (
+            {"corpus": str(corpus_file), "seed": 2**32},
+            r"seed must be an integer in \[0, 4294967295\]",
+        ),
     ]:
         with pytest.raises(OodprobeError, match=message):
             spec(mine)

@@ -174,6 +174,7 @@ class MiningSpec:
     seed: int = 0
 
 
+_SEED_MAX = 2**32 - 1  # k-means' random_state: numpy's seed range
 _MINE_KEYS = {"corpus", "clusters", "names_per_cluster", "min_agreement", "seed"}
 
 
@@ -184,11 +185,14 @@ def _check_mining(mining: MiningSpec, class_names: Sequence[str] | None) -> None
         raise InvalidParameterError(
             "[id] has both class_names and mine; give the names, or mine them, not both"
         )
-    for key, low in (("clusters", 2), ("names_per_cluster", 1), ("seed", 0)):
+    bounds = {"clusters": (2, None), "names_per_cluster": (1, None), "seed": (0, _SEED_MAX)}
+    for key, (low, high) in bounds.items():
         value = getattr(mining, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        bad = not isinstance(value, int) or isinstance(value, bool) or value < low
+        if bad or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
             raise InvalidParameterError(
-                f"[id].mine.{key} must be an integer >= {low}, got {value!r}"
+                f"[id].mine.{key} must be an integer {bound}, got {value!r}"
             )
     agreement = mining.min_agreement
     if (
