@@ -250,3 +250,41 @@ def test_mining_settings_are_checked_when_the_spec_is_built(corpus_file: Path) -
             spec(mine)
     with pytest.raises(InvalidParameterError, match="both class_names and mine"):
         spec({"corpus": str(corpus_file)}, class_names=["a", "b"])
+
+
+def test_mined_names_are_not_mixed_with_the_id_labels_when_the_spec_is_built(
+    corpus_file: Path,
+) -> None:
+    """A zero-shot head over mined names has a row per mined name, not per ID class: averaging
+    it with a probe's (row c: class c) or fitting it on the labels would pair unrelated
+    classes, silently when the counts agree. Refused with the spec; alone it runs."""
+    from oodprobe.benchmark_spec import spec_from_dict
+
+    def spec(detector: dict[str, Any]) -> Any:
+        return spec_from_dict(
+            {
+                "encoders": ["openclip:ViT-B-16/openai"],
+                "id": {
+                    "train": {"source": "digits:train"},
+                    "test": {"source": "digits:test"},
+                    "mine": {"corpus": str(corpus_file), "clusters": 10},
+                },
+                "ood": [{"source": "digits:test"}],
+                "detectors": [detector],
+            }
+        )
+
+    for detector in [
+        {"name": "prob-ensemble", "params": {"heads": ["probe", "zero-shot"]}},
+        {"name": "temp-msp", "params": {"head": "zero-shot"}},
+        {"name": "score-ensemble", "params": {"members": ["mcm", "temp-msp:head=zero-shot"]}},
+    ]:
+        with pytest.raises(InvalidParameterError, match="mined names"):
+            spec(detector)
+    for detector in [
+        {"name": "prob-ensemble", "params": {"heads": ["zero-shot"]}},
+        {"name": "gen", "params": {"head": "zero-shot"}},
+        {"name": "temp-msp", "params": {"head": "probe"}},
+        {"name": "neglabel", "params": {"corpus": str(corpus_file)}},
+    ]:
+        spec(detector)

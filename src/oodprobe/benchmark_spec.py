@@ -178,7 +178,9 @@ _SEED_MAX = 2**32 - 1  # k-means' random_state: numpy's seed range
 _MINE_KEYS = {"corpus", "clusters", "names_per_cluster", "min_agreement", "seed"}
 
 
-def _check_mining(mining: MiningSpec, class_names: Sequence[str] | None) -> None:
+def _check_mining(
+    mining: MiningSpec, class_names: Sequence[str] | None, detectors: Sequence[DetectorSpec]
+) -> None:
     from oodprobe.corpus import check_corpus_source
 
     if class_names is not None:
@@ -204,6 +206,32 @@ def _check_mining(mining: MiningSpec, class_names: Sequence[str] | None) -> None
             f"[id].mine.min_agreement must be a number in [0, 1], got {agreement!r}"
         )
     check_corpus_source(mining.corpus)
+    _check_heads_over_mined_names(detectors)
+
+
+def _check_heads_over_mined_names(detectors: Sequence[DetectorSpec]) -> None:
+    """Refuse a zero-shot head that meets the ID labels: over mined names its row c is the
+    c-th mined name, not class c, so averaging it with a probe or encoder head, or fitting it
+    on the labels, would pair unrelated classes (silently when the counts agree)."""
+    from oodprobe.detectors import DETECTORS
+    from oodprobe.detectors.posthoc import head_kinds
+    from oodprobe.pipeline import head_sources, member_specs
+
+    pending = list(detectors)
+    while pending:
+        detector = pending.pop()
+        pending.extend(member_specs(detector))
+        sources = head_sources(detector)
+        kinds = set(head_kinds(sources))
+        if "zero-shot" in kinds and (
+            len(kinds) > 1 or DETECTORS[detector.name].uses_labels(detector.params)
+        ):
+            raise InvalidParameterError(
+                f"detector {detector.display!r} with head(s) {', '.join(sources)}: with [id] mine "
+                f"the zero-shot head's rows are the mined names, not the ID classes, so it cannot "
+                f"be combined with a probe or encoder head or fitted on the ID labels; use the "
+                f"zero-shot head alone, or give class_names instead of mine"
+            )
 
 
 @dataclass(frozen=True)
@@ -501,7 +529,7 @@ def validate(spec: BenchmarkSpec) -> BenchmarkSpec:
     if spec.class_names is not None:
         _check_str_list(spec.class_names, "[id].class_names")
     if spec.mining is not None:
-        _check_mining(spec.mining, spec.class_names)
+        _check_mining(spec.mining, spec.class_names, spec.detectors)
     _check_prompts(spec.prompts)
     return spec
 
