@@ -484,7 +484,7 @@ def compute_text_arrays(
         from oodprobe.encoders.clipn import compute_no_class_embeddings
 
         text.no_class_embeddings = compute_no_class_embeddings(encoder, names, prompt_list)
-    sources = corpus_sources(specs)
+    sources = corpus_sources(detectors)
     if sources:
         from oodprobe.corpus import corpus_embeddings, load_corpus
         from oodprobe.encoders.text import clean_class_names
