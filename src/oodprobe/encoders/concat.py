@@ -26,7 +26,6 @@ import hashlib
 import itertools
 import json
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -135,10 +134,6 @@ class ConcatEncoder(ImageEncoder):
         if self.logits_part is None:
             return None
         return self.part_head_arrays(self.logits_part)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> ConcatEncoder:
-        super()._apply(fn, recurse)
-        return self
 
 
 class ConcatTextEncoder(ConcatEncoder, TextImageEncoder):
