@@ -3,11 +3,15 @@
 All of them search cosine similarities of L2-normalised features with the code in
 ``oodprobe.detectors.search`` (exact blocked matrix products by default, faiss optionally).
 Similarities that enter a score are recomputed in float64 for the neighbours found, so scores
-match a brute-force float64 computation; only the *choice* of neighbours uses float32.
+match a brute-force float64 computation. The exact backend also *chooses* the neighbours by
+float64 scores, provably (a float32 or bfloat16 product finds candidates, a rigorous error
+bound says which to re-score; ``search_precision`` picks that product, never the result);
+faiss chooses them in float32.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -33,6 +37,7 @@ from oodprobe.detectors.base import (
     register_detector,
     validate_values,
 )
+from oodprobe.errors import InvalidParameterError
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +53,7 @@ _SEARCH_CONSTRAINTS: dict[str, list[Any]] = {
     "n_probe": [integer(1)],
     "hnsw_m": [integer(1)],
     "ef_search": [integer(1)],
+    "search_precision": [Choices(*search.PRECISIONS)],
 }
 
 
@@ -60,8 +66,22 @@ class _NeighborDetector(Detector):
     n_probe: int
     hnsw_m: int
     ef_search: int
+    search_precision: str
+    _exact_index: search.ExactIndex | None
 
     differentiable: ClassVar[bool] = True
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any], *, runner: bool = False) -> None:
+        """The base checks, and ``search_precision='bf16'`` only with ``backend='exact'``."""
+        super().check_params(params, runner=runner)
+        backend = params.get("backend", "exact")
+        if params.get("search_precision", "auto") == "bf16" and backend != "exact":
+            raise InvalidParameterError(
+                f"detector {cls.name!r}: search_precision='bf16' needs backend='exact' (faiss "
+                f"searches in float32), got backend={backend!r}; use backend='exact' or "
+                f"search_precision='auto'"
+            )
 
     def fit(self, features: Features, labels: Labels | None = None) -> _NeighborDetector:
         """Store the L2-normalised (n, D) ID training features (float32); labels are ignored."""
@@ -71,6 +91,7 @@ class _NeighborDetector(Detector):
         self.train_features_ = l2_normalize(features, dtype=np.float32)
         self.n_dims_ = int(features.shape[1])
         self._faiss_index = None
+        self._exact_index = None
         if self.backend in search.APPROXIMATE_BACKENDS:
             self.index_bytes_ = search.build_faiss_index(
                 self.train_features_, self.backend, n_lists=self.n_lists, hnsw_m=self.hnsw_m
@@ -80,17 +101,28 @@ class _NeighborDetector(Detector):
     def _set_state(self, state: dict[str, Any]) -> None:
         super()._set_state(state)
         self._faiss_index = None
+        self._exact_index = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # the deserialised faiss index is a cache; index_bytes_ holds it (copy/deepcopy work)
+        # the deserialised faiss index and the exact search's bf16 copy are caches, rebuilt
+        # from index_bytes_ and train_features_ (copy/deepcopy work)
         state = dict(super().__getstate__())
         state.pop("_faiss_index", None)
+        state.pop("_exact_index", None)
         return state
 
-    def _neighbors(self, query_unit: npt.NDArray[np.float32]) -> search.IndexArray:
-        """(n, k) indices into ``train_features_`` of each query's neighbours, nearest first."""
+    def _neighbors(self, query_unit: npt.NDArray[np.floating[Any]]) -> search.IndexArray:
+        """(n, k) indices into ``train_features_`` of each query's neighbours, nearest first.
+
+        ``query_unit`` is float64 (or float32); the exact backend ranks by float64 scores of it.
+        """
         if self.backend == "exact":
-            return search.exact_search(self.train_features_, query_unit, self.k)[1]
+            index = getattr(self, "_exact_index", None)
+            if index is None:
+                index = search.prepare_exact(self.train_features_, self.search_precision)
+                self._exact_index = index
+            return search.exact_search(self.train_features_, query_unit, self.k, index=index)[1]
+        query_unit = np.asarray(query_unit, dtype=np.float32)
         index = None
         if self.backend in search.APPROXIMATE_BACKENDS:
             if getattr(self, "_faiss_index", None) is None:
@@ -110,7 +142,7 @@ class _NeighborDetector(Detector):
         check_is_fitted(self)
         features = check_features(features, n_dims=self.n_dims_)
         unit = np.asarray(l2_normalize(features, dtype=np.float64), dtype=np.float64)
-        return unit, self._neighbors(unit.astype(np.float32))
+        return unit, self._neighbors(unit)
 
     def _score_from_neighbors(
         self, unit: npt.NDArray[np.float64], indices: search.IndexArray
@@ -156,7 +188,9 @@ class KNNDetector(_NeighborDetector):
     neighbour search is float32 with the chosen similarities refined in float64. ``backend``
     picks the search: ``exact`` (blocked float32 matrix products), ``faiss`` (exact faiss brute
     force), ``faiss-ivf`` (``n_lists``, ``n_probe``) or ``faiss-hnsw`` (``hnsw_m``,
-    ``ef_search``), the last two approximate.
+    ``ef_search``), the last two approximate. ``search_precision`` (exact backend only):
+    ``auto`` (bf16 where this machine's bf16 product is faster), ``fp32`` or ``bf16``, the
+    product that finds candidates; the neighbours and scores are the same for all three.
     """
 
     name: ClassVar[str] = "knn"
@@ -175,6 +209,7 @@ class KNNDetector(_NeighborDetector):
         n_probe: int = 8,
         hnsw_m: int = 32,
         ef_search: int = 64,
+        search_precision: str = "auto",
     ) -> None:
         self.k = k
         self.temperature = temperature
@@ -183,6 +218,7 @@ class KNNDetector(_NeighborDetector):
         self.n_probe = n_probe
         self.hnsw_m = hnsw_m
         self.ef_search = ef_search
+        self.search_precision = search_precision
 
     def _score_from_neighbors(
         self, unit: npt.NDArray[np.float64], indices: search.IndexArray
@@ -227,6 +263,7 @@ class DeepKNNDetector(_NeighborDetector):
         n_probe: int = 8,
         hnsw_m: int = 32,
         ef_search: int = 64,
+        search_precision: str = "auto",
     ) -> None:
         self.k = k
         self.backend = backend
@@ -234,6 +271,7 @@ class DeepKNNDetector(_NeighborDetector):
         self.n_probe = n_probe
         self.hnsw_m = hnsw_m
         self.ef_search = ef_search
+        self.search_precision = search_precision
 
     def _score_from_neighbors(
         self, unit: npt.NDArray[np.float64], indices: search.IndexArray
@@ -277,7 +315,7 @@ def knn_classify(
     search.check_search_limits(k, len(train), None)
     classes, codes = np.unique(labels, return_inverse=True)
     similarities, indices = search.exact_search(
-        l2_normalize(train, dtype=np.float32), l2_normalize(test, dtype=np.float32), k
+        l2_normalize(train, dtype=np.float32), l2_normalize(test, dtype=np.float64), k
     )
     # subtracting each row's best similarity leaves the argmax unchanged and avoids overflow
     weights = np.exp((similarities.astype(np.float64) - similarities[:, :1]) / temperature)

@@ -1,13 +1,34 @@
 """Top-k cosine-similarity search over L2-normalised features: exact (torch) or faiss.
 
-The exact search is a blocked float32 matrix product: queries and, when needed, the training set
-are cut into blocks so that one (query block × train block) similarity matrix stays within
-``_BLOCK_ELEMENTS`` floats (256 MiB); each block's top-k is merged into a running top-k.
+The exact search finds *provably* the exact top-k of the float64 scores
+``s_j = Σ_d float64(x_jd) · y_d`` (train rows ``x_j`` as stored, in float32; the query ``y`` as
+given, float32 or float64), ties broken by the smaller train index. It runs in two stages:
+
+1. **Candidates** from a blocked low-precision matrix product: float32 (``precision="fp32"``)
+   or bfloat16 inputs with float32 accumulation (``"bf16"``). Queries and the training set are
+   cut into blocks so that one (query block × train block) similarity matrix stays within
+   ``_BLOCK_ELEMENTS`` values; each block's top-m (m = k + a few) is merged into a running
+   top-m per query.
+2. **Exact re-ranking**: with a rigorous bound ``err`` on |approximate − exact score| (see
+   :func:`_error_bounds`), every candidate whose upper bound reaches the k-th candidate's
+   lower bound is re-scored in float64 and the top-k taken by (score, −index). The result is
+   proven when every row *outside* the top-m has an upper bound below the k-th exact score:
+   ``upper(a_m) < s_(k)``. A query where that fails (its candidate set would be too large:
+   near-duplicates, ties) falls back to a full float32 row for that query, from which every
+   row whose upper bound reaches the k-th lower bound is re-scored (no cap: always exact).
+
+Both precisions therefore return identical neighbours and (float64) scores; ``bf16`` only
+changes the speed (and halves the memory of the training copy the product reads), so it is
+chosen automatically (``precision="auto"``) where a one-time micro-benchmark finds the bf16
+product faster than the float32 one.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,11 +41,23 @@ if TYPE_CHECKING:
 
 BACKENDS: tuple[str, ...] = ("exact", "faiss", "faiss-ivf", "faiss-hnsw")
 APPROXIMATE_BACKENDS: tuple[str, ...] = ("faiss-ivf", "faiss-hnsw")
-_BLOCK_ELEMENTS = 1 << 26  # floats in one similarity block (256 MiB of float32)
-_MAX_TRAIN_BLOCK = 65536  # train rows per block, so query blocks stay tall enough for BLAS
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+_BLOCK_ELEMENTS = 1 << 24  # values in one similarity block (64 MiB of float32: cache-friendly)
+_MAX_TRAIN_BLOCK = 16384  # train rows per block, so query blocks stay tall enough for BLAS
 _GROUP = 64  # columns per group in the group-max prefilter of _block_topk
+# candidates kept per query beyond k: float32's error window (~5e-5 for D = 768) rarely holds
+# more than one extra row; bf16's (~5e-3) holds a few more on dense data
+_EXTRA_CANDIDATES = {"fp32": 7, "bf16": 31}
+_EXACT_ELEMENTS = 1 << 22  # float64 values gathered at once when re-scoring candidates
+_BF16_MIN_SPEEDUP = 1.25  # "auto" picks bf16 when its product is at least this much faster
+
+_U32 = 2.0**-24  # unit roundoff of float32 (round to nearest)
+_U64 = 2.0**-53  # unit roundoff of float64
+_U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8-bit significand, round to nearest even)
+_TINY = 2.0**-126  # smallest normal float32 / bfloat16 (denormals are flushed, see below)
 
 Float32Array = npt.NDArray[np.float32]
+Float64Array = npt.NDArray[np.float64]
 IndexArray = npt.NDArray[np.int64]
 
 
@@ -41,12 +74,204 @@ def check_search_limits(k: int, n_train: int, n_lists: int | None) -> None:
         )
 
 
+# -- precision: which product finds the candidates ----------------------------------------------
+
+
+def resolve_precision(precision: str) -> str:
+    """``fp32`` or ``bf16`` for a search ``precision`` (``auto``: bf16 where it is faster)."""
+    if precision not in PRECISIONS:
+        raise InvalidParameterError(
+            f"search precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+        )
+    if precision == "auto":
+        return "bf16" if bf16_product_is_safe() and bf16_is_faster() else "fp32"
+    if precision == "bf16" and not bf16_product_is_safe():
+        raise InvalidParameterError(
+            "search precision 'bf16' needs a bfloat16 product that accumulates in float32, "
+            "and this torch build's CPU product does not; use 'auto' or 'fp32'"
+        )
+    return precision
+
+
+def _probe_operands() -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(256, 768, generator=generator), torch.randn(4096, 768, generator=generator)
+
+
+@functools.cache
+def bf16_product_is_safe() -> bool:
+    """Whether torch's CPU bfloat16 product obeys the error model of :func:`_error_bounds`.
+
+    Float32 accumulation and one rounding of the result to bfloat16, checked once per process
+    on a random (256 × 768) · (768 × 4096) product against float64. A kernel that accumulated
+    in bfloat16 would break the bound on such sums (their partial sums exceed the result).
+    """
+    import torch
+
+    queries, train = (operand.to(torch.bfloat16) for operand in _probe_operands())
+    with torch.no_grad():
+        product = torch.mm(queries, train.T).double()
+        exact = queries.double() @ train.double().T
+        magnitudes = queries.double().abs() @ train.double().abs().T
+    allowed = _U_BF16 / (1 - _U_BF16) * product.abs() + _gamma(768, _U32) * magnitudes
+    return bool(((product - exact).abs() <= allowed + 4 * 768 * _TINY).all())
+
+
+@functools.cache
+def bf16_is_faster() -> bool:
+    """Whether this CPU's bfloat16 product is ``_BF16_MIN_SPEEDUP``× faster than float32's.
+
+    A one-time micro-benchmark per process (~0.1 s): CPU flags are not enough. An AVX-512 BF16
+    core without AMX (Intel Sapphire Rapids under a hypervisor that hides AMX) issues one
+    ``vdpbf16ps`` per cycle against two float32 FMAs, so its bf16 product is no faster (here it
+    is ~0.55× float32 in oneDNN and in MKL), while AMD Zen 4 and AMX cores run it 2-3× faster.
+    """
+    import torch
+
+    queries, train = _probe_operands()
+
+    def best_seconds(dtype: torch.dtype) -> float:
+        left, right = queries.to(dtype), train.to(dtype)
+        out = torch.empty(len(left), len(right), dtype=dtype)
+        torch.mm(left, right.T, out=out)  # warm-up (oneDNN builds its kernel once)
+        timings = []
+        for _ in range(3):
+            start = time.perf_counter()
+            torch.mm(left, right.T, out=out)
+            timings.append(time.perf_counter() - start)
+        return min(timings)
+
+    with torch.no_grad():
+        return best_seconds(torch.float32) >= _BF16_MIN_SPEEDUP * best_seconds(torch.bfloat16)
+
+
+# -- the exact search ---------------------------------------------------------------------------
+
+
+def _gamma(n_terms: int, unit_roundoff: float) -> float:
+    """Higham's γ_n = n·u / (1 − n·u): relative error bound of an n-term sum or dot product."""
+    return n_terms * unit_roundoff / (1.0 - n_terms * unit_roundoff)
+
+
+def _max_row_norm(rows: torch.Tensor) -> float:
+    """The largest float64 row norm of a block, rounded up (0 for an empty block)."""
+    import torch
+
+    if len(rows) == 0:
+        return 0.0
+    return float(torch.linalg.vector_norm(rows.double(), dim=1).max()) * (1 + 1e-12)
+
+
+@dataclass(frozen=True)
+class ExactIndex:
+    """A training set prepared for :func:`exact_search` at one precision (a cache, never saved).
+
+    ``train`` is the float32 (n, D) array the exact re-ranking reads (the caller's, not a
+    copy). ``product`` is what the candidate product reads: ``train``'s own memory for fp32; a
+    bfloat16 copy, half of float32's size, for bf16 (the float32 array is still needed: it is
+    the exact source of the re-ranking, and the detector holds it anyway). ``train_norm``,
+    ``product_norm`` and ``residual_norm`` bound ‖x_j‖, ‖x̃_j‖ and ‖x_j − x̃_j‖ over all rows.
+    """
+
+    precision: str
+    train: Float32Array
+    product: torch.Tensor
+    train_norm: float
+    product_norm: float
+    residual_norm: float
+
+
+def prepare_exact(train_unit: npt.ArrayLike, precision: str = "auto") -> ExactIndex:
+    """Prepare (n, D) training rows for :func:`exact_search` (``precision``: see PRECISIONS)."""
+    import torch
+
+    from oodprobe.arrays import row_blocks, rows_per_block
+
+    resolved = resolve_precision(precision)
+    train = np.ascontiguousarray(train_unit, dtype=np.float32)
+    source = torch.from_numpy(train)
+    product = source
+    if resolved == "bf16":
+        product = torch.empty(train.shape, dtype=torch.bfloat16)
+    train_norm = product_norm = residual_norm = 0.0
+    for rows in row_blocks(len(train), rows_per_block(train.shape[1], 1 << 20)):
+        block = source[rows]
+        train_norm = max(train_norm, _max_row_norm(block))
+        if resolved == "bf16":
+            product[rows] = block.to(torch.bfloat16)  # round to nearest even
+            product_norm = max(product_norm, _max_row_norm(product[rows]))
+            residual_norm = max(residual_norm, _max_row_norm(block.double() - product[rows]))
+    if resolved == "fp32":
+        product_norm = train_norm
+    return ExactIndex(resolved, train, product, train_norm, product_norm, residual_norm)
+
+
+def _error_bounds(
+    index: ExactIndex, query: Float64Array, query_product: torch.Tensor, *, precision: str
+) -> tuple[Float64Array, float]:
+    """Rigorous bounds on |approximate − exact score|: ``(absolute (q,), relative)``.
+
+    For a train row ``x`` (float32, exact) and a query ``y`` (float64), the candidate product
+    computes ``a = fl(x̃·ỹ)`` with ``x̃, ỹ`` their rounded copies (float32 or bfloat16), and the
+    re-ranking computes ``s = fl64(x·y)``. Then ``|a − s| ≤ abs_q + rel·|a|`` with
+
+    * rounding the inputs: ``x·y − x̃·ỹ = x̃·r_y + r_x·ỹ + r_x·r_y`` (``r = exact − rounded``),
+      so by Cauchy–Schwarz ``|x·y − x̃·ỹ| ≤ X̃ρ_y + ρ_X Ỹ + ρ_X ρ_y``, with the *measured*
+      residual norms (``ρ_X`` the largest over train rows, ``ρ_y`` the query's). Round to nearest
+      gives ``|r_i| ≤ u|x_i|``, so this is at most ``(2u + u²)·‖x‖‖y‖`` (u = 2⁻⁸ for bfloat16;
+      a measured ρ is ~0.4 of that bound, which keeps the re-ranking window small);
+    * float32 accumulation: a dot product of D terms evaluated in float32 in any order, with
+      or without FMA, satisfies ``|fl(x̃·ỹ) − x̃·ỹ| ≤ γ_D Σ|x̃_i ỹ_i| ≤ γ_D X̃Ỹ`` with
+      ``γ_D = D·2⁻²⁴/(1 − D·2⁻²⁴)`` (Higham, Accuracy and Stability of Numerical Algorithms,
+      2nd ed., eq. 3.4 and §4.2; the product of two bfloat16 is even exact in float32).
+      oneDNN's bf16 kernels (``vdpbf16ps``, AMX) and BLAS accumulate in float32 registers;
+      :func:`bf16_is_faster` also checks that this torch build's bf16 product obeys the bound
+      before ``auto`` picks it;
+    * denormals: ``vdpbf16ps`` and flush-to-zero modes treat denormal inputs and results as
+      zero, at most 2⁻¹²⁶ per input or operation: ``4D·2⁻¹²⁶`` in all;
+    * torch's CPU bfloat16 product returns bfloat16 (no float32-output matmul on CPU): its
+      output rounding adds ``|a − acc| ≤ u|acc| ≤ u/(1 − u)·|a|``, the relative term;
+    * the float64 re-score: ``|s − x·y| ≤ γ_{D+1}(2⁻⁵³)·XY``.
+
+    Each bound is finally inflated by 1e-10 relative to cover rounding in evaluating it.
+    """
+    import torch
+
+    dims = query.shape[1]
+    exact = torch.from_numpy(query)
+    query_norm = torch.linalg.vector_norm(exact, dim=1)
+    rounded = query_product.double()
+    rounded_norm = torch.linalg.vector_norm(rounded, dim=1)
+    residual = torch.linalg.vector_norm(exact - rounded, dim=1)
+    bound = (
+        index.product_norm * residual
+        + index.residual_norm * rounded_norm
+        + index.residual_norm * residual
+        + _gamma(dims, _U32) * index.product_norm * rounded_norm
+        + _gamma(dims + 1, _U64) * index.train_norm * query_norm
+        + 4 * dims * _TINY
+    )
+    relative = _U_BF16 / (1 - _U_BF16) if precision == "bf16" else 0.0
+    return bound.numpy() * (1 + 1e-10), relative * (1 + 1e-10)
+
+
+def _rounded_queries(query: Float64Array, precision: str) -> torch.Tensor:
+    """The query block as the candidate product reads it (float32 or bfloat16)."""
+    import torch
+
+    single = torch.from_numpy(query).to(torch.float32)
+    return single.to(torch.bfloat16) if precision == "bf16" else single
+
+
 def _block_topk(similarities: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted top-k values and column indices of each row of a (rows, cols) block.
 
     For small k a group-max prefilter is ~1.5-3x faster than ``torch.topk`` on the whole
     block: the top-k entries of a row lie in the k groups (of ``_GROUP`` columns) with the
     largest maxima, so only those k groups are searched. ``amax`` is vectorised, topk is not.
+    Every column not returned is <= the k-th returned value (ties included).
     """
     import torch
 
@@ -67,44 +292,164 @@ def _block_topk(similarities: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     return values, columns
 
 
+def _block_shape(n_train: int) -> tuple[int, int]:
+    """(query rows, train rows) of one similarity block."""
+    n_train_blocks = math.ceil(n_train / _MAX_TRAIN_BLOCK)
+    train_block = math.ceil(n_train / n_train_blocks)
+    return max(1, _BLOCK_ELEMENTS // train_block), train_block
+
+
+def _candidates(
+    index: ExactIndex, queries: torch.Tensor, m: int, buffer: torch.Tensor
+) -> tuple[Float64Array, IndexArray]:
+    """(q, m) approximate top-m scores (sorted descending, as float64) and their train rows."""
+    import torch
+
+    n_train = len(index.train)
+    _, train_block = _block_shape(n_train)
+    best: tuple[torch.Tensor, torch.Tensor] | None = None
+    for t_start in range(0, n_train, train_block):
+        block = index.product[t_start : t_start + train_block]
+        similarities = buffer[: len(queries) * len(block)].view(len(queries), len(block))
+        torch.mm(queries, block.T, out=similarities)
+        values, columns = _block_topk(similarities, min(m, len(block)))
+        columns += t_start
+        if best is not None:  # merge with the running top-m of earlier train blocks
+            values = torch.cat([best[0], values], dim=1)
+            columns = torch.cat([best[1], columns], dim=1)
+            values, order = torch.topk(values, min(m, values.shape[1]), dim=1)
+            columns = torch.gather(columns, 1, order)
+        best = (values, columns)
+    assert best is not None
+    return best[0].to(torch.float64).numpy(), best[1].numpy()
+
+
+def exact_scores(
+    train: Float32Array, queries: Float64Array, query_rows: IndexArray, train_rows: IndexArray
+) -> Float64Array:
+    """Float64 scores ``Σ_d x_d·y_d`` of (query row, train row) pairs: the exact ranking key.
+
+    One fixed computation per pair (elementwise products, then numpy's pairwise sum of each
+    contiguous row), so identical train rows get identical scores wherever they are and the
+    tie-break by index is well defined.
+    """
+    scores = np.empty(len(query_rows), dtype=np.float64)
+    step = max(1, _EXACT_ELEMENTS // max(1, train.shape[1]))
+    for start in range(0, len(query_rows), step):
+        pairs = slice(start, start + step)
+        products = train[train_rows[pairs]].astype(np.float64) * queries[query_rows[pairs]]
+        scores[pairs] = products.sum(axis=1)
+    return scores
+
+
+def _select(
+    query_rows: IndexArray, train_rows: IndexArray, scores: Float64Array, n_queries: int, k: int
+) -> tuple[Float64Array, IndexArray]:
+    """Per query, the k pairs of highest score, ties to the smaller train index (k per query)."""
+    order = np.lexsort((train_rows, -scores, query_rows))
+    counts = np.bincount(query_rows, minlength=n_queries)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    picks = order[starts[:, None] + np.arange(k)]
+    return scores[picks], train_rows[picks]
+
+
+def _rerank(
+    index: ExactIndex,
+    queries: Float64Array,
+    approximate: Float64Array,
+    candidates: IndexArray,
+    bound: tuple[Float64Array, float],
+    k: int,
+) -> tuple[Float64Array, IndexArray, npt.NDArray[np.bool_]]:
+    """Exact top-k among each query's candidates, and whether it is the top-k of all rows."""
+    absolute, relative = bound
+    slack = absolute[:, None] + relative * np.abs(approximate)
+    upper = np.nextafter(approximate + slack, np.inf)
+    lower_kth = np.nextafter(approximate[:, k - 1] - slack[:, k - 1], -np.inf)
+    # a candidate whose upper bound is below the k-th candidate's lower bound cannot be in the
+    # top-k: the first k candidates all score at least that lower bound
+    query_rows, positions = np.nonzero(upper >= lower_kth[:, None])
+    train_rows = candidates[query_rows, positions]
+    scores = exact_scores(index.train, queries, query_rows, train_rows)
+    values, indices = _select(query_rows, train_rows, scores, len(queries), k)
+    # every row outside the top-m scores at most upper[:, -1]; below the k-th exact score it
+    # cannot enter the top-k, nor tie with it
+    proven = (upper[:, -1] < values[:, -1]) | (candidates.shape[1] == len(index.train))
+    return values, indices, proven
+
+
+def _full_rows(index: ExactIndex, queries: Float64Array, k: int) -> tuple[Float64Array, IndexArray]:
+    """The fallback: exact top-k from a full float32 row of each query (no candidate cap)."""
+    import torch
+
+    from oodprobe.arrays import row_blocks, rows_per_block
+
+    train = torch.from_numpy(index.train)
+    single = ExactIndex("fp32", index.train, train, index.train_norm, index.train_norm, 0.0)
+    values = np.empty((len(queries), k), dtype=np.float64)
+    indices = np.empty((len(queries), k), dtype=np.int64)
+    for rows in row_blocks(len(queries), rows_per_block(len(train), _BLOCK_ELEMENTS)):
+        query = queries[rows]
+        rounded = _rounded_queries(query, "fp32")
+        absolute, _ = _error_bounds(single, query, rounded, precision="fp32")
+        similarities = torch.mm(rounded, train.T)
+        kth = torch.topk(similarities, k, dim=1).values[:, -1].double().numpy()
+        # keep every row j with s̃_j + err >= s̃_(k) − err, rounded down to float32 (a superset)
+        threshold = np.nextafter(kth - 2 * absolute, -np.inf) - 2 * absolute * 1e-10
+        single_threshold = threshold.astype(np.float32)
+        too_high = single_threshold > threshold
+        single_threshold[too_high] = np.nextafter(single_threshold[too_high], np.float32(-np.inf))
+        mask = similarities >= torch.from_numpy(single_threshold)[:, None]
+        query_rows, train_rows = (array.numpy() for array in torch.nonzero(mask, as_tuple=True))
+        scores = exact_scores(index.train, query, query_rows, train_rows)
+        values[rows], indices[rows] = _select(query_rows, train_rows, scores, len(query), k)
+    return values, indices
+
+
 def exact_search(
-    train_unit: Float32Array, query_unit: Float32Array, k: int
-) -> tuple[Float32Array, IndexArray]:
+    train_unit: npt.ArrayLike,
+    query_unit: npt.ArrayLike,
+    k: int,
+    *,
+    precision: str = "auto",
+    index: ExactIndex | None = None,
+) -> tuple[Float64Array, IndexArray]:
     """Exact top-k inner products of each query row with the train rows, sorted descending.
 
-    Returns ``(similarities, indices)``, both (n_queries, k). Memory beyond the inputs: one
-    similarity block of at most ``_BLOCK_ELEMENTS`` float32 values and the (n, k) results.
+    Returns ``(similarities, indices)``, both (n_queries, k): the float64 scores
+    :func:`exact_scores` and their train rows, ties to the smaller index, whatever the
+    ``precision`` (``auto``, ``fp32``, ``bf16``: the candidate product; see the module doc).
+    ``index`` (from :func:`prepare_exact`, for these ``train_unit``) skips the preparation.
+    Memory beyond the inputs: one similarity block of at most ``_BLOCK_ELEMENTS`` values, the
+    (n, k) results and, for bf16, the bfloat16 copy of the train rows (half of float32).
     """
     import torch
 
-    n_train = len(train_unit)
-    n_train_blocks = math.ceil(n_train / _MAX_TRAIN_BLOCK)
-    train_block = math.ceil(n_train / n_train_blocks)
-    query_block = max(1, _BLOCK_ELEMENTS // train_block)
-    train = torch.from_numpy(np.ascontiguousarray(train_unit, dtype=np.float32))
-    queries = torch.from_numpy(np.ascontiguousarray(query_unit, dtype=np.float32))
-    out_values = np.empty((len(queries), k), dtype=np.float32)
+    if index is None:
+        index = prepare_exact(train_unit, precision)
+    queries = np.asarray(query_unit)
+    n_train = len(index.train)
+    m = min(n_train, k + _EXTRA_CANDIDATES[index.precision])
+    query_block, train_block = _block_shape(n_train)
+    out_values = np.empty((len(queries), k), dtype=np.float64)
     out_indices = np.empty((len(queries), k), dtype=np.int64)
-    buffer = torch.empty(min(query_block, len(queries)) * train_block, dtype=torch.float32)
+    unproven: list[IndexArray] = []
+    buffer = torch.empty(min(query_block, len(queries)) * train_block, dtype=index.product.dtype)
     with torch.no_grad():
         for q_start in range(0, len(queries), query_block):
-            query = queries[q_start : q_start + query_block]
-            best: tuple[torch.Tensor, torch.Tensor] | None = None
-            for t_start in range(0, n_train, train_block):
-                block = train[t_start : t_start + train_block]
-                similarities = buffer[: len(query) * len(block)].view(len(query), len(block))
-                torch.mm(query, block.T, out=similarities)
-                values, columns = _block_topk(similarities, min(k, len(block)))
-                columns += t_start
-                if best is not None:  # merge with the running top-k of earlier train blocks
-                    values = torch.cat([best[0], values], dim=1)
-                    columns = torch.cat([best[1], columns], dim=1)
-                    values, order = torch.topk(values, k, dim=1)
-                    columns = torch.gather(columns, 1, order)
-                best = (values, columns)
-            assert best is not None
-            out_values[q_start : q_start + len(query)] = best[0].numpy()
-            out_indices[q_start : q_start + len(query)] = best[1].numpy()
+            rows = slice(q_start, q_start + query_block)
+            query = np.ascontiguousarray(queries[rows], dtype=np.float64)
+            rounded = _rounded_queries(query, index.precision)
+            bound = _error_bounds(index, query, rounded, precision=index.precision)
+            approximate, candidates = _candidates(index, rounded, m, buffer)
+            values, indices, proven = _rerank(index, query, approximate, candidates, bound, k)
+            out_values[rows], out_indices[rows] = values, indices
+            unproven.append(q_start + np.flatnonzero(~proven))
+        del buffer
+        fallback = np.concatenate(unproven) if unproven else np.empty(0, dtype=np.int64)
+        if len(fallback):
+            query = np.ascontiguousarray(queries[fallback], dtype=np.float64)
+            out_values[fallback], out_indices[fallback] = _full_rows(index, query, k)
     return out_values, out_indices
 
 
