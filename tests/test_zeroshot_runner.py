@@ -5,6 +5,7 @@ second run reads the corpus embeddings from the cache."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -288,3 +289,28 @@ def test_mined_names_are_not_mixed_with_the_id_labels_when_the_spec_is_built(
         {"name": "neglabel", "params": {"corpus": str(corpus_file)}},
     ]:
         spec(detector)
+
+
+def test_the_corpus_is_embedded_on_the_runs_device(
+    tiny_openclip: str, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Extraction hands the encoder back on the CPU; the corpus (WordNet: hours on a CPU, for
+    NegLabel and for mining) must be embedded on the device the run was given, not there."""
+    import oodprobe.corpus
+    from oodprobe.benchmark import execute_benchmark
+
+    devices: list[Any] = []
+    original = oodprobe.corpus.corpus_embeddings
+
+    def recording(*args: Any, **kwargs: Any) -> np.ndarray:
+        devices.append(kwargs.get("device"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(oodprobe.corpus, "corpus_embeddings", recording)
+    spec = _spec([tiny_openclip], corpus_file)
+    spec = replace(spec, detectors=spec.detectors[:2])  # mcm, neglabel
+    run = execute_benchmark(
+        spec, tmp_path / "out", cache_root=tmp_path / "cache", device="cpu", progress=False
+    )
+    assert devices == ["cpu"]  # NegLabel's corpus, embedded once
+    assert {row.error for row in run.rows} == {None}

@@ -357,6 +357,7 @@ def execute_benchmark(
                 progress=progress,
                 mining=spec.mining,
                 train=final_train.features,
+                device=device,  # extraction handed the encoder back on the CPU
             )
             if class_embeddings.mined is not None:
                 record_of_mining = mined_record(final, encoder, class_embeddings, final_train)

@@ -455,11 +455,13 @@ def compute_text_arrays(
     progress: bool = True,
     mining: MiningSpec | None = None,
     train: FeatureSet | None = None,
+    device: str | None = None,
 ) -> TextArrays:
     """The class embeddings, and what else the detectors need of the text tower.
 
     With ``mining`` the class names are mined from a corpus with the ID training features
-    ``train`` (:func:`mine_class_names`) instead of given.
+    ``train`` (:func:`mine_class_names`) instead of given. A corpus is embedded on ``device``
+    (``auto``, ``cpu``, ``cuda``; None: where the encoder is, the CPU after an extraction).
 
     CLIPN's no-embeddings use the same names and prompts as the class embeddings (CLIPN's
     ``merge_yes_no_feature`` runs one prompt list through both towers). A corpus is embedded
@@ -474,7 +476,7 @@ def compute_text_arrays(
     if mining is not None:
         if train is None:
             raise InvalidParameterError("mining class names needs the ID training features")
-        text = mine_class_names(encoder, train, mining, prompt_list, root, progress)
+        text = mine_class_names(encoder, train, mining, prompt_list, root, progress, device)
         names = text.class_names
     else:
         names = require_class_names(class_names)
@@ -493,7 +495,7 @@ def compute_text_arrays(
         for source in sources:
             corpus = load_corpus(source, cache_root=root)
             embeddings = corpus_embeddings(
-                encoder, corpus, prompt_list, cache_root=root, progress=progress
+                encoder, corpus, prompt_list, cache_root=root, progress=progress, device=device
             )
             keep = np.array([term.casefold() not in id_names for term in corpus.terms], bool)
             text.corpora[source] = embeddings[keep]
@@ -519,19 +521,21 @@ def mine_class_names(
     prompts: Sequence[str],
     cache_root: Path | None,
     progress: bool,
+    device: str | None = None,
 ) -> TextArrays:
     """Class names mined from ``mining.corpus`` for the ID training images (ClusterMine-style,
     :func:`oodprobe.mining.mine_positive_labels`); their class embeddings are the corpus rows.
 
-    The corpus is embedded with ``prompts`` and cached. InvalidParameterError when fewer than two
-    names are mined (the text detectors need two classes), saying what to change.
+    The corpus is embedded with ``prompts`` (on ``device``) and cached. InvalidParameterError
+    when fewer than two names are mined (the text detectors need two classes), saying what to
+    change.
     """
     from oodprobe.corpus import corpus_embeddings, load_corpus
     from oodprobe.mining import mine_positive_labels
 
     corpus = load_corpus(mining.corpus, cache_root=cache_root)
     embeddings = corpus_embeddings(
-        encoder, corpus, prompts, cache_root=cache_root, progress=progress
+        encoder, corpus, prompts, cache_root=cache_root, progress=progress, device=device
     )
     mined = mine_positive_labels(
         joint_embeddings(encoder, train.features),
