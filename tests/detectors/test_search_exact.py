@@ -107,7 +107,7 @@ def test_exact_duplicates_tie_to_the_smaller_index(
     queries = np.concatenate([unit_rows(rng, 40, 32), distinct[:20].astype(np.float64)])
     for k in (1, 3, 50):
         assert_exact(train, queries, k, precision)
-    assert sum(count_fallbacks) > 0  # 44 copies of a neighbour overflow k + 31 candidates
+    assert sum(count_fallbacks) > 0  # 44 copies of a neighbour overflow k + 15 candidates
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
