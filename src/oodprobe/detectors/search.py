@@ -84,7 +84,7 @@ def resolve_precision(precision: str) -> str:
             f"search precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
         )
     if precision == "auto":
-        return "bf16" if bf16_product_is_safe() and bf16_is_faster() else "fp32"
+        return "bf16" if bf16_is_faster() and bf16_product_is_safe() else "fp32"
     if precision == "bf16" and not bf16_product_is_safe():
         raise InvalidParameterError(
             "search precision 'bf16' needs a bfloat16 product that accumulates in float32, "
@@ -97,7 +97,7 @@ def _probe_operands() -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(256, 768, generator=generator), torch.randn(4096, 768, generator=generator)
+    return torch.randn(128, 768, generator=generator), torch.randn(4096, 768, generator=generator)
 
 
 @functools.cache
@@ -105,7 +105,7 @@ def bf16_product_is_safe() -> bool:
     """Whether torch's CPU bfloat16 product obeys the error model of :func:`_error_bounds`.
 
     Float32 accumulation and one rounding of the result to bfloat16, checked once per process
-    on a random (256 × 768) · (768 × 4096) product against float64. A kernel that accumulated
+    on a random (128 × 768) · (768 × 4096) product against float64. A kernel that accumulated
     in bfloat16 would break the bound on such sums (their partial sums exceed the result).
     """
     import torch
@@ -123,7 +123,7 @@ def bf16_product_is_safe() -> bool:
 def bf16_is_faster() -> bool:
     """Whether this CPU's bfloat16 product is ``_BF16_MIN_SPEEDUP``× faster than float32's.
 
-    A one-time micro-benchmark per process (~0.1 s): CPU flags are not enough. An AVX-512 BF16
+    A one-time micro-benchmark per process (~0.1-0.2 s): CPU flags are not enough. An AVX-512 BF16
     core without AMX (Intel Sapphire Rapids under a hypervisor that hides AMX) issues one
     ``vdpbf16ps`` per cycle against two float32 FMAs, so its bf16 product is no faster (here it
     is ~0.55× float32 in oneDNN and in MKL), while AMD Zen 4 and AMX cores run it 2-3× faster.
@@ -330,16 +330,16 @@ def exact_scores(
 ) -> Float64Array:
     """Float64 scores ``Σ_d x_d·y_d`` of (query row, train row) pairs: the exact ranking key.
 
-    One fixed computation per pair (elementwise products, then numpy's pairwise sum of each
-    contiguous row), so identical train rows get identical scores wherever they are and the
+    One fixed computation per pair (numpy's einsum sum of products over one contiguous row of
+    each operand), so identical train rows get identical scores wherever they are and the
     tie-break by index is well defined.
     """
     scores = np.empty(len(query_rows), dtype=np.float64)
     step = max(1, _EXACT_ELEMENTS // max(1, train.shape[1]))
     for start in range(0, len(query_rows), step):
         pairs = slice(start, start + step)
-        products = train[train_rows[pairs]].astype(np.float64) * queries[query_rows[pairs]]
-        scores[pairs] = products.sum(axis=1)
+        rows = train[train_rows[pairs]].astype(np.float64)
+        scores[pairs] = np.einsum("ij,ij->i", rows, queries[query_rows[pairs]])
     return scores
 
 
