@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -262,10 +263,144 @@ def test_probe_errors_say_what_to_do() -> None:
         (
             lambda: create_detector("linear-probe", k=3),
             "unknown parameter 'k' for detector 'linear-probe'; valid parameters: batch_size, "
-            "device, epochs, lr, score, seed, temperature, warmup_fraction, weight_decay",
+            "device, epochs, lr, precision, score, seed, temperature, warmup_fraction, "
+            "weight_decay",
         ),
     ]
     for call, message in cases:
         with pytest.raises(InvalidParameterError) as error:
             call()
         assert str(error.value) == message
+
+
+# -- the fast trainer (issue 12): same updates as the plain loop, options ----------------------
+
+
+def plain_loop(
+    features: np.ndarray, labels: np.ndarray, n_classes: int, epochs: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The textbook loop: LambdaLR per batch, unfused Adam, per-batch standardisation."""
+    mean = features.astype(np.float64).mean(axis=0)
+    std = features.astype(np.float64).std(axis=0)
+    data = torch.tensor((features - mean) / std, dtype=torch.float32)
+    targets = torch.as_tensor(labels)
+    generator = torch.Generator().manual_seed(42)
+    bound = 1 / math.sqrt(features.shape[1])
+    weight = (torch.rand(n_classes, features.shape[1], generator=generator) * 2 - 1) * bound
+    bias = (torch.rand(n_classes, generator=generator) * 2 - 1) * bound
+    total = epochs * math.ceil(len(features) / batch_size)
+    optimizer = torch.optim.Adam([weight, bias], lr=1e-2, weight_decay=1e-3, foreach=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine_factor(step, total, int(0.1 * total))
+    )
+    with torch.no_grad():
+        for _ in range(epochs):
+            order = torch.randperm(len(features), generator=generator)
+            for start in range(0, len(features), batch_size):
+                index = order[start : start + batch_size]
+                weight.grad, bias.grad = cross_entropy_gradient(
+                    data[index], targets[index], weight, bias
+                )
+                optimizer.step()
+                scheduler.step()
+    return weight.numpy(), bias.numpy()
+
+
+def test_fast_trainer_makes_the_plain_loops_updates() -> None:
+    features, labels = clusters(300)
+    features = features * 5 + 2  # standardisation matters
+    expected_weight, expected_bias = plain_loop(features, labels, 4, epochs=3, batch_size=64)
+    for resident_bytes in (1 << 30, 0):  # whole standardised copy, or per-batch gather
+        state = probe_module.train_linear_probe(
+            features, labels, 4, epochs=3, batch_size=64, lr=1e-2, weight_decay=1e-3,
+            warmup_fraction=0.1, seed=42, device="cpu", resident_bytes=resident_bytes,
+        )  # fmt: skip
+        np.testing.assert_allclose(state["weight"], expected_weight, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(state["bias"], expected_bias, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_big_batches_and_full_batch_make_the_same_update(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    features, labels = clusters(100)
+    options: dict[str, Any] = {
+        "lr": 1e-2, "weight_decay": 1e-3, "warmup_fraction": 0.1, "seed": 42, "device": "cpu"
+    }  # fmt: skip
+    whole = probe_module.train_linear_probe(
+        features, labels, 4, epochs=4, batch_size=100, **options
+    )
+    full = probe_module.train_linear_probe(
+        features, labels, 4, epochs=4, batch_size="full", **options
+    )
+    np.testing.assert_array_equal(full["weight"], whole["weight"])
+    monkeypatch.setattr(probe_module, "_TRAIN_CHUNK", 7)  # 100 rows in 15 chunks
+    for resident_bytes in (1 << 30, 0):
+        chunked = probe_module.train_linear_probe(
+            features, labels, 4, epochs=4, batch_size="full", resident_bytes=resident_bytes,
+            **options,
+        )  # fmt: skip
+        np.testing.assert_allclose(chunked["weight"], whole["weight"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(chunked["bias"], whole["bias"], rtol=1e-5, atol=1e-6)
+    # a batch of 40 in chunks of 7 (the last chunk short), against unchunked batches of 40
+    batches = probe_module.train_linear_probe(
+        features, labels, 4, epochs=2, batch_size=40, **options
+    )
+    monkeypatch.setattr(probe_module, "_TRAIN_CHUNK", 8192)
+    unchunked = probe_module.train_linear_probe(
+        features, labels, 4, epochs=2, batch_size=40, **options
+    )
+    np.testing.assert_allclose(batches["weight"], unchunked["weight"], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_products_keep_the_gradient_and_the_accuracy() -> None:
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randn(64, 32, generator=generator)
+    targets = torch.randint(0, 5, (64,), generator=generator)
+    weight, bias = torch.randn(5, 32, generator=generator), torch.randn(5, generator=generator)
+    exact = cross_entropy_gradient(batch, targets, weight, bias)
+    low = cross_entropy_gradient(batch, targets, weight, bias, matmul_dtype=torch.bfloat16)
+    assert low[0].dtype == low[1].dtype == torch.float32
+    for approximate, reference in zip(low, exact, strict=True):  # bf16: 8 significant bits
+        assert float((approximate - reference).norm() / reference.norm()) < 2e-2
+    features, labels = clusters(1200, n_classes=5, n_dims=20, spread=1.2, seed=3)
+    test_features, test_labels = clusters(1200, n_classes=5, n_dims=20, spread=1.2, seed=4)
+    accuracies = []
+    for precision in ("fp32", "bf16"):
+        detector = LinearProbeDetector(epochs=40, batch_size=32, precision=precision)  # type: ignore[arg-type]
+        detector.fit(features, labels)
+        assert detector.weight_.dtype == np.float32  # float32 master weights either way
+        accuracies.append((detector.predict(test_features) == test_labels).mean())
+    assert abs(accuracies[0] - accuracies[1]) <= 0.005
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    for flags, expected in [
+        ({"avx512_bf16", "GenuineIntel"}, "fp32"),  # no AMX: bf16 slower than fp32
+        ({"amx_bf16", "avx512_bf16", "GenuineIntel"}, "bf16"),
+        ({"avx512_bf16", "AuthenticAMD"}, "bf16"),  # Zen 4: bf16 dot products at full rate
+        ({"avx2", "AuthenticAMD"}, "fp32"),
+    ]:
+        monkeypatch.setattr(probe_module, "_cpu_flags", lambda flags=flags: frozenset(flags))
+        assert probe_module.resolve_probe_precision("auto", "cpu") == expected
+        assert probe_module.resolve_probe_precision("fp32", "cpu") == "fp32"
+    assert probe_module.resolve_probe_precision("auto", "mps") == "fp32"
+
+
+def test_new_probe_options_are_validated() -> None:
+    features, labels = clusters(40)
+    cases = [
+        (
+            lambda: create_detector("linear-probe", precision="fp16"),
+            "detector 'linear-probe': precision must be one of auto, fp32, bf16, got 'fp16'",
+        ),
+        (
+            lambda: create_detector("plp", batch_size="half", class_embeddings=np.eye(3)),
+            "detector 'plp': batch_size must be an integer >= 1 or 'full', got 'half'",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(InvalidParameterError) as error:
+            call()
+        assert str(error.value) == message
+    detector = LinearProbeDetector(epochs=30, batch_size="full", lr=1e-1).fit(features, labels)
+    assert (detector.predict(features) == labels).mean() > 0.95

@@ -238,3 +238,83 @@ def test_text_path_runs_end_to_end_on_a_tiny_open_clip(tiny_openclip: str) -> No
     np.testing.assert_array_equal(plp.pseudo_label_counts_, counts)
     scores = plp.score_samples(feature_array)
     assert scores.shape == (48,) and np.all((scores > 0) & (scores <= 1))
+
+
+# -- MCM's in-place float64 path (issue 12): equal to the float64 reference ----------------
+
+
+def reference_mcm(
+    features: np.ndarray, embeddings: np.ndarray, projection: np.ndarray | None, temperature: float
+) -> np.ndarray:
+    """The formula as written: normalise, project, normalise, cosines, softmax (float64)."""
+    joint = l2_normalize(features.astype(np.float64))
+    if projection is not None:
+        joint = l2_normalize(joint @ projection)
+    cosines = joint @ l2_normalize(embeddings.astype(np.float64)).T
+    return np.asarray(softmax(cosines / temperature, axis=1).max(axis=1))
+
+
+def adversarial_text_setup(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """2,000 classes within 1e-6 of one direction, and images whose scores differ by ~1e-10.
+
+    Every cosine of an image is within ~1e-6 of the others (near-equal cosines: the softmax is
+    flat, so every class matters), and the images differ from each other by 1e-4 around the
+    same direction, so their scores differ by ~1e-10 relative: a float32 computation (cosine
+    errors ~1e-7) scrambles their order; a float64 one must not.
+    """
+    rng = np.random.default_rng(seed)
+    n_classes, joint_dims, feature_dims = 2000, 64, 96
+    base = l2_normalize(rng.normal(size=joint_dims))
+    embeddings = base + 1e-6 * rng.normal(size=(n_classes, joint_dims))
+    projection = rng.normal(size=(feature_dims, joint_dims))
+    joint = base + 1e-4 * rng.normal(size=(200, joint_dims))
+    features = joint @ np.linalg.pinv(projection)  # so that features @ projection = joint
+    return features, embeddings, projection
+
+
+def test_mcm_equals_the_float64_reference_on_adversarial_cases() -> None:
+    features, embeddings, projection = adversarial_text_setup(seed=0)
+    for temperature in (1.0, 0.01):
+        detector = MCMDetector(
+            class_embeddings=embeddings, image_projection=projection, temperature=temperature
+        ).fit(features)
+        scores = detector.score_samples(features)
+        expected = reference_mcm(features, embeddings, projection, temperature)
+        np.testing.assert_allclose(scores, expected, rtol=1e-12, atol=0)
+        assert len(np.unique(expected)) == len(expected)  # distinct, so the order is defined
+        np.testing.assert_array_equal(np.argsort(scores), np.argsort(expected))
+        # the case is adversarial: float32 cosines lose this ranking
+        joint32 = l2_normalize(
+            l2_normalize(features.astype(np.float32)) @ projection.astype(np.float32)
+        )
+        cosines32 = joint32 @ l2_normalize(embeddings).astype(np.float32).T
+        float32 = softmax(cosines32.astype(np.float64) / temperature, axis=1).max(axis=1)
+        assert not np.array_equal(np.argsort(float32), np.argsort(expected))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.01])
+def test_mcm_equals_the_float64_reference_on_random_and_edge_rows(temperature: float) -> None:
+    rng = np.random.default_rng(7)
+    features = rng.normal(size=(3000, 48)).astype(np.float32)  # > one block at 1,500 classes
+    features[:3] = 0.0  # zero rows: cosines 0, score 1/C (l2_normalize leaves them zero)
+    features[3] *= 1e-20  # a row of norm below l2_normalize's eps
+    features[4] = features[5]  # an exact duplicate: an exact tie
+    embeddings = rng.normal(size=(1500, 32))
+    projection = rng.normal(size=(48, 32))
+    for projected in (projection, None):
+        dims = 48 if projected is not None else 32
+        detector = MCMDetector(
+            class_embeddings=embeddings,
+            image_projection=projected,
+            temperature=temperature,
+        ).fit(features[:, :dims])
+        scores = detector.score_samples(features[:, :dims])
+        expected = reference_mcm(features[:, :dims], embeddings, projected, temperature)
+        np.testing.assert_allclose(scores, expected, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(scores[:3], 1 / 1500, rtol=1e-12)
+        assert scores[4] == scores[5]
+        cosines = detector.similarities(features[:, :dims])
+        assert np.all(np.abs(cosines) <= 1 + 1e-12)
+        np.testing.assert_array_equal(
+            detector.zero_shot_predict(features[3:, :dims]), cosines[3:].argmax(axis=1)
+        )
