@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from oodprobe.arrays import l2_normalize
 from oodprobe.detectors import search
@@ -212,3 +213,14 @@ def test_precision_is_validated_with_the_parameters() -> None:
     with pytest.raises(InvalidParameterError, match="got 'half'"):
         search.resolve_precision("half")
     assert search.resolve_precision("auto") in ("fp32", "bf16")
+
+
+def test_bf16_rounding_is_torchs_round_to_nearest_even() -> None:
+    rng = np.random.default_rng(9)
+    values = rng.normal(size=20000) * 10.0 ** rng.uniform(-42, 3, size=20000)
+    ties = np.float32(1 + 2.0**-8) * np.arange(1, 50, dtype=np.float32)  # halfway cases
+    single = np.concatenate([values.astype(np.float32), ties, np.float32([0, -0.0, 1e-45])])
+    expected = torch.from_numpy(single).to(torch.bfloat16).view(torch.int16).numpy()
+    np.testing.assert_array_equal(search._bf16_bits(single).view(np.int16), expected)
+    rounded = search._bf16_values(search._bf16_bits(single))
+    assert np.all(np.abs(rounded - single) <= 2.0**-8 * np.abs(single) + 2.0**-134)

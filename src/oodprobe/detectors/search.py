@@ -192,22 +192,37 @@ def prepare_exact(train_unit: npt.ArrayLike, precision: str = "auto") -> ExactIn
 
     resolved = resolve_precision(precision)
     train = np.ascontiguousarray(train_unit, dtype=np.float32)
-    source = torch.from_numpy(train)
-    product = source
-    if resolved == "bf16":
-        product = torch.empty(train.shape, dtype=torch.bfloat16)
+    bits = np.empty(train.shape, dtype=np.uint16) if resolved == "bf16" else None
     train_norm = product_norm = residual_norm = 0.0
     for rows in row_blocks(len(train), rows_per_block(train.shape[1], 1 << 18)):
         block = train[rows].astype(np.float64)
         train_norm = max(train_norm, _max_row_norm(block))
-        if resolved == "bf16":
-            product[rows] = source[rows].to(torch.bfloat16)  # round to nearest even
-            rounded = product[rows].to(torch.float32).numpy().astype(np.float64)  # exact
+        if bits is not None:
+            bits[rows] = _bf16_bits(train[rows])
+            rounded = _bf16_values(bits[rows]).astype(np.float64)
             product_norm = max(product_norm, _max_row_norm(rounded))
             residual_norm = max(residual_norm, _max_row_norm(block - rounded))
-    if resolved == "fp32":
+    if bits is None:
+        product = torch.from_numpy(train)
         product_norm = train_norm
+    else:
+        product = torch.from_numpy(bits).view(torch.bfloat16)
     return ExactIndex(resolved, train, product, train_norm, product_norm, residual_norm)
+
+
+def _bf16_bits(single: Float32Array) -> npt.NDArray[np.uint16]:
+    """bfloat16 bit patterns of finite float32 values, rounded to nearest, ties to even.
+
+    The top 16 bits of ``x + 0x7FFF + (bit 16 of x)`` (as uint32): what torch's conversion
+    does, ~20x faster here than ``Tensor.to(torch.bfloat16)`` on small blocks.
+    """
+    raw = np.ascontiguousarray(single, dtype=np.float32).view(np.uint32)
+    return ((raw + (np.uint32(0x7FFF) + ((raw >> 16) & 1))) >> 16).astype(np.uint16)
+
+
+def _bf16_values(bits: npt.NDArray[np.uint16]) -> Float32Array:
+    """The float32 values of bfloat16 bit patterns (exact)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _error_bounds(
@@ -243,7 +258,11 @@ def _error_bounds(
 
     dims = query.shape[1]
     query_norm = _row_norms(query)
-    rounded = query_product.to(torch.float32).numpy().astype(np.float64)  # exact
+    if query_product.dtype == torch.bfloat16:
+        bits = query_product.view(torch.int16).numpy().view(np.uint16)
+        rounded = _bf16_values(bits).astype(np.float64)
+    else:
+        rounded = query_product.numpy().astype(np.float64)
     rounded_norm = _row_norms(rounded)
     residual = _row_norms(query - rounded)
     bound = (
@@ -262,8 +281,10 @@ def _rounded_queries(query: Float64Array, precision: str) -> torch.Tensor:
     """The query block as the candidate product reads it (float32 or bfloat16)."""
     import torch
 
-    single = torch.from_numpy(query).to(torch.float32)
-    return single.to(torch.bfloat16) if precision == "bf16" else single
+    single = np.ascontiguousarray(query, dtype=np.float32)
+    if precision == "bf16":
+        return torch.from_numpy(_bf16_bits(single)).view(torch.bfloat16)
+    return torch.from_numpy(single)
 
 
 def _block_topk(similarities: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
