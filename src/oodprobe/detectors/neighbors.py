@@ -185,9 +185,10 @@ class KNNDetector(_NeighborDetector):
     classifier's. Differences from the authors' code (``OOD_classifier_knn``, metric
     ``temp-cos-sim``, T = 0.02): it scores ``exp(cos/T)`` also for k = 1, where we return the
     cosine itself, a monotone transform (same ranking, AUROC and FPR; other values); the
-    neighbour search is float32 with the chosen similarities refined in float64. ``backend``
-    picks the search: ``exact`` (blocked float32 matrix products), ``faiss`` (exact faiss brute
-    force), ``faiss-ivf`` (``n_lists``, ``n_probe``) or ``faiss-hnsw`` (``hnsw_m``,
+    neighbours are the exact float64 top-k (the authors' search is float32). ``backend``
+    picks the search: ``exact`` (provably the float64 top-k, ties to the smaller index: a
+    blocked low-precision product for candidates, float64 re-ranking), ``faiss`` (faiss brute
+    force in float32), ``faiss-ivf`` (``n_lists``, ``n_probe``) or ``faiss-hnsw`` (``hnsw_m``,
     ``ef_search``), the last two approximate. ``search_precision`` (exact backend only):
     ``auto`` (bf16 where this machine's bf16 product is faster), ``fp32`` or ``bf16``, the
     product that finds candidates; the neighbours and scores are the same for all three.
