@@ -224,3 +224,15 @@ def test_bf16_rounding_is_torchs_round_to_nearest_even() -> None:
     np.testing.assert_array_equal(search._bf16_bits(single).view(np.int16), expected)
     rounded = search._bf16_values(search._bf16_bits(single))
     assert np.all(np.abs(rounded - single) <= 2.0**-8 * np.abs(single) + 2.0**-134)
+
+
+def test_reduced_float32_matmul_precision_is_overridden_and_restored() -> None:
+    rng = np.random.default_rng(10)
+    train = unit_rows(rng, 900, 40).astype(np.float32)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert_exact(train, unit_rows(rng, 30, 40), 3, "fp32")
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)

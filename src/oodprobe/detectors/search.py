@@ -25,9 +25,11 @@ product faster than the float32 one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -428,6 +430,22 @@ def _full_rows(index: ExactIndex, queries: Float64Array, k: int) -> tuple[Float6
     return values, indices
 
 
+@contextlib.contextmanager
+def _full_float32_products() -> Iterator[None]:
+    """Float32 products in float32 for the block (``set_float32_matmul_precision('medium')``
+    would let oneDNN run them in bf16, outside the float32 error bound); restored after."""
+    import torch
+
+    previous = torch.get_float32_matmul_precision()
+    if previous != "highest":
+        torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        if previous != "highest":
+            torch.set_float32_matmul_precision(previous)
+
+
 def exact_search(
     train_unit: npt.ArrayLike,
     query_unit: npt.ArrayLike,
@@ -457,7 +475,7 @@ def exact_search(
     out_indices = np.empty((len(queries), k), dtype=np.int64)
     unproven: list[IndexArray] = []
     buffer = torch.empty(min(query_block, len(queries)) * train_block, dtype=index.product.dtype)
-    with torch.no_grad():
+    with torch.no_grad(), _full_float32_products():
         for q_start in range(0, len(queries), query_block):
             rows = slice(q_start, q_start + query_block)
             query = np.ascontiguousarray(queries[rows], dtype=np.float64)
