@@ -89,7 +89,7 @@ def run_timed(
             results[name] = method()
             seconds = time.perf_counter() - start
             timings[name]["runs"].append(round(seconds, 3))
-            timings[name]["load_1min"].append([before, load()])
+            timings[name]["load_1min"].append([round(before, 2), round(load(), 2)])
             print(
                 f"  {name:<12} {seconds:8.2f} s   (load {before:.2f} -> {load():.2f})", flush=True
             )
@@ -114,6 +114,19 @@ def blocked_floor(
                 block_max = product.amax(dim=1).numpy()
             np.maximum(best[q : q + 1024], block_max, out=best[q : q + 1024])
     return best
+
+
+def product_only(
+    train: npt.NDArray[np.float32], queries: npt.NDArray[np.float32], dtype: str
+) -> None:
+    """torch's (queries × D) · (D × train) product alone, in (· × 16384) blocks: the GEMM rate."""
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    left = torch.from_numpy(queries).to(torch_dtype)
+    right = torch.from_numpy(train).to(torch_dtype)
+    out = torch.empty(len(left), 16384, dtype=torch_dtype)
+    for t in range(0, len(right), 16384):
+        block = right[t : t + 16384]
+        torch.mm(left, block.T, out=out[:, : len(block)])
 
 
 def brute_force(
@@ -184,6 +197,9 @@ def main() -> None:
         )
         for precision in ("fp32", "bf16")
     }
+    product_rows = min(4096, len(queries))
+    for dtype in ("fp32", "bf16"):
+        methods[f"product {dtype}"] = lambda d=dtype: product_only(train, queries[:product_rows], d)
     methods["numpy floor"] = lambda: (blocked_floor(train, queries, "numpy"), None)
     methods["torch floor"] = lambda: (blocked_floor(train, queries, "torch"), None)
     if not args.skip_faiss:
@@ -193,9 +209,18 @@ def main() -> None:
     fallbacks = {name: count // args.repeats for name, count in fallbacks.items()}
     del prepared, methods
 
+    product_gflop = 2 * product_rows * args.n_train * args.dims / 1e9
+    rates = {
+        f"product {dtype} GFLOP/s": round(product_gflop / timings[f"product {dtype}"]["seconds"], 1)
+        for dtype in ("fp32", "bf16")
+    }
+    print(f"  {product_rows} x {args.dims} @ {args.dims} x {args.n_train} product rates: {rates}")
     exact_values, exact_indices = results["ours fp32"]
     agreement: dict[str, Any] = {}
-    for name, (values, indices) in results.items():
+    for name, result in results.items():
+        if name.startswith("product "):
+            continue
+        values, indices = result
         top1 = np.asarray(values[:, 0] if values.ndim == 2 else values, dtype=np.float64)
         entry: dict[str, Any] = {
             "max |top-1 score diff| vs exact": float(np.abs(top1 - exact_values[:, 0]).max()),
@@ -230,6 +255,7 @@ def main() -> None:
         "numpy floor / ours fp32": ratio("numpy floor", "ours fp32"),
         "torch floor / ours fp32": ratio("torch floor", "ours fp32"),
         "ours fp32 / ours bf16": ratio("ours fp32", "ours bf16"),
+        "product fp32 / product bf16": ratio("product fp32", "product bf16"),
         f"faiss / ours auto ({auto})": ratio("faiss", f"ours {auto}"),
     }
     print("\nratios (reference time / our time; > 1: ours faster):")
@@ -260,6 +286,7 @@ def main() -> None:
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "versions": _versions(args.skip_faiss),
         },
+        "product_rates": rates,
         "seconds": timings,
         "ratios": ratios,
         "agreement_with_exact": agreement,
