@@ -255,6 +255,7 @@ class CountingEncoder:
     def __init__(self, encoder: Any, fail_after: int | None = None) -> None:
         self.encoder, self.texts, self.fail_after = encoder, 0, fail_after
         self.cache_id = encoder.cache_id
+        self.text_cache_id = encoder.text_cache_id  # the key of cached text embeddings
         self.name = encoder.name
 
     def encode_texts(self, texts: Any) -> Any:

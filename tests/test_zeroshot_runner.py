@@ -314,3 +314,36 @@ def test_the_corpus_is_embedded_on_the_runs_device(
     )
     assert devices == ["cpu"]  # NegLabel's corpus, embedded once
     assert {row.error for row in run.rows} == {None}
+
+
+def test_variants_sharing_a_text_tower_share_its_cached_corpus_embeddings(
+    tiny_openclip: str, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A corpus embedded for the plain CLIP serves its ,local variant, its tapped pass and a
+    concatenation holding it (their image outputs differ, their text tower does not)."""
+    import oodprobe.encoders.text as text
+    from oodprobe.corpus import corpus_embeddings, load_corpus
+    from oodprobe.encoders import create_encoder, create_shared_encoder
+
+    corpus = load_corpus(corpus_file)
+    plain = create_encoder(tiny_openclip)
+    expected = corpus_embeddings(plain, corpus, ("a photo of a {}.",), cache_root=tmp_path)
+    calls: list[int] = []
+    original = text.compute_class_embeddings
+
+    def counting(encoder: Any, names: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(names))
+        return original(encoder, names, *args, **kwargs)
+
+    monkeypatch.setattr(text, "compute_class_embeddings", counting)
+    variants = [
+        create_encoder(f"{tiny_openclip},local"),
+        create_shared_encoder([tiny_openclip, f"{tiny_openclip},layer=1"])[0],
+        create_encoder(f"concat:efficientnet-lite0@32+{tiny_openclip}"),
+    ]
+    for variant in variants:
+        assert variant.cache_id != plain.cache_id
+        assert variant.text_cache_id == plain.text_cache_id == plain.cache_id
+        embeddings = corpus_embeddings(variant, corpus, ("a photo of a {}.",), cache_root=tmp_path)
+        np.testing.assert_array_equal(embeddings, expected)
+    assert calls == []  # nothing encoded again

@@ -468,6 +468,7 @@ def run_attack(
                 [detector_spec],
                 cache_root=cache_root,
                 progress=progress,
+                device=device,
             )
         fitted = build_detector(detector_spec, model, class_embeddings, train=train)
         fitted.fit(detector_input(fitted, train), fit_labels(fitted, detector_spec, train.labels))

@@ -34,8 +34,8 @@ not filtered by character (a user who writes ``COVID-19`` means it).
 
 :func:`corpus_embeddings` embeds a corpus with a text tower (the prompt-averaged embeddings of
 :func:`oodprobe.encoders.text.compute_class_embeddings`) and caches them like image features:
-one entry per (encoder ``cache_id``, prompts, corpus ``version``) in the feature cache's format
-(:mod:`oodprobe.cache`: sharded atomic writes that resume after an interruption, checksums on
+one entry per (text tower ``text_cache_id``, prompts, corpus ``version``) in the feature cache's
+format (:mod:`oodprobe.cache`: sharded atomic writes that resume after an interruption, checksums on
 every read, a damaged entry rebuilt with a warning).
 """
 
@@ -466,7 +466,7 @@ def _embedding_key(
         {
             "kind": "corpus-embeddings",
             "method": "prompt-mean-unit",  # compute_class_embeddings' formula
-            "encoder": encoder.cache_id,
+            "encoder": encoder.text_cache_id,
             "prompts": list(prompts),
             "corpus": corpus.version,
             "n_terms": len(corpus),
@@ -541,9 +541,10 @@ def corpus_embeddings(
     the five-prompt ensemble, :data:`oodprobe.encoders.text.PROMPT_ENSEMBLE`), computed by
     :func:`oodprobe.encoders.text.compute_class_embeddings` in shards of ``shard_terms`` terms.
     Cached under ``cache_root`` (default :func:`oodprobe.cache.default_cache_root`) keyed on the
-    encoder's ``cache_id``, the prompts and ``corpus.version``; a second call reads the cache
-    and encodes nothing, an interrupted run resumes from its finished shards, a damaged entry is
-    rebuilt with a warning. ``device`` None leaves the encoder where it is; otherwise it runs
+    text tower's ``text_cache_id`` (shared by the encoder's ``,local``, tapped and concatenated
+    variants), the prompts and ``corpus.version``; a second call reads the cache and encodes
+    nothing, an interrupted run resumes from its finished shards, a damaged entry is rebuilt
+    with a warning. ``device`` None leaves the encoder where it is; otherwise it runs
     on that device (``auto``, ``cpu``, ``cuda``) and is restored afterwards. ``progress`` shows
     a rich progress bar on stderr while encoding.
     """
@@ -577,7 +578,7 @@ def corpus_embeddings(
             "key": key,
             "kind": "corpus-embeddings",
             "encoder": getattr(encoder, "name", type(encoder).__name__),
-            "encoder_cache_id": encoder.cache_id,
+            "encoder_cache_id": encoder.text_cache_id,
             "prompts": list(prompts),
             "corpus": {"name": corpus.name, "version": corpus.version, "source": corpus.source},
             "n_terms": n_terms,

@@ -157,6 +157,7 @@ def fit_deployment(
             [detector],
             cache_root=cache_root,
             progress=progress,
+            device=device,
         )
     # a post-hoc detector's head (an ensemble member's too) may be fitted on the training rows:
     # built once they are known; any other detector now, before extraction

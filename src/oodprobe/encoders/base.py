@@ -265,6 +265,19 @@ class TextImageEncoder(ImageEncoder):
             return float(scale.detach().float().exp().cpu())
         return DEFAULT_LOGIT_SCALE
 
+    @property
+    def text_cache_id(self) -> str:
+        """Digest of what changes :meth:`encode_texts`: the key of cached text embeddings.
+
+        The model's own ``cache_id`` when it is the plain encoder; variants that share its text
+        tower (``,local``, intermediate taps, a concatenation holding it) give that encoder's,
+        so a corpus embedded once (hours for WordNet on a CPU) serves them all.
+        """
+        if "local" not in self.identity:
+            return self.cache_id
+        plain = {key: value for key, value in self.identity.items() if key != "local"}
+        return self._digest_with(plain, outputs=("features",))
+
     def project_features(self, features: torch.Tensor) -> torch.Tensor:
         """Pre-projection image features → joint-space embeddings (not normalised)."""
         if self.image_projection is None:
@@ -373,6 +386,10 @@ class TappedTextImageEncoder(TappedEncoder, TextImageEncoder):
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         return self.base.encode_texts(texts)
+
+    @property
+    def text_cache_id(self) -> str:
+        return self.base.text_cache_id
 
     def _apply(self, fn: Any, recurse: bool = True) -> TappedTextImageEncoder:
         super()._apply(fn, recurse)  # moves the base, and with it its image_projection

@@ -173,6 +173,10 @@ class ConcatTextEncoder(ConcatEncoder, TextImageEncoder):
         return self.text_encoder.encode_texts(texts)
 
     @property
+    def text_cache_id(self) -> str:
+        return self.text_encoder.text_cache_id
+
+    @property
     def logit_scale(self) -> float:
         return self.text_encoder.logit_scale
 
