@@ -404,3 +404,27 @@ def test_new_probe_options_are_validated() -> None:
         assert str(error.value) == message
     detector = LinearProbeDetector(epochs=30, batch_size="full", lr=1e-1).fit(features, labels)
     assert (detector.predict(features) == labels).mean() > 0.95
+
+
+def test_small_steps_run_on_one_thread_and_the_setting_is_restored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[int] = []
+    real = probe_module._gradient_into
+
+    def spy(*args: Any, **kwargs: Any) -> None:
+        seen.append(torch.get_num_threads())
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(probe_module, "_gradient_into", spy)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        features, labels = clusters(64)
+        LinearProbeDetector(epochs=1, batch_size=32, device="cpu").fit(features, labels)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        monkeypatch.setattr(probe_module, "_PARALLEL_MACS", 1)  # every step counts as large
+        LinearProbeDetector(epochs=1, batch_size=32, device="cpu").fit(features, labels)
+        assert seen[2:] == [2, 2]
+    finally:
+        torch.set_num_threads(previous)

@@ -6,6 +6,7 @@ supervised linear probing (``linear-probe``) and pseudo-label probing (``plp`` i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -323,6 +324,31 @@ def resolve_probe_precision(precision: str, device: str | torch.device) -> str:
     return precision
 
 
+_PARALLEL_MACS = 1 << 24  # below this many multiply-adds per step, one CPU thread is faster
+
+
+@contextlib.contextmanager
+def _step_threads(multiply_adds: int, device: torch.device) -> Iterator[None]:
+    """Run small CPU steps on one thread (restoring torch's thread count afterwards).
+
+    A step of ``256 x 1280 x 5`` (the offline default's probe) is ~20 µs of GEMM: splitting it
+    over threads costs more in synchronisation than it saves, and on cores shared with other
+    processes the threads' spin-waits make it far worse (measured on 2 loaded cores: 0.4 s on
+    one thread vs 1.4-9.5 s on two for the same 30 epochs). Larger steps keep torch's setting.
+    """
+    import torch
+
+    if device.type != "cpu" or multiply_adds >= _PARALLEL_MACS or torch.get_num_threads() == 1:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _mean_std(features: Features) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Per-dimension mean and std in float64, two passes over row blocks (bounded memory)."""
     mean = np.zeros(features.shape[1])
@@ -368,7 +394,8 @@ def train_linear_probe(
     them once in its shuffled order, so a step is two matrix products, a softmax and one fused
     Adam kernel on views, with all learning rates computed up front and no value read back to
     the host. Larger sets are gathered and standardised per batch into a preallocated buffer
-    (bounded memory, the same arithmetic). Either way the random order and the updates are
+    (bounded memory, the same arithmetic). Small steps run on one CPU thread
+    (:func:`_step_threads`). Either way the random order and the updates are
     those of the plain loop (per-epoch ``randperm`` of the seeded generator).
     """
     import torch
@@ -458,7 +485,7 @@ def train_linear_probe(
         optimizer.step()
 
     step = 0
-    with torch.no_grad():
+    with torch.no_grad(), _step_threads(chunk_rows * n_dims * n_classes, torch_device):
         for _ in range(epochs):
             if full_batch:  # one update over all samples: the order does not change the mean
                 index, epoch_targets = None, targets
