@@ -9,7 +9,9 @@ matched to C class embeddings, at T = 1 (the paper's) and T = 0.01 (CLIP's logit
   cosines, then ``msp`` on a copy of each block).
 - ``pytorch-ood``: its ``MCM.predict_features`` (float32, torch) on the projected features;
   the projection (float32, torch) is timed with it, as it is part of the work.
-- ``float32 floor``: the two float32 products alone (torch), what no float32 method beats.
+- ``float32 floor``: the two float32 products alone (torch), what no float32 method beats;
+  ``float64 floor``: the two float64 products alone (numpy, in the blocks of the new path, the
+  features cast to float64 per block), the same for float64 methods.
 
 Agreement columns compare each with ``old`` (the float64 reference): max relative difference of
 the scores and whether the ranking (``argsort``) is identical. Timings are the best of
@@ -17,6 +19,8 @@ the scores and whether the ranking (``argsort``) is identical. Timings are the b
 
     .venv/bin/python benchmarks/mcm_speed.py            # N=100k, D=768, E=512, C=1000
     .venv/bin/python benchmarks/mcm_speed.py --n 20000  # quicker
+    .venv/bin/python benchmarks/mcm_speed.py --threads 1 \
+        --json benchmarks/results/mcm_speed_1thread.json   # robust to other processes
 """
 
 from __future__ import annotations
@@ -76,10 +80,19 @@ def main() -> None:
     parser.add_argument("--joint", type=int, default=512, help="joint-space dims E")
     parser.add_argument("--classes", type=int, default=1000, help="class embeddings C")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch and BLAS threads (default: theirs)"
+    )
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     import torch
+
+    if args.threads:  # the same number for torch (pytorch-ood) and numpy's BLAS (ours)
+        import threadpoolctl
+
+        torch.set_num_threads(args.threads)
+        threadpoolctl.threadpool_limits(args.threads)
 
     from oodprobe.arrays import l2_normalize
     from oodprobe.detectors.text import MCMDetector
@@ -104,6 +117,20 @@ def main() -> None:
             return joint @ embeddings_t.T
 
     _, floor_seconds = best_time(float32_floor, args.repeats)
+    projection64_raw, embeddings64 = projection.astype(np.float64), embeddings.astype(np.float64)
+    block_rows = (1 << 21) // args.classes  # the blocks of oodprobe's float64 path
+
+    def float64_floor() -> list[npt.NDArray[np.float64]]:
+        # the two float64 products alone per block, results dropped (the float64 paths' floor)
+        return [
+            (
+                (features[start : start + block_rows].astype(np.float64) @ projection64_raw)
+                @ embeddings64.T
+            )[:, 0]
+            for start in range(0, len(features), block_rows)
+        ]
+
+    _, floor64_seconds = best_time(float64_floor, args.repeats)
     rows: list[dict[str, Any]] = []
     for temperature in (1.0, 0.01):
         detector = MCMDetector(
@@ -125,6 +152,7 @@ def main() -> None:
             "new_max_relative_difference": float(np.max(np.abs(new - reference) / reference)),
             "new_ranking_identical": bool(np.array_equal(np.argsort(new, kind="stable"), order)),
             "float32_floor_seconds": floor_seconds,
+            "float64_floor_seconds": floor64_seconds,
         }
         if peers is not None:
             peer = peers.MCM(None, embeddings_t, temperature=temperature)
@@ -166,9 +194,9 @@ def main() -> None:
         f"on {info['cores']} cores; torch threads {info['torch_threads']}"
     )
     header = "| T | old s | new s | new/old | max rel diff | same ranking | pytorch-ood s |"
-    header += " peer/new | peer rel diff | peer same ranking | f32 floor s |"
+    header += " peer/new | peer rel diff | peer same ranking | f32 floor s | f64 floor s |"
     print(header)
-    print("|" + "---|" * 11)
+    print("|" + "---|" * 12)
     for row in rows:
         cells = [
             f"{row['temperature']:g}",
@@ -182,6 +210,7 @@ def main() -> None:
             f"{row.get('pytorch_ood_max_relative_difference', float('nan')):.1e}",
             str(row.get("pytorch_ood_ranking_identical", "-")),
             f"{row['float32_floor_seconds']:.3f}",
+            f"{row['float64_floor_seconds']:.3f}",
         ]
         print("| " + " | ".join(cells) + " |")
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -79,7 +79,7 @@ def _cosine_blocks(
 
 
 _EPS = 1e-12  # l2_normalize's: a row of norm below it is divided by it instead (zeros stay 0)
-_BLOCK_ELEMENTS = 1 << 19  # (rows, C) float64 blocks of 4 MiB: the in-place passes stay in cache
+_BLOCK_ELEMENTS = 1 << 21  # (rows, C) float64 blocks of 16 MiB: large GEMMs, bounded temporaries
 
 
 def _raw_cosine_blocks(
