@@ -30,9 +30,10 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -448,3 +449,39 @@ def add_head(directory: Path, weight: np.ndarray, bias: np.ndarray) -> dict[str,
 
 def remove_entry(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
+
+
+_Filled = TypeVar("_Filled")
+
+
+def fill_entry(
+    directory: Path,
+    write_missing: Callable[[], _Filled],
+    complete: Callable[[], Any],
+    what: str,
+    *,
+    stacklevel: int = 4,
+) -> list[_Filled]:
+    """Write an entry's missing shards (``write_missing``), then complete it (``complete``,
+    which writes ``meta.json`` with :func:`write_entry`); returns what each fill returned.
+
+    Shards that each pass their own checks can still disagree with each other (written by
+    another version, another width): ``write_entry`` then raises CacheError, and the entry is
+    started again from nothing, once, with a warning naming ``what`` (the feature cache, the
+    corpus embeddings; ``stacklevel`` as ``warnings.warn`` counts from here, default the
+    caller's caller's caller: the user of ``extract_features``). A second failure is raised.
+    """
+    filled = []
+    for attempt in (1, 2):
+        filled.append(write_missing())
+        try:
+            complete()
+            return filled
+        except CacheError as error:
+            if attempt == 2:
+                raise
+            warnings.warn(
+                f"{what} cache entry is damaged ({error}); rebuilding it", stacklevel=stacklevel
+            )
+            remove_entry(directory)
+    raise AssertionError("unreachable")  # pragma: no cover

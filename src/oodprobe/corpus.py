@@ -585,43 +585,42 @@ def corpus_embeddings(
             "shard_terms": shard_terms,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        for attempt in (1, 2):
+
+        def write_missing() -> None:
             ranges = [
                 (shard, shard * shard_terms, min((shard + 1) * shard_terms, n_terms))
                 for shard in range(n_shards)
             ]
             missing = [r for r in ranges if not _valid_shard(directory, r[0], key, r[1], r[2])]
-            if missing:
-                directory.mkdir(parents=True, exist_ok=True)
-                borrow = (
-                    borrowed_encoder(encoder, select_device(device))
-                    if device is not None
-                    else contextlib.nullcontext()
-                )
-                total = sum(stop - start for _, start, stop in missing)
-                with borrow, _progress_bar(progress, total, f"embedding {corpus.name}") as advance:
-                    for shard, start, stop in missing:
-                        rows = compute_class_embeddings(
-                            encoder, corpus.terms[start:stop], prompts, batch_size=batch_size
-                        )
-                        arrays = {
-                            "features": np.ascontiguousarray(rows, dtype=np.float32),
-                            "indices": np.arange(start, stop, dtype=np.int64),
-                        }
-                        cache.write_shard(directory, shard, arrays, {"key": key})
-                        advance(stop - start)
-            try:
-                cache.write_entry(directory, n_shards, meta)
-                break
-            except CacheError as error:
-                if attempt == 2:
-                    raise
-                # shards that pass alone but disagree (another embedding width): start again
-                warnings.warn(
-                    f"corpus embedding cache entry is damaged ({error}); rebuilding it",
-                    stacklevel=2,
-                )
-                cache.remove_entry(directory)
+            if not missing:
+                return
+            directory.mkdir(parents=True, exist_ok=True)
+            borrow = (
+                borrowed_encoder(encoder, select_device(device))
+                if device is not None
+                else contextlib.nullcontext()
+            )
+            total = sum(stop - start for _, start, stop in missing)
+            with borrow, _progress_bar(progress, total, f"embedding {corpus.name}") as advance:
+                for shard, start, stop in missing:
+                    rows = compute_class_embeddings(
+                        encoder, corpus.terms[start:stop], prompts, batch_size=batch_size
+                    )
+                    arrays: dict[str, np.ndarray] = {
+                        "features": np.ascontiguousarray(rows, dtype=np.float32),
+                        "indices": np.arange(start, stop, dtype=np.int64),
+                    }
+                    cache.write_shard(directory, shard, arrays, {"key": key})
+                    advance(stop - start)
+
+        # shards that pass alone but disagree (another embedding width): started again once
+        cache.fill_entry(
+            directory,
+            write_missing,
+            lambda: cache.write_entry(directory, n_shards, meta),
+            "corpus embedding",
+            stacklevel=3,
+        )
         arrays, _ = cache.read_entry(directory, key=key, verify=False)
         _check_rows(arrays, 0, n_terms, directory)
         return np.asarray(arrays["features"])

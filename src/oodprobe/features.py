@@ -663,25 +663,22 @@ def _cached_extraction(
         meta["shard_size"] = options["shard_size"]
         meta["key"] = key
         head = encoder.head_arrays()
-        n_encoded = 0
-        for attempt in (1, 2):
-            n_encoded += _extract_missing_shards(
-                dataset, encoder, directory, key, device=device, precision=precision, **options
+
+        def complete() -> None:
+            # the head before meta.json, which completes the entry
+            meta["head"] = None if head is None else cache.write_head(directory, *head)
+            cache.write_entry(directory, n_shards, meta)
+
+        n_encoded = sum(
+            cache.fill_entry(
+                directory,
+                lambda: _extract_missing_shards(
+                    dataset, encoder, directory, key, device=device, precision=precision, **options
+                ),
+                complete,
+                "feature",
             )
-            try:
-                # before meta.json, which completes the entry
-                meta["head"] = None if head is None else cache.write_head(directory, *head)
-                cache.write_entry(directory, n_shards, meta)
-                break
-            except CacheError as error:
-                if attempt == 2:
-                    raise
-                # Shards that each pass their checks but disagree with each other (say, written
-                # by another version): start the entry again from nothing.
-                warnings.warn(
-                    f"feature cache entry is damaged ({error}); rebuilding it", stacklevel=3
-                )
-                cache.remove_entry(directory)
+        )
         result = _feature_set(directory, dataset, encoder, key, from_cache=False, verify=False)
         elapsed = time.perf_counter() - started
         result.stats.update(
