@@ -505,13 +505,12 @@ def compute_text_arrays(
 def joint_embeddings(encoder: Any, features: np.ndarray) -> np.ndarray:
     """(n, E) unit joint-space embeddings ``normalize(normalize(f) @ W_proj)`` of features (the
     features themselves, normalised, for an encoder without a projection)."""
-    from oodprobe.arrays import l2_normalize
+    from oodprobe.detectors.text import joint_space
 
-    joint = l2_normalize(np.asarray(features), dtype=np.float64)
     projection = _projection(encoder)
-    if projection is not None:
-        joint = l2_normalize(joint @ projection.astype(np.float64))
-    return np.asarray(joint)
+    return joint_space(
+        np.asarray(features), None if projection is None else projection.astype(np.float64)
+    )
 
 
 def mine_class_names(

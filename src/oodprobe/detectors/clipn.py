@@ -29,7 +29,7 @@ from sklearn.utils.validation import check_is_fitted
 from oodprobe.arrays import Features, Labels, Scores, check_features, l2_normalize, row_blocks
 from oodprobe.detectors.base import Number, register_detector
 from oodprobe.detectors.probe import _CHUNK
-from oodprobe.detectors.text import _TEXT_CONSTRAINTS, _TextMixin
+from oodprobe.detectors.text import _TEXT_CONSTRAINTS, _TextMixin, joint_space
 from oodprobe.errors import InvalidParameterError
 
 if TYPE_CHECKING:
@@ -94,9 +94,7 @@ class _CLIPNDetector(_TextMixin):
         no = self._no_arrays()
         features = check_features(features, n_dims=n_dims)
         for rows in row_blocks(len(features), _CHUNK):
-            joint = l2_normalize(features[rows], dtype=np.float64)
-            if projection is not None:
-                joint = l2_normalize(joint @ projection)
+            joint = joint_space(features[rows], projection)
             yield self.logit_scale * (joint @ yes.T), self.logit_scale * (joint @ no.T)
 
     def _logits_torch(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

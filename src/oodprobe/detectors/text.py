@@ -44,6 +44,21 @@ if TYPE_CHECKING:
     import torch
 
 
+def joint_space(
+    features: npt.NDArray[Any], projection: npt.NDArray[np.float64] | None
+) -> npt.NDArray[np.float64]:
+    """Unit-norm joint-space rows ``normalize(normalize(f) @ W_proj)`` of (n, D) rows, float64.
+
+    CLIP's mapping of (pre-projection) image features into the joint space (the features
+    themselves, normalised, without a projection): the one home of what NegLabel, GL-MCM, CLIPN
+    and the runner's label mining score; MCM's blocks fold the same norms into one pass.
+    """
+    joint = np.asarray(l2_normalize(features, dtype=np.float64), dtype=np.float64)
+    if projection is not None:
+        joint = np.asarray(l2_normalize(joint @ projection), dtype=np.float64)
+    return joint
+
+
 def _checked_text_arrays(
     class_embeddings: npt.ArrayLike, image_projection: npt.ArrayLike | None
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64] | None, int]:

@@ -34,7 +34,7 @@ from oodprobe.arrays import (
 )
 from oodprobe.detectors.base import Number, integer, register_detector
 from oodprobe.detectors.probe import TEMPERATURE, msp
-from oodprobe.detectors.text import _TEXT_CONSTRAINTS, _TextMixin
+from oodprobe.detectors.text import _TEXT_CONSTRAINTS, _TextMixin, joint_space
 from oodprobe.errors import InvalidParameterError
 from oodprobe.mining import mine_negative_labels
 
@@ -48,16 +48,6 @@ _BLOCK_ELEMENTS = 1 << 22
 def _block_rows(width: int) -> int:
     """Rows per block whose float64 temporaries of ``width`` columns stay bounded."""
     return rows_per_block(width, _BLOCK_ELEMENTS)
-
-
-def _joint(
-    features: npt.NDArray[Any], projection: npt.NDArray[np.float64] | None
-) -> npt.NDArray[np.float64]:
-    """Unit-norm joint-space rows ``normalize(normalize(f) @ W_proj)`` of (n, D) rows, float64."""
-    joint = np.asarray(l2_normalize(features, dtype=np.float64), dtype=np.float64)
-    if projection is not None:
-        joint = np.asarray(l2_normalize(joint @ projection), dtype=np.float64)
-    return joint
 
 
 _LOG_HALF = math.log(0.5)
@@ -260,7 +250,9 @@ class NegLabelDetector(_TextMixin):
         features = check_features(features, n_dims=n_dims)
         negatives = np.asarray(l2_normalize(self.negative_embeddings_, dtype=np.float64))
         blocks = row_blocks(len(features), _block_rows(len(negatives)))
-        return np.concatenate([_joint(features[rows], projection) @ negatives.T for rows in blocks])
+        return np.concatenate(
+            [joint_space(features[rows], projection) @ negatives.T for rows in blocks]
+        )
 
     def score_samples(self, features: Features) -> Scores:
         """(n,) float64 ``log S(x)`` of (n, D) features, in (−inf, 0]; higher = more ID."""
@@ -270,7 +262,7 @@ class NegLabelDetector(_TextMixin):
         n_groups = int(self.n_groups)
         scores = np.empty(len(features), dtype=np.float64)
         for rows in row_blocks(len(features), _block_rows(len(stacked))):
-            logits = (_joint(features[rows], projection) @ stacked.T) / self.temperature
+            logits = (joint_space(features[rows], projection) @ stacked.T) / self.temperature
             positive = logsumexp(logits[:, :n_classes], axis=1)
             negative = logsumexp(logits[:, n_classes:].reshape(len(logits), n_groups, -1), axis=2)
             scores[rows] = _log_mean_share(positive, negative)
@@ -392,7 +384,7 @@ class GLMCMDetector(_TextMixin):
         """(b, 1 + P, C) cosines of checked (b, 1 + P, D) tokens to the class embeddings."""
         embeddings, projection, _ = self._text_arrays()
         n, n_tokens, token_dims = tokens.shape
-        joint = _joint(tokens.reshape(-1, token_dims), projection)
+        joint = joint_space(tokens.reshape(-1, token_dims), projection)
         return (joint @ embeddings.T).reshape(n, n_tokens, len(embeddings))
 
     def similarities(self, features: Features) -> npt.NDArray[np.float64]:
