@@ -436,6 +436,7 @@ def mined_record(encoder_name: str, encoder: Any, text: TextArrays, train: Split
     from oodprobe.pipeline import joint_embeddings
 
     mined = text.mined
+    assert mined is not None  # the caller records mined names only
     joint = joint_embeddings(encoder, train.features.features)
     clusters = []
     for cluster, names in enumerate(mined.cluster_names()):

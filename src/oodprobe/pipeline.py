@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from oodprobe.benchmark_spec import DetectorSpec, MiningSpec
     from oodprobe.detectors import Detector
     from oodprobe.features import FeatureSet
+    from oodprobe.mining import MinedLabels
 
 
 @dataclass(frozen=True)
@@ -420,7 +421,7 @@ class TextArrays:
     no_class_embeddings: np.ndarray | None = None
     corpora: dict[str, np.ndarray] = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
-    mined: Any = None  # oodprobe.mining.MinedLabels when the names were mined
+    mined: MinedLabels | None = None  # when the class names were mined (mine_class_names)
 
 
 def _all_specs(detectors: Iterable[DetectorSpec]) -> list[DetectorSpec]:
