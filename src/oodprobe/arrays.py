@@ -1,7 +1,19 @@
-"""Array aliases and the validation every detector and metric shares."""
+"""Array aliases, the validation every detector and metric shares, and memory budgets.
+
+Memory-mapped inputs (``np.memmap``, ``np.load(..., mmap_mode="r")``) are read in row blocks:
+:func:`row_blocks` with ``release=array`` hands each block's pages back to the kernel once the
+block is done (``madvise(MADV_DONTNEED)`` on a shared mapping: the data stay in the page
+cache, but no longer count in the process's resident set), so a pass over a 7.7 GB file keeps
+the RSS of one block. A peak-memory budget (:func:`memory_budget`, parsed by
+:func:`parse_memory_budget`) sets the block sizes of the streamed passes.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import mmap
+import re
 from collections.abc import Iterator
 from typing import Any, TypeAlias
 
@@ -18,15 +30,162 @@ Scores: TypeAlias = npt.NDArray[np.float64]
 """(n_samples,) scores; higher = more in-distribution."""
 
 
-def row_blocks(n_rows: int, block_rows: int) -> Iterator[slice]:
+def row_blocks(
+    n_rows: int, block_rows: int, *, release: npt.NDArray[Any] | None = None
+) -> Iterator[slice]:
     """Consecutive slices of at most ``block_rows`` rows covering ``range(n_rows)``.
 
     The one row-block loop of the package: every pass over (n, D) data that makes temporaries
-    per row goes through it, so temporaries stay O(block_rows · D) whatever n is.
+    per row goes through it, so temporaries stay O(block_rows · D) whatever n is. With
+    ``release`` (the array the slices index), the pages of each block of a memory-mapped array
+    are released when the loop moves on (:func:`release_pages`): resident memory stays one
+    block whatever the file's size.
     """
     step = max(1, int(block_rows))
     for start in range(0, n_rows, step):
-        yield slice(start, min(start + step, n_rows))
+        rows = slice(start, min(start + step, n_rows))
+        try:
+            yield rows
+        finally:
+            if release is not None:
+                release_pages(release, rows)
+
+
+# -- memory-mapped arrays ---------------------------------------------------------------------
+
+
+def _mapping_of(array: npt.NDArray[Any]) -> mmap.mmap | None:
+    """The shared ``mmap`` under ``array`` (through its ``base`` chain), or None.
+
+    None for a private (copy-on-write, ``mode="c"``) mapping: releasing its pages would drop
+    the array's own modifications. Only a chain that passes an ``np.memmap`` with a known mode
+    counts, so a foreign buffer is never advised.
+    """
+    mode: str | None = None
+    node: Any = array
+    for _ in range(64):
+        if isinstance(node, mmap.mmap):
+            return node if mode in ("r", "r+", "w+") else None
+        if mode is None and isinstance(node, np.memmap):
+            mode = getattr(node, "mode", None)
+        node = getattr(node, "base", None)
+        if node is None:
+            return None
+    return None
+
+
+def is_memory_mapped(array: Any) -> bool:
+    """Whether ``array`` is (a view of) a shared memory-mapped file (``np.memmap``)."""
+    return isinstance(array, np.ndarray) and _mapping_of(array) is not None
+
+
+def release_pages(array: npt.NDArray[Any], rows: slice | None = None) -> None:
+    """Drop the resident pages of ``array[rows]`` (all rows by default) if it is memory-mapped.
+
+    ``madvise(MADV_DONTNEED)`` on a shared file mapping unmaps the pages from this process
+    (dirty ones stay in the page cache and are written back); the next read faults them in
+    again from the cache. Values never change. A no-op for in-memory arrays and elsewhere than
+    Linux-like systems.
+    """
+    mapping = _mapping_of(array) if isinstance(array, np.ndarray) else None
+    if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    part = array if rows is None else array[rows]
+    if part.size == 0:
+        return
+    low, high = np.lib.array_utils.byte_bounds(part)
+    start = np.frombuffer(mapping, dtype=np.uint8).ctypes.data
+    first = (low - start) // mmap.PAGESIZE * mmap.PAGESIZE
+    length = min(high - start, len(mapping)) - first
+    if first >= 0 and length > 0:
+        with contextlib.suppress(OSError, ValueError):
+            mapping.madvise(mmap.MADV_DONTNEED, first, length)
+
+
+# -- the memory budget ------------------------------------------------------------------------
+
+_BUDGET: contextvars.ContextVar[int | None] = contextvars.ContextVar("memory_budget", default=None)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
+MIN_MEMORY_BUDGET = 64 << 20
+"""The smallest budget accepted (64 MiB): below it the fixed costs (D × D matrices, one
+similarity block) alone exceed it."""
+
+
+def parse_memory_budget(value: Any, *, name: str = "memory_budget") -> int | None:
+    """Bytes of a peak-memory budget: an integer, or a string such as ``"4GiB"``, ``"512MB"``.
+
+    Units: B, kB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB (powers of 1024), any case; a
+    plain number is bytes. ``None`` (or ``"none"``) means no budget. Raises
+    InvalidParameterError naming the value and the accepted forms; refuses less than 64 MiB.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "")):
+        return None
+    number: float | None = None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        number = float(value)
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", value)
+        unit = match.group(2).lower() if match else None
+        if match and unit in _UNITS:
+            number = float(match.group(1)) * _UNITS[unit]
+    if number is None:
+        raise InvalidParameterError(
+            f"{name} must be a number of bytes or a size such as '4GiB', '512MB' or '2G', got "
+            f"{value!r}"
+        )
+    if number < MIN_MEMORY_BUDGET:
+        raise InvalidParameterError(
+            f"{name} must be at least 64MiB, got {value!r} ({int(number)} bytes); raise it"
+        )
+    return int(number)
+
+
+@contextlib.contextmanager
+def memory_budget(value: Any) -> Iterator[int | None]:
+    """Within the block, streamed passes size their blocks to stay within ``value`` bytes.
+
+    ``value`` as :func:`parse_memory_budget` takes it (``None``: no budget, today's block
+    sizes). What it bounds is the working memory of fitting and scoring *beyond* the inputs'
+    own memory: with memory-mapped inputs, the process's peak RSS.
+    """
+    token = _BUDGET.set(parse_memory_budget(value))
+    try:
+        yield _BUDGET.get()
+    finally:
+        _BUDGET.reset(token)
+
+
+def current_memory_budget() -> int | None:
+    """The budget in bytes set by the innermost :func:`memory_budget`, or None."""
+    return _BUDGET.get()
+
+
+def budget_rows(row_bytes: int, default_rows: int, *, share: float = 0.125) -> int:
+    """Rows per block: ``default_rows``, fewer when ``share`` of the budget cannot hold them.
+
+    ``row_bytes`` is what one row of a block costs in all its temporaries (e.g. 3 float64
+    copies of a D-wide row: ``24 · D``). Blocks take at most ``share`` of the budget (the rest
+    is left to the detector's fixed state and the caller's arrays).
+    """
+    budget = current_memory_budget()
+    if budget is None:
+        return max(1, int(default_rows))
+    return max(1, min(int(default_rows), int(budget * share) // max(1, int(row_bytes))))
 
 
 def rows_per_block(width: int, elements: int = 1 << 24) -> int:
@@ -69,7 +228,9 @@ def check_features(
     """
     array = np.asarray(features)
     if array.dtype == object or not (
-        np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+        np.issubdtype(array.dtype, np.floating)
+        or np.issubdtype(array.dtype, np.integer)
+        or is_bfloat16(array.dtype)
     ):
         raise InvalidParameterError(f"{name} must be a numeric array, got dtype {array.dtype}")
     if array.ndim != 2:
@@ -88,14 +249,24 @@ def check_features(
         )
     if dtype is not None:
         array = array.astype(dtype, copy=False)
-    elif not np.issubdtype(array.dtype, np.floating):
+    elif not (np.issubdtype(array.dtype, np.floating) or is_bfloat16(array.dtype)):
         array = array.astype(np.float32)
-    # in row blocks: a full-size boolean temporary would cost n × D bytes (768 MB at 1M × 768)
-    blocks = row_blocks(len(array), rows_per_block(array.shape[1]))
-    if not all(np.isfinite(array[rows]).all() for rows in blocks):
-        bad = int(np.count_nonzero(~np.isfinite(array).all(axis=1)))
+    # in row blocks (and, memory-mapped, releasing each block's pages): a full-size boolean
+    # temporary would cost n × D bytes (768 MB at 1M × 768), a mapped file its size in RSS
+    step = rows_per_block(array.shape[1])
+    bad = 0
+    for rows in row_blocks(len(array), step, release=array):
+        finite = np.isfinite(array[rows])
+        if not finite.all():
+            bad += int(np.count_nonzero(~finite.all(axis=1)))
+    if bad:
         raise InvalidParameterError(f"{name} contains NaN or inf in {bad} row(s)")
     return array
+
+
+def is_bfloat16(dtype: npt.DTypeLike) -> bool:
+    """Whether ``dtype`` is ``ml_dtypes.bfloat16`` (a float numpy does not class as floating)."""
+    return np.dtype(dtype).name == "bfloat16"
 
 
 def check_labels(labels: npt.ArrayLike, n_samples: int, *, min_classes: int = 2) -> Labels:
