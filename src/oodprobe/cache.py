@@ -1,4 +1,4 @@
-"""The feature cache: one folder per key, sharded atomic writes, checksums on every read.
+"""The feature cache: sharded atomic writes, verified once and stamped, memory-mapped reads.
 
 Layout of an entry ``<root>/features/<key[:2]>/<key>/``:
 
@@ -6,13 +6,47 @@ Layout of an entry ``<root>/features/<key[:2]>/<key>/``:
   each written atomically (temporary file + ``os.replace``) with a sha256 of its arrays in its
   metadata, so a run killed at any instant leaves only whole, verifiable shards to resume from;
 * when complete: one plain ``<output>.npy`` per encoder output (``features.npy``, ``logits.npy``)
-  plus ``indices.npy`` (dataset index of each row), and ``meta.json`` written last with the
-  sha256 of every file. Users can ``np.load`` the arrays directly (``mmap_mode="r"`` works);
+  plus ``indices.npy`` (dataset index of each row), ``verified.json`` (the verification stamp,
+  below) and ``meta.json`` written last with the dtype, shape, size and sha256 of every file;
 * for an encoder with a linear classifier head (``ImageEncoder.head_arrays``), also
   ``head.safetensors`` (``weight`` (C, D) and ``bias`` (C,) float32, the sha256 of its arrays in
   its metadata), written before ``meta.json``, whose ``head`` records its shape and that sha256
   (``null`` for an encoder without one). Entries written before heads were stored have no
   ``head`` key; :func:`add_head` adds one to them.
+
+**Dtypes.** Outputs are stored as float32, float16 or bfloat16 (:data:`OUTPUT_DTYPES`; the
+numpy dtype of bfloat16 is ``ml_dtypes.bfloat16``), ``indices`` as int64, and every read returns
+the dtype that was written. Shards hold them natively (safetensors ``F32``/``F16``/``BF16``;
+``safetensors.numpy`` resolves ``BF16`` through ``np.dtype("bfloat16")``, which exists only
+once ``ml_dtypes`` is imported, so the readers here import it first). In the joined ``.npy``
+files float32 and float16 are standard npy (``<f4``, ``<f2``). bfloat16 has no npy type code
+(``np.save`` would write an opaque ``<V2`` that loads as raw bytes), so a bfloat16 output is
+stored as its bit pattern, a standard ``<u2`` npy, and ``meta.json`` records
+``"dtype": "bfloat16", "stored_as": "<u2"``; :func:`read_entry` returns
+``.view(ml_dtypes.bfloat16)`` of it (no copy; a memmap stays a memmap). **Users who**
+``np.load`` **a bfloat16 output directly get uint16 bit patterns**: check ``meta.json`` and
+view them, ``np.load(path, mmap_mode="r").view(ml_dtypes.bfloat16)``, or use
+:func:`oodprobe.features.load_features`, which does.
+
+**Verification.** Every shard is checked against its checksum whenever it is read, and when
+the entry is completed each ``.npy`` is hashed in full (sha256) as it is written. A *stamp* of
+each fully verified file — its sha256 and its ``st_size``, ``st_mtime_ns``, ``st_ctime_ns``,
+``st_ino`` and ``st_dev`` — is kept in ``verified.json`` (written atomically). A later
+``read_entry(verify=True)`` checks each file's size, its npy header (dtype, shape) and its stamp,
+and hashes the file in full again only when the stamp does not match it (the file was
+replaced, rewritten, truncated, touched, copied, or ``meta.json`` records another sha256), then
+stamps it anew; ``verify="full"`` hashes every file whatever its stamp; ``verify=False`` only
+checks sizes and headers. A file is stamped only once its last change is
+:data:`STAMP_MIN_AGE_NS` (2 s) old, so a change in the same timestamp tick as the stamp cannot
+hide behind it (git's "racy clean" rule); a small entry read within 2 s of being written is
+hashed once more. What the stamp check catches without re-hashing: any change made through
+the file system — a write, truncation, replacement, ``touch``, ``chmod``, even a write whose
+mtime was set back with ``utime`` (the kernel still moves ``ctime``, which no user call can
+set). What it does not catch between full verifications: damage below the file system (bit
+rot, a failing disk, a write to the raw block device), and a change on a network file system
+whose server clock runs more than 2 s behind this machine's within one tick of the stamp; use
+``verify="full"`` (``oodprobe cache info --verify``) to check those. A stamp that cannot be
+written (a read-only cache) costs only speed: each read then hashes in full, as before stamps.
 
 A damaged entry of any kind (missing or truncated file, checksum mismatch, unreadable JSON, a
 head file that is missing, unreadable or not the one ``meta.json`` records,
@@ -30,19 +64,65 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from oodprobe.errors import CacheError
+from oodprobe.errors import CacheError, InvalidParameterError
 from oodprobe.files import atomic_write, commit_temporary, temporary_beside
 
 CACHE_FORMAT_VERSION = 1
 HEAD_FILE = "head.safetensors"
+STAMP_FILE = "verified.json"
+_STAMP_FORMAT = 1
+STAMP_MIN_AGE_NS = 2_000_000_000
+"""A file is stamped only once its last change is this old (2 s: above the timestamp tick of
+every common file system, FAT's 2 s included), so no later change can share the stamp's tick."""
 _HASH_CHUNK = 1 << 22
+
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+"""The dtypes an output (``features``, ``logits``, …) may be stored as; ``indices`` is int64."""
+Verify = bool | Literal["full"]
+"""``read_entry``'s ``verify``: True (stamp-checked), ``"full"`` (re-hash), False (none)."""
+# safetensors' dtype names of the output dtypes, and meta.json's (numpy's ``dtype.str``, but
+# "bfloat16" for bfloat16, whose ``dtype.str`` is an opaque ``<V2``)
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_META_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "bfloat16"}
+_BF16_STORED_AS = "<u2"  # a bfloat16 output's .npy holds its bit pattern
+
+
+def bfloat16() -> np.dtype[Any]:
+    """numpy's bfloat16 dtype (``ml_dtypes.bfloat16``; importing it registers ``"bfloat16"``)."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def output_dtype(name: str) -> np.dtype[Any]:
+    """The numpy dtype of an :data:`OUTPUT_DTYPES` name; InvalidParameterError for another."""
+    if name not in OUTPUT_DTYPES:
+        raise InvalidParameterError(
+            f"store dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {name!r}"
+        )
+    return bfloat16() if name == "bfloat16" else np.dtype(name)
+
+
+def dtype_name(dtype: np.dtype[Any]) -> str | None:
+    """The :data:`OUTPUT_DTYPES` name of a numpy dtype, or None if outputs cannot have it."""
+    if dtype == np.float32 or dtype == np.float16:
+        return str(np.dtype(dtype).name)
+    # compare by name: ml_dtypes need not be imported for a dtype that is not bfloat16
+    return "bfloat16" if dtype.kind == "V" and dtype.name == "bfloat16" else None
+
+
+def to_output_dtype(array: np.ndarray, name: str) -> np.ndarray:
+    """``array`` as a C-contiguous array of output dtype ``name`` (float32 → bfloat16 and
+    float16 round to nearest even, as ``ml_dtypes`` and numpy cast)."""
+    return np.ascontiguousarray(array, dtype=output_dtype(name))
 
 
 def _one_line(error: BaseException) -> str:
@@ -80,7 +160,10 @@ def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
     digest = hashlib.sha256()
     for name in sorted(arrays):
         array = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}".encode())
+        # dtype.str, as before dtypes other than float32 were stored (old checksums stay
+        # valid); bfloat16's is the opaque "<V2", so its name stands in
+        tag = array.dtype.name if array.dtype.kind == "V" else array.dtype.str
+        digest.update(f"{name}|{tag}|{array.shape}".encode())
         digest.update(array.view(np.uint8).reshape(-1).data if array.size else b"")
     return digest.hexdigest()
 
@@ -146,7 +229,10 @@ def read_shard(directory: Path, shard: int) -> tuple[dict[str, np.ndarray], dict
     try:
         with safe_open(str(path), framework="np") as handle:
             metadata = handle.metadata() or {}
-            arrays = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+            names = list(handle.keys())
+            if any(handle.get_slice(name).get_dtype() == "BF16" for name in names):
+                bfloat16()  # registers np.dtype("bfloat16"), which safetensors.numpy looks up
+            arrays = {name: handle.get_tensor(name) for name in names}
         extra = json.loads(metadata["extra"])
     except Exception as error:  # safetensors raises several error types on damaged files
         raise CacheError(f"shard {path} is unreadable: {_one_line(error)}") from None
@@ -159,7 +245,10 @@ def read_shard(directory: Path, shard: int) -> tuple[dict[str, np.ndarray], dict
 
 
 def shard_layout(directory: Path, shard: int) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``{name: (dtype string, shape)}`` of a shard's arrays, read from its header only."""
+    """``{name: (dtype string, shape)}`` of a shard's arrays, read from its header only.
+
+    Dtype strings are safetensors' (``F32``, ``F16``, ``BF16``, ``I64``, …).
+    """
     from safetensors import safe_open
 
     path = shard_path(directory, shard)
@@ -177,13 +266,35 @@ def shard_layout(directory: Path, shard: int) -> dict[str, tuple[str, tuple[int,
 # -- complete entries ---------------------------------------------------------------------------
 
 
-def write_entry(directory: Path, n_shards: int, meta: dict[str, Any]) -> dict[str, Any]:
-    """Join verified shards into ``<name>.npy`` files, then write ``meta.json``.
+def _file_dtypes(directory: Path, layout: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """CacheError unless a shard holds int64 ``indices`` and outputs of :data:`OUTPUT_DTYPES`."""
+    allowed = set(_SAFETENSORS_DTYPES.values())
+    for name, (dtype, _) in layout.items():
+        if (name == "indices" and dtype != "I64") or (name != "indices" and dtype not in allowed):
+            raise CacheError(
+                f"shard {directory} holds {name} of dtype {dtype}; outputs are "
+                f"{', '.join(OUTPUT_DTYPES)} and indices int64"
+            )
 
-    One pass over the shards' headers (row counts, shapes) and one over their data, each shard
-    read and verified once and copied into every output file. Returns the completed meta (with
-    files, shapes, checksums and the skipped list). CacheError if the shards disagree on their
-    arrays' names, dtypes or row shapes.
+
+def _storage(dtype: np.dtype[Any]) -> tuple[str, np.dtype[Any]]:
+    """``(meta.json dtype, dtype of the .npy on disk)`` of an array of ``dtype``."""
+    name = dtype_name(dtype)
+    if name == "bfloat16":
+        return _META_DTYPES[name], np.dtype(_BF16_STORED_AS)
+    return dtype.str, dtype
+
+
+def write_entry(directory: Path, n_shards: int, meta: dict[str, Any]) -> dict[str, Any]:
+    """Join verified shards into ``<name>.npy`` files, stamp them, then write ``meta.json``.
+
+    One pass over the shards' headers (row counts, shapes, dtypes) and one over their data, each
+    shard read and verified once and copied into every output file; then each file is hashed
+    in full and stamped as verified (``verified.json``, see the module docstring), so the first
+    warm read need not hash it again. Outputs keep their dtype (float32, float16 or bfloat16, a
+    bfloat16 one stored as its ``<u2`` bit pattern). Returns the completed meta (with files,
+    dtypes, shapes, checksums and the skipped list). CacheError if the shards disagree on their
+    arrays' names, dtypes or row shapes, or hold an output of another dtype.
     """
     layouts = [shard_layout(directory, shard) for shard in range(n_shards)]
     names = sorted(layouts[0])
@@ -205,9 +316,10 @@ def write_entry(directory: Path, n_shards: int, meta: dict[str, Any]) -> dict[st
                 f"{layouts[0]}"
             )
         counts.append(layout["indices"][1][0])
+    _file_dtypes(shard_path(directory, 0), layouts[0])
     total = sum(counts)
     first_arrays, first_extra = read_shard(directory, 0)
-    dtypes = {name: first_arrays[name].dtype for name in names}
+    storage = {name: _storage(first_arrays[name].dtype) for name in names}
     shapes = {name: (total, *first_arrays[name].shape[1:]) for name in names}
     targets = {name: directory / f"{name}.npy" for name in names}
     temporaries = {name: temporary_beside(target) for name, target in targets.items()}
@@ -215,7 +327,7 @@ def write_entry(directory: Path, n_shards: int, meta: dict[str, Any]) -> dict[st
     try:
         outputs = {
             name: np.lib.format.open_memmap(
-                temporaries[name], mode="w+", dtype=dtypes[name], shape=shapes[name]
+                temporaries[name], mode="w+", dtype=storage[name][1], shape=shapes[name]
             )
             for name in names
         }
@@ -226,9 +338,13 @@ def write_entry(directory: Path, n_shards: int, meta: dict[str, Any]) -> dict[st
             )
             skipped.extend(extra["skipped"])
             for name in names:
-                if arrays[name].shape != (counts[shard], *shapes[name][1:]):
+                if (
+                    arrays[name].shape != (counts[shard], *shapes[name][1:])
+                    or _storage(arrays[name].dtype) != (storage[name])
+                ):
                     raise CacheError(f"shard {shard_path(directory, shard)} changed while read")
-                outputs[name][row : row + counts[shard]] = arrays[name]
+                # a bfloat16 array is copied as its bit pattern (the .npy's <u2)
+                outputs[name][row : row + counts[shard]] = arrays[name].view(storage[name][1])
             row += counts[shard]
         for output in outputs.values():
             output.flush()
@@ -238,15 +354,19 @@ def write_entry(directory: Path, n_shards: int, meta: dict[str, Any]) -> dict[st
     finally:
         for tmp in temporaries.values():
             tmp.unlink(missing_ok=True)
-    files: dict[str, Any] = {
-        name: {
+    files: dict[str, Any] = {}
+    stamps: dict[str, dict[str, Any]] = {}
+    for name in names:
+        digest, stamp = _hash_and_stamp(targets[name])
+        files[name] = {
             "shape": list(shapes[name]),
-            "dtype": dtypes[name].str,
+            "dtype": storage[name][0],
+            **({"stored_as": storage[name][1].str} if storage[name][0] == "bfloat16" else {}),
             "bytes": targets[name].stat().st_size,
-            "sha256": file_sha256(targets[name]),
+            "sha256": digest,
         }
-        for name in names
-    }
+        if stamp is not None:
+            stamps[name] = stamp
     meta = {
         **meta,
         "format": CACHE_FORMAT_VERSION,
@@ -254,6 +374,7 @@ def write_entry(directory: Path, n_shards: int, meta: dict[str, Any]) -> dict[st
         "skipped": skipped,
         "n_rows": total,
     }
+    _write_stamps(directory, stamps, replace=True)
 
     def write_meta(tmp: Path) -> None:
         tmp.write_text(json.dumps(meta, indent=1))
@@ -262,6 +383,70 @@ def write_entry(directory: Path, n_shards: int, meta: dict[str, Any]) -> dict[st
     for shard in range(n_shards):
         shard_path(directory, shard).unlink(missing_ok=True)
     return meta
+
+
+# -- the verification stamp ---------------------------------------------------------------------
+
+
+def _identity(status: os.stat_result) -> dict[str, int]:
+    """What changes when a file is written, truncated, replaced, touched or copied."""
+    return {
+        "size": status.st_size,
+        "mtime_ns": status.st_mtime_ns,
+        "ctime_ns": status.st_ctime_ns,
+        "ino": status.st_ino,
+        "dev": status.st_dev,
+    }
+
+
+def _hash_and_stamp(path: Path) -> tuple[str, dict[str, Any] | None]:
+    """The file's sha256, and its stamp: None if the file changed while it was hashed, or
+    changed less than :data:`STAMP_MIN_AGE_NS` ago (git's "racy clean" problem: a change made
+    later within the same timestamp tick would leave the stamp matching; the file is then
+    hashed again on its next read, and stamped once its last change is old enough)."""
+    before = _identity(path.stat())
+    digest = file_sha256(path)
+    after = _identity(path.stat())
+    changed = max(after["mtime_ns"], after["ctime_ns"])
+    if after != before or time.time_ns() - changed < STAMP_MIN_AGE_NS:
+        return digest, None
+    return digest, {"sha256": digest, **after}
+
+
+def _read_stamps(directory: Path) -> dict[str, dict[str, Any]]:
+    """The stamps of ``verified.json``; none if it is missing or malformed (never trusted)."""
+    try:
+        raw = json.loads((directory / STAMP_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(raw, dict) or raw.get("format") != _STAMP_FORMAT:
+        return {}
+    files = raw.get("files")
+    if not isinstance(files, dict):
+        return {}
+    fields = ("size", "mtime_ns", "ctime_ns", "ino", "dev")
+    return {
+        name: stamp
+        for name, stamp in files.items()
+        if isinstance(stamp, dict)
+        and isinstance(stamp.get("sha256"), str)
+        and all(isinstance(stamp.get(field), int) for field in fields)
+    }
+
+
+def _write_stamps(directory: Path, stamps: dict[str, dict[str, Any]], *, replace: bool) -> None:
+    """Write (``replace``) or update ``verified.json`` atomically; best effort (a read-only
+    cache keeps no stamp, and its reads hash in full)."""
+    if not stamps and not replace:
+        return
+    merged = stamps if replace else {**_read_stamps(directory), **stamps}
+    text = json.dumps({"format": _STAMP_FORMAT, "files": merged}, indent=1)
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    with contextlib.suppress(OSError):
+        atomic_write(directory / STAMP_FILE, write)
 
 
 def _is_count(value: Any) -> bool:
@@ -283,6 +468,7 @@ def _check_meta(meta: Any, meta_path: Path, key: str | None) -> dict[str, Any]:
     n_rows = meta.get("n_rows")
     if not _is_count(n_rows):
         raise CacheError(f"{meta_path} has n_rows {n_rows!r}")
+    output_dtypes = set(_META_DTYPES.values())
     for name, info in files.items():
         if (
             not isinstance(name, str)
@@ -295,8 +481,14 @@ def _check_meta(meta: Any, meta_path: Path, key: str | None) -> dict[str, Any]:
             or not isinstance(info.get("dtype"), str)
             or not _is_count(info.get("bytes"))
             or not isinstance(info.get("sha256"), str)
+            or info.get("stored_as") != (_BF16_STORED_AS if info["dtype"] == "bfloat16" else None)
         ):
             raise CacheError(f"{meta_path} has a malformed entry for {str(name)[:40]!r}")
+        if name != "indices" and info["dtype"] not in output_dtypes:
+            raise CacheError(
+                f"{meta_path} describes {name} of dtype {info['dtype']!r}; outputs are "
+                f"{', '.join(OUTPUT_DTYPES)}"
+            )
     if files["indices"]["shape"] != [n_rows] or files["indices"]["dtype"] != "<i8":
         raise CacheError(f"{meta_path} describes indices of the wrong shape or dtype")
     meta["skipped"] = _check_skipped(meta.get("skipped"), meta_path)
@@ -304,36 +496,68 @@ def _check_meta(meta: Any, meta_path: Path, key: str | None) -> dict[str, Any]:
     return meta
 
 
-def read_entry(
-    directory: Path, *, verify: bool = True, mmap: bool = False, key: str | None = None
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Load a complete entry's arrays and meta; CacheError if anything is missing or damaged.
-
-    Checked: the structure of ``meta.json`` (and its ``key``, when given), each file's size,
-    checksum (``verify``), shape and dtype.
-    """
+def read_meta(directory: Path, *, key: str | None = None) -> dict[str, Any]:
+    """A complete entry's checked ``meta.json`` (no array file is opened); CacheError if it is
+    missing, unreadable or of the wrong structure (or of another ``key``, when given)."""
     meta_path = directory / "meta.json"
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise CacheError(f"{meta_path} is unreadable: {_one_line(error)}") from None
-    meta = _check_meta(meta, meta_path, key)
+    return _check_meta(meta, meta_path, key)
+
+
+def read_entry(
+    directory: Path, *, verify: Verify = True, mmap: bool = False, key: str | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Load a complete entry's arrays and meta; CacheError if anything is missing or damaged.
+
+    Checked for every file: the structure of ``meta.json`` (and its ``key``, when given), the
+    file's size, its npy header (shape and dtype, those ``meta.json`` records), and its sha256:
+
+    * ``verify=True``: hashed in full only if its stamp in ``verified.json`` does not match it
+      (the file changed since it was last fully verified, or was never stamped), then stamped;
+      an untouched file costs a ``stat`` (what this does and does not catch: module docstring);
+    * ``verify="full"``: hashed in full whatever its stamp (and stamped);
+    * ``verify=False``: not hashed (size and header only).
+
+    ``mmap`` returns read-only ``np.memmap`` arrays (mode ``"r"``): nothing is read until used,
+    so a warm read of any size costs the checks above. Arrays have the dtype they were stored
+    with (float32, float16 or ``ml_dtypes.bfloat16``; ``indices`` int64).
+    """
+    if verify not in (True, False, "full"):
+        raise InvalidParameterError(f"verify must be True, False or 'full', got {verify!r}")
+    meta = read_meta(directory, key=key)
+    stamps = _read_stamps(directory) if verify is True else {}
+    new_stamps: dict[str, dict[str, Any]] = {}
     arrays: dict[str, np.ndarray] = {}
     for name, info in meta["files"].items():
         path = directory / f"{name}.npy"
-        if not path.is_file() or path.stat().st_size != info["bytes"]:
-            raise CacheError(f"{path} is missing or has the wrong size")
-        if verify and file_sha256(path) != info["sha256"]:
-            raise CacheError(f"{path} failed its checksum")
         try:
-            arrays[name] = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+            status = path.stat()
+        except OSError:
+            status = None
+        if status is None or not path.is_file() or status.st_size != info["bytes"]:
+            raise CacheError(f"{path} is missing or has the wrong size")
+        stamp = stamps.get(name)
+        if verify and (stamp is None or stamp != {"sha256": info["sha256"], **_identity(status)}):
+            digest, new_stamp = _hash_and_stamp(path)
+            if digest != info["sha256"]:
+                raise CacheError(f"{path} failed its checksum")
+            if new_stamp is not None:
+                new_stamps[name] = new_stamp
+        stored = info.get("stored_as", info["dtype"])
+        try:
+            array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
         except (OSError, ValueError, EOFError, TypeError) as error:
             raise CacheError(f"{path} is unreadable: {_one_line(error)}") from None
-        if list(arrays[name].shape) != info["shape"] or arrays[name].dtype.str != info["dtype"]:
+        if list(array.shape) != info["shape"] or array.dtype.str != stored:
             raise CacheError(
-                f"{path} has shape {arrays[name].shape} and dtype {arrays[name].dtype.str}, "
-                f"expected {tuple(info['shape'])} and {info['dtype']}"
+                f"{path} has shape {array.shape} and dtype {array.dtype.str}, "
+                f"expected {tuple(info['shape'])} and {stored}"
             )
+        arrays[name] = array.view(bfloat16()) if info["dtype"] == "bfloat16" else array
+    _write_stamps(directory, new_stamps, replace=False)
     return arrays, meta
 
 
