@@ -122,8 +122,15 @@ def run_benchmark(
     download: bool = False,
     progress: bool = True,
     log: Log = lambda message: None,
+    store_dtype: str = "float32",
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> BenchmarkRun:
-    """Run every encoder × detector × OOD set of ``spec``; write results and the report."""
+    """Run every encoder × detector × OOD set of ``spec``; write results and the report.
+
+    ``store_dtype``, ``engine`` and ``ray_address`` are those of
+    :func:`oodprobe.features.extract_features` (with engine ray, ``device`` is the Ray actors').
+    """
     execution = execute_benchmark(
         spec,
         output_dir,
@@ -135,6 +142,9 @@ def run_benchmark(
         download=download,
         progress=progress,
         log=log,
+        store_dtype=store_dtype,
+        engine=engine,
+        ray_address=ray_address,
     )
     return finish_benchmark(execution)
 
@@ -236,6 +246,9 @@ def execute_benchmark(
     detectors_if_labelled: Sequence[DetectorSpec] = (),
     skip_inapplicable: bool = False,
     require_accuracy: bool = False,
+    store_dtype: str = "float32",
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> BenchmarkExecution:
     """Extract, fit, score and measure; write the per-detector score files, not the report.
 
@@ -247,16 +260,20 @@ def execute_benchmark(
     that encoder, and logged, instead of stopping the run; one no encoder can serve still
     stops it. ``require_accuracy`` refuses, before any extraction, ID data on which the k-NN
     classifier's accuracy cannot be measured (no labels, fewer than k = 20 training images).
+    ``store_dtype``, ``engine`` and ``ray_address`` are :func:`run_benchmark`'s; with engine ray
+    the text embeddings are computed here, on this machine's ``auto`` device.
     """
     from oodprobe.encoders import create_encoder, create_shared_encoder, shared_pass_key
     from oodprobe.encoders.base import TappedEncoder
-    from oodprobe.features import resolve_precision, select_device
+    from oodprobe.features import check_engine, resolve_precision, run_device, storage_dtype
 
     started = time.perf_counter()
     # every check that needs no image runs first: device, precision, compatibility by name
     output = Path(output_dir)
     check_output_folder(output)
-    torch_device = select_device(device)
+    storage_dtype(store_dtype)
+    check_engine(engine, ray_address)
+    torch_device = run_device(device, engine, ray_address)
     resolved_precision = resolve_precision(precision, torch_device)
     id_train, id_test = create_id_sets(spec, download)
     datasets = {
@@ -311,6 +328,9 @@ def execute_benchmark(
             "precision": precision,
             "cache_root": cache_root,
             "progress": progress,
+            "store_dtype": store_dtype,
+            "engine": engine,
+            "ray_address": ray_address,
         }
         if len(outputs) == 1:
             (name,) = outputs
@@ -357,7 +377,8 @@ def execute_benchmark(
                 progress=progress,
                 mining=spec.mining,
                 train=final_train.features,
-                device=device,  # extraction handed the encoder back on the CPU
+                # extraction handed the encoder back on the CPU; Ray's device is the actors'
+                device=device if engine == "local" else "auto",
             )
             if class_embeddings.mined is not None:
                 record_of_mining = mined_record(final, encoder, class_embeddings, final_train)

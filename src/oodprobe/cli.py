@@ -46,9 +46,13 @@ CONVENTION_NAMES = (
     "deep-knn",
 )
 PROMPT_SET_NAMES = ("ensemble", "single", "clipn")
+ENGINES = ("local", "ray")  # oodprobe.features.ENGINES
+STORE_DTYPES = ("float32", "float16", "bfloat16")  # oodprobe.features.STORE_DTYPES
 if TYPE_CHECKING:
     Precision = str
     OnError = str
+    Engine = str
+    StoreDtype = str
     ConventionName = str
     PresetName = str
     PromptSetName = str
@@ -57,6 +61,8 @@ else:
 
     Precision = Literal[PRECISIONS]
     OnError = Literal[ON_ERROR]
+    Engine = Literal[ENGINES]
+    StoreDtype = Literal[STORE_DTYPES]
     ConventionName = Literal[CONVENTION_NAMES]
     PresetName = Literal[tuple(benchmark_names())]
     PromptSetName = Literal[PROMPT_SET_NAMES]
@@ -85,6 +91,41 @@ DeviceOption = Annotated[
     ),
 ]
 PrecisionOption = Annotated[Precision, typer.Option(help="Encoder precision (auto: fp16 on a GPU)")]
+
+
+def _check_engine(engine: str) -> str:
+    """``--engine``: ray without Ray installed is refused while the options are parsed."""
+    if engine == "ray":
+        from oodprobe.ray_engine import require_ray  # light: imports Ray only to check it
+
+        require_ray()
+    return engine
+
+
+EngineOption = Annotated[
+    Engine,
+    typer.Option(
+        callback=_check_engine,
+        help="Where features are extracted: local (this machine, decoding worker processes) "
+        "or ray (Ray Data: decoding tasks and encoder actors, one per GPU, on a local Ray or the "
+        "cluster at --ray-address; pip install 'oodprobe\\[ray]')",
+    ),
+]
+RayAddressOption = Annotated[
+    str | None,
+    typer.Option(
+        envvar="RAY_ADDRESS",
+        help="Ray cluster for --engine ray, e.g. ray://head:10001 or auto (default: "
+        "$RAY_ADDRESS; unset: a local Ray on this machine's cores)",
+    ),
+]
+StoreDtypeOption = Annotated[
+    StoreDtype,
+    typer.Option(
+        help="Dtype the feature cache stores features in (float16, bfloat16: half the disk "
+        "and memory; part of the cache key)"
+    ),
+]
 BatchSizeOption = Annotated[int, typer.Option(min=1, help="Images per forward pass")]
 WorkersOption = Annotated[
     int | None,
@@ -230,6 +271,9 @@ def extract(
     ] = "skip",
     download: DownloadOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary")] = False,
+    store_dtype: StoreDtypeOption = "float32",
+    engine: EngineOption = "local",
+    ray_address: RayAddressOption = None,
 ) -> None:
     """Extract features of SOURCE with an encoder (cached; a rerun reads the cache)."""
     from oodprobe.data import create_dataset, parse_class_selection
@@ -252,6 +296,9 @@ def extract(
         cache_root=cache_dir,
         on_error=on_error,  # type: ignore[arg-type]
         progress=not as_json,
+        store_dtype=store_dtype,  # type: ignore[arg-type]
+        engine=engine,  # type: ignore[arg-type]
+        ray_address=ray_address,
     )
     summary = {
         "dataset": result.dataset_name,
@@ -546,6 +593,9 @@ def bench(
     workers: WorkersOption = None,
     cache_dir: CacheDirOption = None,
     download: DownloadOption = False,
+    store_dtype: StoreDtypeOption = "float32",
+    engine: EngineOption = "local",
+    ray_address: RayAddressOption = None,
 ) -> None:
     """Run a benchmark (no arguments: the built-in offline default) and write a report."""
     from oodprobe.benchmark import run_benchmark
@@ -572,6 +622,9 @@ def bench(
         batch_size=batch_size,
         num_workers=workers,
         download=download,
+        store_dtype=store_dtype,
+        engine=engine,
+        ray_address=ray_address,
     )
     _print_results(run, console)
     _print_finish(run, console)
@@ -622,6 +675,9 @@ def study(
     workers: WorkersOption = None,
     cache_dir: CacheDirOption = None,
     download: DownloadOption = False,
+    store_dtype: StoreDtypeOption = "float32",
+    engine: EngineOption = "local",
+    ray_address: RayAddressOption = None,
 ) -> None:
     """Compare encoders on one benchmark: ID accuracy vs OOD AUROC, fits, ranking, report."""
     from dataclasses import replace
@@ -652,6 +708,9 @@ def study(
         batch_size=batch_size,
         num_workers=workers,
         download=download,
+        store_dtype=store_dtype,
+        engine=engine,
+        ray_address=ray_address,
     )
     _print_study(result.study, console)
     _print_finish(result.run, console)

@@ -40,7 +40,46 @@ if TYPE_CHECKING:
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 OnError = Literal["skip", "raise"]
+StoreDtype = Literal["float32", "float16", "bfloat16"]
+Engine = Literal["local", "ray"]
+STORE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+ENGINES: tuple[str, ...] = ("local", "ray")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_FLOAT32 = np.dtype(np.float32)
+
+
+def storage_dtype(store_dtype: str) -> np.dtype[Any]:
+    """The numpy dtype features are stored in: float32, float16 or ``ml_dtypes.bfloat16``.
+
+    Anything else is an InvalidParameterError of one line.
+    """
+    if not isinstance(store_dtype, str) or store_dtype not in STORE_DTYPES:
+        raise InvalidParameterError(
+            f"store_dtype must be one of {', '.join(STORE_DTYPES)}, got {store_dtype!r}"
+        )
+    if store_dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(store_dtype)
+
+
+def check_engine(engine: str, ray_address: str | None = None) -> None:
+    """InvalidParameterError unless ``engine`` is local or ray, and ray is importable for ray.
+
+    Cheap (imports nothing heavy for ``local``): call it when options are built, before work.
+    """
+    if not isinstance(engine, str) or engine not in ENGINES:
+        raise InvalidParameterError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if ray_address is not None and (not isinstance(ray_address, str) or not ray_address):
+        raise InvalidParameterError(
+            f"ray_address must be a Ray address such as 'ray://head:10001' or 'auto', "
+            f"got {ray_address!r}"
+        )
+    if engine == "ray":
+        from oodprobe.ray_engine import require_ray
+
+        require_ray()
 
 
 @dataclass
@@ -304,6 +343,9 @@ def extract_features(
     on_error: OnError = "skip",
     shard_size: int = 2048,
     progress: bool = True,
+    store_dtype: StoreDtype = "float32",
+    engine: Engine = "local",
+    ray_address: str | None = None,
 ) -> FeatureSet:
     """Encode every image of ``dataset``; serve from or fill the feature cache.
 
@@ -314,9 +356,20 @@ def extract_features(
     is a DataError naming it (:func:`check_nothing_lost`). ``use_cache=False`` extracts into a
     temporary folder. The encoder is put in eval mode, on ``device``, in channels-last layout
     while it runs, and restored to its own device, layout and mode when extraction ends.
+
+    ``store_dtype`` (float32, float16, bfloat16: ``ml_dtypes.bfloat16``) is the dtype the
+    cache stores the encoder's outputs in (cast after the forward pass, which runs at
+    ``precision``); it is part of the cache key, float32 keeping the keys of entries written
+    before it existed. ``engine="ray"`` computes the missing shards on Ray Data
+    (:mod:`oodprobe.ray_engine`: decoding in CPU tasks, the encoder in an actor pool, one actor
+    per GPU) on a local Ray, or on the cluster at ``ray_address``; the shards it writes are the
+    ones the local engine writes, so either engine reads, resumes and completes the other's.
+    With it, ``device`` is the actors' (auto: cuda where the cluster has GPUs, else cpu).
     """
     if on_error not in ("skip", "raise"):
         raise InvalidParameterError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    storage_dtype(store_dtype)
+    check_engine(engine, ray_address)
     _check_count("batch_size", batch_size)
     _check_count("shard_size", shard_size)
     if num_workers is not None and (
@@ -325,7 +378,7 @@ def extract_features(
         raise InvalidParameterError(f"num_workers must be >= 0, got {num_workers!r}")
     if len(dataset) == 0:
         raise DataError(f"dataset {dataset.name!r} has no images")
-    torch_device = select_device(device)
+    torch_device = run_device(device, engine, ray_address)
     resolved_precision = resolve_precision(precision, torch_device)
     if isinstance(encoder, str):
         encoder = create_encoder(encoder)
@@ -345,6 +398,9 @@ def extract_features(
                 on_error=on_error,
                 shard_size=shard_size,
                 progress=progress,
+                store_dtype=store_dtype,
+                engine=engine,
+                ray_address=ray_address,
             )
             for part in encoder.part_encoders
         ]
@@ -355,8 +411,11 @@ def extract_features(
         "on_error": on_error,
         "shard_size": shard_size,
         "progress": progress,
+        "store_dtype": store_dtype,
+        "engine": engine,
+        "ray_address": ray_address,
     }
-    key = _entry_key(encoder.cache_id, resolved_precision, dataset, shard_size)
+    key = _entry_key(encoder.cache_id, resolved_precision, dataset, shard_size, store_dtype)
     if not use_cache:  # extract into a temporary folder and keep the arrays in memory
         with tempfile.TemporaryDirectory(prefix="oodprobe-") as scratch:
             result = _cached_extraction(
@@ -438,17 +497,41 @@ def _combined_rate(parts: Sequence[FeatureSet]) -> float:
     return len(parts[0]) / seconds if seconds > 0 else float("inf")
 
 
-def _entry_key(cache_id: str, precision: str, dataset: ImageDataset, shard_size: int) -> str:
-    """The cache key of one encoder's features of ``dataset``: all that changes them."""
-    return cache.cache_key(
-        {
-            "encoder": cache_id,
-            "precision": precision,
-            "dataset": dataset.fingerprint(),
-            "n_images": len(dataset),
-            "shard_size": shard_size,
-        }
-    )
+def _entry_key(
+    cache_id: str,
+    precision: str,
+    dataset: ImageDataset,
+    shard_size: int,
+    store_dtype: str = "float32",
+) -> str:
+    """The cache key of one encoder's features of ``dataset``: all that changes them.
+
+    The storage dtype enters only when it is not float32, so entries written before it existed
+    keep their keys. The engine does not enter: both write the same shards.
+    """
+    payload: dict[str, Any] = {
+        "encoder": cache_id,
+        "precision": precision,
+        "dataset": dataset.fingerprint(),
+        "n_images": len(dataset),
+        "shard_size": shard_size,
+    }
+    if store_dtype != "float32":
+        payload["store_dtype"] = store_dtype
+    return cache.cache_key(payload)
+
+
+def run_device(device: str, engine: str = "local", ray_address: str | None = None) -> torch.device:
+    """The device the encoder runs on: this machine's, or (engine ray) the Ray actors'.
+
+    Checked like :func:`select_device`; with engine ray by
+    :func:`oodprobe.ray_engine.actor_device` (auto, cpu or cuda, judged by the cluster's GPUs).
+    """
+    if engine == "ray":
+        from oodprobe.ray_engine import actor_device
+
+        return actor_device(device, ray_address)
+    return select_device(device)
 
 
 @dataclass(frozen=True)
@@ -477,6 +560,9 @@ def extract_shared_features(
     cache_root: str | os.PathLike[str] | None = None,
     shard_size: int = 2048,
     progress: bool = True,
+    store_dtype: StoreDtype = "float32",
+    engine: Engine = "local",
+    ray_address: str | None = None,
 ) -> dict[str, FeatureSet]:
     """Features of every encoder one forward pass serves, each cached in its own entry.
 
@@ -485,11 +571,14 @@ def extract_shared_features(
     live in the entry ``extract_features(dataset, name)`` reads and writes: encoders already
     cached (by ``bench``, or an earlier study) are read, and only if one is missing does the
     pass run, once, for all of them; its entry is then split into the names' own entries and
-    removed. The final-layer encoder keeps the pass's ``logits``.
+    removed. The final-layer encoder keeps the pass's ``logits``. ``store_dtype``, ``engine``
+    and ``ray_address`` are :func:`extract_features`'s.
     """
     from oodprobe.encoders.base import TappedEncoder
 
-    torch_device = select_device(device)
+    storage_dtype(store_dtype)
+    check_engine(engine, ray_address)
+    torch_device = run_device(device, engine, ray_address)
     resolved_precision = resolve_precision(precision, torch_device)
     root = Path(cache_root) if cache_root is not None else cache.default_cache_root()
     base = encoder.base if isinstance(encoder, TappedEncoder) else encoder
@@ -508,7 +597,7 @@ def extract_shared_features(
             head=base.head_arrays() if is_final else None,
         )
     keys = {
-        name: _entry_key(view.cache_id, resolved_precision, dataset, shard_size)
+        name: _entry_key(view.cache_id, resolved_precision, dataset, shard_size, store_dtype)
         for name, view in views.items()
     }
     results: dict[str, FeatureSet] = {}
@@ -537,6 +626,9 @@ def extract_shared_features(
             cache_root=root,
             shard_size=shard_size,
             progress=progress,
+            store_dtype=store_dtype,
+            engine=engine,
+            ray_address=ray_address,
         )
         assert shared.path is not None  # extracted into the cache
         n_shards = -(-len(dataset) // shard_size)
@@ -584,7 +676,7 @@ def _write_view_entry(
         "head": None if view.head is None else cache.write_head(directory, *view.head),
         **{
             name: source_meta[name]
-            for name in ("device", "precision", "versions", "python")
+            for name in ("device", "precision", "versions", "python", "store_dtype", "engine")
             if name in source_meta
         },
         "encoder": view.name,
@@ -662,6 +754,8 @@ def _cached_extraction(
         meta = _provenance(encoder, dataset, device, precision)
         meta["shard_size"] = options["shard_size"]
         meta["key"] = key
+        meta["store_dtype"] = options["store_dtype"]
+        meta["engine"] = options["engine"]
         head = encoder.head_arrays()
 
         def complete() -> None:
@@ -692,13 +786,19 @@ def _cached_extraction(
 
 
 def _valid_shards(
-    directory: Path, dataset_size: int, shard_size: int, key: str, outputs: Sequence[str]
+    directory: Path,
+    dataset_size: int,
+    shard_size: int,
+    key: str,
+    outputs: Sequence[str],
+    dtype: np.dtype[Any] = _FLOAT32,
 ) -> dict[int, list[list[Any]]]:
     """``{shard: its skip records}`` of the shards on disk that pass every check, read once each.
 
     A shard passes if it is readable, matches its checksum and key, holds the encoder's outputs
-    as 2-d float32 arrays and ``indices`` as int64, and its kept and skipped indices together
-    are exactly its range of dataset indices. Failing shards are deleted (with a warning).
+    as arrays of at least 2 dimensions of the storage ``dtype`` and ``indices`` as int64, and
+    its kept and skipped indices together are exactly its range of dataset indices. Failing
+    shards are deleted (with a warning).
     """
     n_shards = -(-dataset_size // shard_size)
     valid: dict[int, list[list[Any]]] = {}
@@ -714,7 +814,7 @@ def _valid_shards(
             continue
         try:
             arrays, extra = cache.read_shard(directory, shard)
-            _check_shard(shard, arrays, extra, dataset_size, shard_size, key, expected_names)
+            _check_shard(shard, arrays, extra, dataset_size, shard_size, key, expected_names, dtype)
             valid[shard] = extra["skipped"]
             layouts[shard] = tuple(sorted((n, a.shape[1:]) for n, a in arrays.items()))
         except CacheError as error:
@@ -744,6 +844,7 @@ def _check_shard(
     shard_size: int,
     key: str,
     expected_names: set[str],
+    dtype: np.dtype[Any] = _FLOAT32,
 ) -> None:
     where = f"shard {shard}"
     if extra.get("key") != key:
@@ -756,10 +857,10 @@ def _check_shard(
     for name in expected_names - {"indices"}:
         array = arrays[name]
         # (n, D) arrays, or (n, T, E) tokens (GL-MCM's ``local``)
-        if array.dtype != np.float32 or array.ndim < 2 or len(array) != len(indices):
+        if array.dtype != dtype or array.ndim < 2 or len(array) != len(indices):
             raise CacheError(
                 f"{where} has {name} of dtype {array.dtype} and shape {array.shape}, "
-                f"expected float32 ({len(indices)}, D) or ({len(indices)}, T, E)"
+                f"expected {dtype} ({len(indices)}, D) or ({len(indices)}, T, E)"
             )
     start, stop = shard * shard_size, min((shard + 1) * shard_size, dataset_size)
     covered = np.sort(np.concatenate([indices, [int(r[0]) for r in extra["skipped"]]]))
@@ -834,6 +935,86 @@ def batch_loader(
     )
 
 
+class _ShardWriter:
+    """Collects encoded rows and skip records shard by shard and writes each finished shard.
+
+    The one home of what a shard holds, whichever engine computed it: rows in dataset order
+    cast to the storage dtype, ``indices`` int64, and skip records
+    ``[index, describe(index), reason, message]``. Batches must each lie within one shard and
+    come in dataset order. With ``on_error="raise"`` the first undecodable image in index order
+    raises, whether met now or recorded (``recorded``) in a shard on disk; finished shards are
+    written first, so a rerun resumes.
+    """
+
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        encoder: ImageEncoder,
+        directory: Path,
+        key: str,
+        *,
+        shard_size: int,
+        on_error: str,
+        recorded: list[list[Any]],
+        dtype: np.dtype[Any],
+        first_shard: int,
+    ) -> None:
+        self.dataset, self.encoder, self.directory, self.key = dataset, encoder, directory, key
+        self.shard_size, self.on_error, self.recorded, self.dtype = (
+            shard_size,
+            on_error,
+            recorded,
+            dtype,
+        )
+        self.buffers: dict[str, list[np.ndarray]] = {name: [] for name in encoder.outputs}
+        self.kept: list[int] = []
+        self.skipped: list[list[Any]] = []
+        self.current = first_shard
+        self.n_encoded = 0
+
+    def start_batch(self, first: int) -> None:
+        """Begin a batch whose first dataset index is ``first`` (flushes a finished shard)."""
+        shard = first // self.shard_size
+        if shard != self.current:
+            self.flush()
+            self.current = shard
+        self.raise_recorded_before(first)  # after the flush: finished shards are kept
+
+    def add_failures(self, failed: Sequence[tuple[int, tuple[str, str]]]) -> None:
+        for index, (reason, message) in failed:
+            if self.on_error == "raise":
+                raise DataError(message)
+            self.skipped.append([index, self.dataset.describe(index), reason, message])
+
+    def add_rows(self, indices: Sequence[int], outputs: dict[str, np.ndarray]) -> None:
+        for name in self.encoder.outputs:
+            self.buffers[name].append(np.asarray(outputs[name]).astype(self.dtype, copy=False))
+        self.kept.extend(int(index) for index in indices)
+        self.n_encoded += len(indices)
+
+    def flush(self) -> None:
+        arrays = {
+            name: (
+                np.concatenate(parts)
+                if parts
+                else np.zeros((0, *_output_shape(self.encoder, name)), self.dtype)
+            )
+            for name, parts in self.buffers.items()
+        }
+        arrays["indices"] = np.asarray(self.kept, dtype=np.int64)
+        cache.write_shard(
+            self.directory, self.current, arrays, {"key": self.key, "skipped": self.skipped}
+        )
+        for parts in self.buffers.values():
+            parts.clear()
+        self.kept.clear()
+        self.skipped = []
+
+    def raise_recorded_before(self, index: int) -> None:
+        if self.on_error == "raise" and self.recorded and self.recorded[0][0] < index:
+            raise DataError(self.recorded[0][3])
+
+
 def _extract_missing_shards(
     dataset: ImageDataset,
     encoder: ImageEncoder,
@@ -847,20 +1028,77 @@ def _extract_missing_shards(
     on_error: str,
     shard_size: int,
     progress: bool,
+    store_dtype: str = "float32",
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> int:
     """Encode the images of every shard not yet on disk; returns how many images were encoded.
 
     With ``on_error="raise"`` the first undecodable image in index order raises, whether it is
-    met now or was recorded in a shard on disk.
+    met now or was recorded in a shard on disk. ``engine="ray"`` computes the same batches on
+    Ray Data (:func:`oodprobe.ray_engine.encode_batches`); the shards are written here either way.
     """
     n_images = len(dataset)
     n_shards = -(-n_images // shard_size)
-    valid = _valid_shards(directory, n_images, shard_size, key, encoder.outputs)
+    dtype = storage_dtype(store_dtype)
+    valid = _valid_shards(directory, n_images, shard_size, key, encoder.outputs, dtype)
     missing = [shard for shard in range(n_shards) if shard not in valid]
     recorded = sorted((r for records in valid.values() for r in records), key=lambda r: r[0])
     batches = _shard_batches(missing, n_images, shard_size, batch_size)
     if not batches:
         return 0
+    writer = _ShardWriter(
+        dataset,
+        encoder,
+        directory,
+        key,
+        shard_size=shard_size,
+        on_error=on_error,
+        recorded=recorded,
+        dtype=dtype,
+        first_shard=missing[0],
+    )
+    total = sum(len(batch) for batch in batches)
+    with _progress_bar(progress, total, f"{encoder.name} · {dataset.name}") as advance:
+        if engine == "ray":
+            from oodprobe.ray_engine import encode_batches
+
+            for indices, outputs, failed in encode_batches(
+                dataset,
+                encoder,
+                missing,
+                n_images=n_images,
+                shard_size=shard_size,
+                batch_size=batch_size,
+                device=device,
+                precision=precision,
+                ray_address=ray_address,
+            ):
+                writer.start_batch(min(indices[:1] + [index for index, _ in failed[:1]]))
+                writer.add_failures(failed)
+                if indices:
+                    writer.add_rows(indices, outputs)
+                advance(len(indices) + len(failed))
+        else:
+            _encode_locally(
+                dataset, encoder, batches, writer, advance, num_workers, device, precision
+            )
+        writer.flush()
+    writer.raise_recorded_before(n_images)
+    return writer.n_encoded
+
+
+def _encode_locally(
+    dataset: ImageDataset,
+    encoder: ImageEncoder,
+    batches: list[list[int]],
+    writer: _ShardWriter,
+    advance: Callable[[int], None],
+    num_workers: int,
+    device: torch.device,
+    precision: str,
+) -> None:
+    """The local engine: decode in DataLoader workers, encode here, hand rows to ``writer``."""
     loader = batch_loader(
         _DecodeDataset(dataset, encoder.pixel_transform),
         batches,
@@ -869,62 +1107,19 @@ def _extract_missing_shards(
         device=device,
     )
     autocast = autocast_for(precision, device)
-    buffers: dict[str, list[np.ndarray]] = {name: [] for name in encoder.outputs}
-    kept: list[int] = []
-    skipped: list[list[Any]] = []
-    current = missing[0]
-    n_encoded = 0
-
-    def flush(shard: int) -> None:
-        arrays = {
-            name: (
-                np.concatenate(parts)
-                if parts
-                else np.zeros((0, *_output_shape(encoder, name)), np.float32)
-            )
-            for name, parts in buffers.items()
-        }
-        arrays["indices"] = np.asarray(kept, dtype=np.int64)
-        cache.write_shard(directory, shard, arrays, {"key": key, "skipped": skipped})
-        for parts in buffers.values():
-            parts.clear()
-        kept.clear()
-        skipped.clear()
-
-    def raise_recorded_before(index: int) -> None:
-        if on_error == "raise" and recorded and recorded[0][0] < index:
-            raise DataError(recorded[0][3])
-
-    total = sum(len(batch) for batch in batches)
-    with (
-        borrowed_encoder(encoder, device),
-        _progress_bar(progress, total, f"{encoder.name} · {dataset.name}") as advance,
-        torch.inference_mode(),
-    ):
+    with borrowed_encoder(encoder, device), torch.inference_mode():
         for indices, pixels, failed in loader:
-            first = indices[0] if indices else failed[0][0]
-            shard = first // shard_size
-            if shard != current:
-                flush(current)
-                current = shard
-            raise_recorded_before(first)  # after the flush: finished shards are kept
-            for index, (reason, message) in failed:
-                if on_error == "raise":
-                    raise DataError(message)
-                skipped.append([index, dataset.describe(index), reason, message])
+            writer.start_batch(indices[0] if indices else failed[0][0])
+            writer.add_failures(failed)
             if pixels is not None:
                 with autocast:
                     outputs = encoder(
                         pixels.to(device, memory_format=torch.channels_last, non_blocking=True)
                     )
-                for name in encoder.outputs:
-                    buffers[name].append(outputs[name].float().cpu().numpy())
-                kept.extend(indices)
-                n_encoded += len(indices)
+                writer.add_rows(
+                    indices, {name: outputs[name].float().cpu().numpy() for name in encoder.outputs}
+                )
             advance(len(indices) + len(failed))
-        flush(current)
-    raise_recorded_before(n_images)
-    return n_encoded
 
 
 def _short_reason(message: str) -> str:

@@ -103,12 +103,17 @@ def run_study(
     download: bool = False,
     progress: bool = True,
     log: Log = lambda message: None,
+    store_dtype: str = "float32",
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> StudyRun:
     """Run ``spec`` over every encoder, fit AUROC on accuracy, and write the study's files.
 
     Writes what ``bench`` writes (results, per-model tables, report) plus ``study.json``,
     ``study.csv``, ``study_fits.csv`` and the report's study section. With labelled ID data a
     linear probe is added (when the benchmark has none) for the probe's accuracy.
+    ``store_dtype``, ``engine`` and ``ray_address`` are those of
+    :func:`oodprobe.features.extract_features` (with engine ray, ``device`` is the Ray actors').
     """
     spec = study_spec(spec, encoders)
     probe = (
@@ -130,6 +135,9 @@ def run_study(
         detectors_if_labelled=probe,
         skip_inapplicable=True,  # e.g. a logits detector beside intermediate blocks
         require_accuracy=True,
+        store_dtype=store_dtype,
+        engine=engine,
+        ray_address=ray_address,
     )
     study = analyse(execution)
     return StudyRun(finish_benchmark(execution, study=study), study)
