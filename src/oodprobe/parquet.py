@@ -1,0 +1,550 @@
+"""Parquet export and import of extracted features, for Ray Data, pandas, pyarrow and polars.
+
+A file written by :func:`export_parquet` has one row per extracted image and the columns
+
+* ``index`` (int64): the dataset index of the row (``FeatureSet.indices``);
+* one per encoder output, named after it (``features``, ``logits``, ``local``): a
+  ``fixed_size_list<float32>`` or ``fixed_size_list<float16>`` of the row's values (an (T, E)
+  row, GL-MCM's ``local``, flattened to T·E values; its shape is in the metadata). bfloat16 has
+  no Arrow type: a bfloat16 output is written as float32 (exactly: every bfloat16 value is a
+  float32) and read back as bfloat16 by :func:`import_parquet`;
+* ``label`` (int64), when the labels are known (a FeatureSet of a labelled dataset, or
+  ``labels=`` given).
+
+The schema metadata key ``oodprobe`` holds JSON: the format, each output's dtype and row shape,
+the class names, the cache key and the entry's provenance (encoder, dataset and its fingerprint,
+precision, versions, skip records; not the head, which stays in the cache). The file is written
+row group by row group (``row_group_size`` rows), reading memory-mapped blocks of the entry and
+releasing their pages, so memory stays one row group whatever the number of rows; it is written
+beside its path and renamed over it when complete, with page checksums that
+:func:`import_parquet` verifies.
+
+Reading it elsewhere: ``pd.read_parquet(path)`` (each output a column of arrays),
+``pyarrow.parquet.read_table(path)``, ``ray.data.read_parquet(path)`` (a column of arrays per
+row), ``polars.read_parquet(path)``; ``np.stack(frame["features"])`` is the (N, D) matrix.
+Reading one back: :func:`import_parquet` → :class:`ParquetFeatures` (arrays in their stored
+dtype, ``.to_feature_set()`` for the detectors and the benchmark), or
+:func:`import_parquet_to_cache`, which streams it into a cache entry (memory-mapped reads
+thereafter, and ``extract_features`` reuses it when its key is the one extraction computes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from oodprobe import cache
+from oodprobe.arrays import release_pages, row_blocks
+from oodprobe.errors import CacheError, DataError, InvalidParameterError
+from oodprobe.files import atomic_write
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from oodprobe.features import FeatureSet
+
+PARQUET_FORMAT = 1
+METADATA_KEY = b"oodprobe"
+DEFAULT_ROW_GROUP_SIZE = 16_384
+"""Rows per row group: 16,384 x 768 float16 is 24 MiB, float32 48 MiB, in memory at once."""
+_RESERVED = ("index", "label")
+_ENTRY_DROPPED = ("files", "head", "format", "n_rows")  # of the cache's files, not of the data
+
+
+@dataclass
+class ParquetFeatures:
+    """What :func:`import_parquet` reads: arrays of the rows, in file order.
+
+    ``arrays[name]`` is (N, D) (or (N, T, E)) in the dtype it was exported from (float32,
+    float16, ``ml_dtypes.bfloat16``); ``indices`` (N,) int64; ``labels`` (N,) int64 or None;
+    ``meta`` the exported entry's provenance (``{}`` for a file another tool wrote).
+    """
+
+    arrays: dict[str, np.ndarray]
+    indices: np.ndarray
+    labels: np.ndarray | None
+    class_names: tuple[str, ...] | None = None
+    key: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def features(self) -> np.ndarray:
+        return self.arrays["features"]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def to_feature_set(self) -> FeatureSet:
+        """The :class:`oodprobe.features.FeatureSet` of these rows (detector input).
+
+        ``skipped`` comes from the exported skip records, ``head`` is None (a head is not
+        exported: read the cache entry for it), ``path`` None.
+        """
+        from oodprobe.data.base import SkippedImage
+        from oodprobe.features import FeatureSet
+
+        skipped = [
+            SkippedImage(int(record[0]), str(record[1]), str(record[2]))
+            for record in self.meta.get("skipped", [])
+        ]
+        return FeatureSet(
+            arrays=dict(self.arrays),
+            indices=self.indices,
+            labels=self.labels,
+            class_names=self.class_names,
+            skipped=skipped,
+            encoder_name=str(self.meta.get("encoder", "parquet")),
+            dataset_name=str(self.meta.get("dataset", "parquet")),
+            key=self.key or "",
+            path=None,
+            from_cache=False,
+        )
+
+
+# -- export -----------------------------------------------------------------------------------
+
+
+def _check_row_group_size(row_group_size: Any) -> int:
+    if (
+        not isinstance(row_group_size, int)
+        or isinstance(row_group_size, bool)
+        or row_group_size < 1
+    ):
+        raise InvalidParameterError(f"row_group_size must be >= 1, got {row_group_size!r}")
+    return row_group_size
+
+
+def _source_parts(
+    source: FeatureSet | str | os.PathLike[str],
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None, Any, str | None, dict[str, Any]]:
+    """``(outputs, indices, labels, class_names, key, provenance)`` of an entry or FeatureSet."""
+    from oodprobe.features import FeatureSet
+
+    if isinstance(source, FeatureSet):
+        meta: dict[str, Any] = {}
+        if source.path is not None and (source.path / "meta.json").is_file():
+            meta = cache.read_meta(source.path)
+        meta = {"encoder": source.encoder_name, "dataset": source.dataset_name, **meta}
+        if "skipped" not in meta:  # undecodable images, as an entry records them (no scan's)
+            meta["skipped"] = [
+                [item.index, item.source, item.reason] for item in source.skipped if item.index >= 0
+            ]
+        return (
+            dict(source.arrays),
+            source.indices,
+            source.labels,
+            source.class_names,
+            source.key or None,
+            meta,
+        )
+    if not isinstance(source, str | os.PathLike):
+        raise InvalidParameterError(
+            f"export_parquet needs a FeatureSet or a cache entry folder, got "
+            f"{type(source).__name__}"
+        )
+    directory = Path(source)
+    if not (directory / "meta.json").is_file():
+        raise CacheError(
+            f"{directory} is not a complete cache entry (no meta.json); give the folder of an "
+            "entry 'oodprobe cache list' shows"
+        )
+    arrays, meta = cache.read_entry(directory, mmap=True)
+    indices = arrays.pop("indices")
+    return arrays, indices, None, None, meta.get("key", directory.name), meta
+
+
+def _arrow_values(block: np.ndarray) -> pa.Array:
+    """A (rows, …) block as a ``fixed_size_list`` array: float16 stays, the rest is float32."""
+    import pyarrow as pa
+
+    values = block.reshape(len(block), -1)
+    width = values.shape[1]
+    if values.dtype != np.float16:
+        values = values.astype(np.float32)  # bfloat16 → float32 is exact
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, width)
+
+
+def export_parquet(
+    source: FeatureSet | str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    labels: Sequence[int] | np.ndarray | None = None,
+    class_names: Sequence[str] | None = None,
+    row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+    compression: str = "snappy",
+) -> Path:
+    """Write the rows of a cache entry (its folder) or a FeatureSet to a Parquet file.
+
+    Columns and metadata: module docstring. ``labels`` (one per row, integers) and
+    ``class_names`` override or supply what ``source`` lacks (an entry folder stores no
+    labels). Streamed: each of the ``row_group_size``-row groups is read (from memory-mapped
+    files, their pages released after), converted and written before the next. ``compression``
+    is any codec pyarrow writes (``snappy``, ``zstd``, ``none``). Returns ``path``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row_group_size = _check_row_group_size(row_group_size)
+    outputs, indices, source_labels, source_names, key, meta = _source_parts(source)
+    n_rows = len(indices)
+    for name in outputs:
+        if name in _RESERVED:
+            raise InvalidParameterError(f"an output may not be named {name!r} (a Parquet column)")
+        if cache.dtype_name(outputs[name].dtype) is None:
+            raise InvalidParameterError(
+                f"output {name!r} has dtype {outputs[name].dtype}; Parquet export takes "
+                f"{', '.join(cache.OUTPUT_DTYPES)}"
+            )
+        if len(outputs[name]) != n_rows or outputs[name].ndim < 2:
+            raise InvalidParameterError(
+                f"output {name!r} has shape {outputs[name].shape}, expected ({n_rows}, D)"
+            )
+    if labels is not None:
+        source_labels = np.asarray(labels)
+        if source_labels.shape != (n_rows,) or source_labels.dtype.kind not in "iu":
+            raise InvalidParameterError(
+                f"labels must be {n_rows} integers (one per row), got an array of shape "
+                f"{source_labels.shape} and dtype {source_labels.dtype}"
+            )
+    names = tuple(class_names) if class_names is not None else source_names
+    try:
+        available = compression == "none" or pa.Codec.is_available(compression)
+    except (ValueError, TypeError):
+        available = False
+    if not isinstance(compression, str) or not available:
+        raise InvalidParameterError(
+            f"compression must be a codec pyarrow writes (snappy, zstd, gzip, lz4, brotli, "
+            f"none), got {compression!r}"
+        ) from None
+    provenance = {k: v for k, v in meta.items() if k not in _ENTRY_DROPPED}
+    description = {
+        "format": PARQUET_FORMAT,
+        "key": key,
+        "n_rows": n_rows,
+        "outputs": {
+            name: {
+                "dtype": cache.dtype_name(array.dtype),
+                "shape": list(array.shape[1:]),
+                "column_dtype": "float16" if array.dtype == np.float16 else "float32",
+            }
+            for name, array in outputs.items()
+        },
+        "class_names": None if names is None else list(names),
+        "entry": provenance,
+    }
+    fields = [pa.field("index", pa.int64(), nullable=False)]
+    for name, array in outputs.items():
+        width = int(np.prod(array.shape[1:]))
+        value_type = pa.float16() if array.dtype == np.float16 else pa.float32()
+        fields.append(pa.field(name, pa.list_(value_type, width), nullable=False))
+    if source_labels is not None:
+        fields.append(pa.field("label", pa.int64(), nullable=False))
+    schema = pa.schema(fields, metadata={METADATA_KEY: json.dumps(description).encode()})
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(
+            tmp,
+            schema,
+            compression=compression,
+            use_dictionary=False,
+            write_statistics=["index", *(["label"] if source_labels is not None else [])],
+            write_page_checksum=True,
+        ) as writer:
+            for rows in row_blocks(n_rows, row_group_size):
+                columns = [pa.array(np.asarray(indices[rows], dtype=np.int64))]
+                for array in outputs.values():
+                    columns.append(_arrow_values(np.asarray(array[rows])))
+                    release_pages(array, rows)
+                if source_labels is not None:
+                    columns.append(pa.array(np.asarray(source_labels[rows], dtype=np.int64)))
+                writer.write_table(
+                    pa.Table.from_arrays(columns, schema=schema), row_group_size=row_group_size
+                )
+
+    return atomic_write(path, write)
+
+
+# -- import -----------------------------------------------------------------------------------
+
+
+def _open(path: str | os.PathLike[str]) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Parquet file {path} does not exist (or is not a file)")
+    try:
+        return pq.ParquetFile(path, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as error:
+        raise DataError(
+            f"{path} is not a readable Parquet file: {cache._one_line(error)}"
+        ) from None
+
+
+def _layout(parquet: Any, path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The file's ``oodprobe`` description (``{}`` if none) and its output columns."""
+    import pyarrow as pa
+
+    schema = parquet.schema_arrow
+    description: dict[str, Any] = {}
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is not None:
+        try:
+            description = json.loads(raw)
+        except ValueError:
+            raise DataError(f"{path} has unreadable oodprobe metadata") from None
+        if not isinstance(description, dict) or description.get("format") != PARQUET_FORMAT:
+            raise DataError(
+                f"{path} has oodprobe metadata of format "
+                f"{description.get('format') if isinstance(description, dict) else None!r}; "
+                f"this version reads format {PARQUET_FORMAT}"
+            )
+    outputs = []
+    for column in schema:
+        if column.name in _RESERVED:
+            if not pa.types.is_integer(column.type):
+                raise DataError(
+                    f"{path}: column {column.name!r} is {column.type}, expected integers"
+                )
+            continue
+        kind = column.type
+        if (
+            pa.types.is_fixed_size_list(kind)
+            or pa.types.is_list(kind)
+            or pa.types.is_large_list(kind)
+        ) and pa.types.is_floating(kind.value_type):
+            outputs.append(column.name)
+            continue
+        if column.name in (description.get("outputs") or {}) or column.name == "features":
+            raise DataError(
+                f"{path}: column {column.name!r} is {kind}, expected a list of floats per row"
+            )
+    missing = [name for name in description.get("outputs") or {} if name not in outputs]
+    if missing:
+        raise DataError(f"{path}: its metadata lists output {missing[0]!r}, which has no column")
+    if "features" not in outputs:
+        raise DataError(
+            f"{path} has no 'features' column (a list of floats per row); its columns: "
+            f"{', '.join(schema.names)}"
+        )
+    return description, outputs
+
+
+def _block(column: Any, name: str, path: Path) -> np.ndarray:
+    """A row group's column of per-row float lists as a (rows, width) array."""
+    import pyarrow as pa
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if column.null_count:
+        raise DataError(f"{path}: column {name!r} has {column.null_count} empty (null) rows")
+    if pa.types.is_fixed_size_list(column.type):
+        width = column.type.list_size
+    else:
+        lengths = np.diff(np.asarray(column.offsets))
+        if len(lengths) and (lengths != lengths[0]).any():
+            raise DataError(
+                f"{path}: column {name!r} has rows of {lengths.min()} to {lengths.max()} values; "
+                "every row needs the same number"
+            )
+        width = int(lengths[0]) if len(lengths) else 0
+    values = np.asarray(column.flatten().to_numpy(zero_copy_only=False))
+    if values.dtype.kind == "O":  # pragma: no cover - a float list always converts
+        raise DataError(f"{path}: column {name!r} does not hold numbers")
+    return values.reshape(len(column), width)
+
+
+def _row_dtypes(
+    description: dict[str, Any], outputs: list[str], path: Path
+) -> dict[str, tuple[np.dtype[Any], tuple[int, ...] | None]]:
+    """Each output's dtype to restore and row shape (None: as the column's width)."""
+    described = description.get("outputs") or {}
+    result: dict[str, tuple[np.dtype[Any], tuple[int, ...] | None]] = {}
+    for name in outputs:
+        info = described.get(name) or {}
+        dtype_name = info.get("dtype")
+        shape = info.get("shape")
+        if dtype_name is None:
+            result[name] = (np.dtype(np.float32), None)  # written by another tool
+            continue
+        if dtype_name not in cache.OUTPUT_DTYPES or not (
+            isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)
+        ):
+            raise DataError(f"{path} describes output {name!r} as {str(info)[:80]}")
+        result[name] = (cache.output_dtype(dtype_name), tuple(shape))
+    return result
+
+
+def _rows_of(
+    parquet: Any, outputs: list[str], description: dict[str, Any], path: Path
+) -> tuple[Any, Any, bool]:
+    """Row groups as ``(index, label, {output: block})`` in file order, checked."""
+    dtypes = _row_dtypes(description, outputs, path)
+    names = parquet.schema_arrow.names
+    has_index, has_label = "index" in names, "label" in names
+    columns = [*outputs, *(["index"] if has_index else []), *(["label"] if has_label else [])]
+
+    def groups() -> Any:
+        import pyarrow as pa
+
+        start = 0
+        for group in range(parquet.num_row_groups):
+            try:
+                table = parquet.read_row_group(group, columns=columns)
+            except (OSError, pa.ArrowException) as error:
+                raise DataError(
+                    f"{path} is damaged (row group {group}): {cache._one_line(error)}"
+                ) from None
+            rows = table.num_rows
+            blocks = {}
+            for name in outputs:
+                dtype, shape = dtypes[name]
+                block = _block(table.column(name), name, path)
+                if shape is not None and int(np.prod(shape)) != block.shape[1]:
+                    raise DataError(
+                        f"{path}: column {name!r} has {block.shape[1]} values per row, "
+                        f"its metadata says shape {list(shape)}"
+                    )
+                if block.dtype != dtype:
+                    # float16 / float32 as written; bfloat16 from its exact float32; a float64
+                    # column of another tool is rounded to float32
+                    block = block.astype(dtype)
+                blocks[name] = block.reshape(rows, *(shape or block.shape[1:]))
+            index = (
+                _integers(table.column("index"), "index", path)
+                if has_index
+                else np.arange(start, start + rows, dtype=np.int64)
+            )
+            label = _integers(table.column("label"), "label", path) if has_label else None
+            start += rows
+            yield index, label, blocks
+
+    return groups(), has_label, has_index
+
+
+def _integers(column: Any, name: str, path: Path) -> np.ndarray:
+    if column.null_count:
+        raise DataError(f"{path}: column {name!r} has {column.null_count} null rows")
+    return np.asarray(column.to_numpy(), dtype=np.int64)
+
+
+def import_parquet(path: str | os.PathLike[str]) -> ParquetFeatures:
+    """Read a Parquet file of features (:func:`export_parquet`'s, or another tool's).
+
+    Another tool's file needs a ``features`` column of per-row float lists of one length;
+    ``index`` (default: row numbers) and ``label`` integer columns are optional, and every other
+    float-list column is an output. float64 lists are rounded to float32. Read row group by row
+    group into arrays allocated once (memory: the arrays plus one row group); for a file larger
+    than memory use :func:`import_parquet_to_cache`. DataError of one line if the file is
+    missing, damaged (page checksums are verified) or has the wrong columns.
+    """
+    path = Path(path)
+    parquet = _open(path)
+    description, outputs = _layout(parquet, path)
+    n_rows = parquet.metadata.num_rows
+    groups, has_label, _ = _rows_of(parquet, outputs, description, path)
+    arrays: dict[str, np.ndarray] = {}
+    indices = np.empty(n_rows, np.int64)
+    labels = np.empty(n_rows, np.int64) if has_label else None
+    row = 0
+    for index, label, blocks in groups:
+        stop = row + len(index)
+        for name, block in blocks.items():
+            if name not in arrays:
+                arrays[name] = np.empty((n_rows, *block.shape[1:]), block.dtype)
+            arrays[name][row:stop] = block
+        indices[row:stop] = index
+        if labels is not None:
+            labels[row:stop] = label
+        row = stop
+    if not arrays:  # no row group: empty arrays of the described widths
+        for name, (dtype, shape) in _row_dtypes(description, outputs, path).items():
+            arrays[name] = np.empty((0, *(shape or (0,))), dtype)
+    return _described(arrays, indices, labels, description)
+
+
+def _described(
+    arrays: dict[str, np.ndarray],
+    indices: np.ndarray,
+    labels: np.ndarray | None,
+    description: dict[str, Any],
+) -> ParquetFeatures:
+    names = description.get("class_names")
+    entry = description.get("entry")
+    return ParquetFeatures(
+        arrays=arrays,
+        indices=indices,
+        labels=labels,
+        class_names=tuple(str(n) for n in names) if isinstance(names, list) else None,
+        key=description.get("key") if isinstance(description.get("key"), str) else None,
+        meta=entry if isinstance(entry, dict) else {},
+    )
+
+
+def import_parquet_to_cache(
+    path: str | os.PathLike[str], cache_root: str | os.PathLike[str] | None = None
+) -> Path:
+    """Stream a Parquet file of features into a cache entry; return the entry's folder.
+
+    The entry's key is the exported one (so ``extract_features`` with the same encoder, dataset,
+    precision and storage dtype finds it), or, for a file without one, the sha256 of the file.
+    Row groups are written as verified shards and joined as extraction joins them
+    (:func:`oodprobe.cache.write_entry`): memory stays one row group, and the entry is read
+    memory-mapped afterwards (:func:`oodprobe.features.load_features`). Labels are not stored
+    (the cache keeps none). An existing complete entry of that key is kept as it is. DataError
+    if the file is unreadable, or its ``index`` column is not strictly increasing (the cache
+    holds rows in dataset order).
+    """
+    path = Path(path)
+    parquet = _open(path)
+    description, outputs = _layout(parquet, path)
+    key = description.get("key")
+    if not isinstance(key, str) or not key:
+        key = cache.file_sha256(path)
+    root = Path(cache_root) if cache_root is not None else cache.default_cache_root()
+    directory = cache.entry_dir(root, key)
+    entry = description.get("entry")
+    meta = {
+        **(entry if isinstance(entry, dict) else {}),
+        "key": key,
+        "imported_from": str(path.resolve()),
+    }
+    skipped = meta.pop("skipped", [])
+    with cache.locked(directory):
+        if (directory / "meta.json").exists():
+            try:
+                cache.read_entry(directory, key=key, mmap=True)
+                return directory
+            except CacheError:
+                cache.remove_entry(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        groups, _, _ = _rows_of(parquet, outputs, description, path)
+        last = -1
+        n_shards = 0
+        for shard, (index, _labels, blocks) in enumerate(groups):
+            if len(index) and (index[0] <= last or np.any(np.diff(index) <= 0)):
+                cache.remove_entry(directory)
+                raise DataError(
+                    f"{path}: the index column is not strictly increasing (row group {shard}); "
+                    "the cache keeps rows in dataset order"
+                )
+            last = int(index[-1]) if len(index) else last
+            extra = {"key": key, "skipped": skipped if shard == 0 else []}
+            cache.write_shard(directory, shard, {**blocks, "indices": index}, extra)
+            n_shards += 1
+        if n_shards == 0:
+            cache.remove_entry(directory)
+            raise DataError(f"{path} has no rows to import")
+        try:
+            cache.write_entry(directory, n_shards, meta)
+        except CacheError:
+            cache.remove_entry(directory)
+            raise
+    return directory

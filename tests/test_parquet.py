@@ -1,0 +1,311 @@
+"""Parquet export/import of features: columns and metadata other tools read (pandas, pyarrow,
+Ray Data), dtypes restored bit for bit, streamed row groups, the cache round trip, bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ArrayDataset, random_images
+from oodprobe import cache, parquet
+from oodprobe.data import SkippedImage
+from oodprobe.errors import CacheError, DataError, InvalidParameterError
+from oodprobe.features import extract_features
+from test_cache import ConvEncoder
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": BF16}
+
+
+def _values(rows: int, width: int, offset: float = 0.0) -> np.ndarray:
+    return (np.arange(rows * width, dtype=np.float32).reshape(rows, width) - offset) / 8
+
+
+def _entry(directory: Path, dtype: np.dtype[Any], rows: int = 10) -> dict[str, np.ndarray]:
+    """A complete entry of ``rows`` rows (dataset indices 0, 2, 4, …), written as two shards."""
+    arrays = {
+        "features": _values(rows, 6).astype(dtype),
+        "logits": _values(rows, 3, offset=7).astype(dtype),
+        "indices": np.arange(0, 2 * rows, 2, dtype=np.int64),
+    }
+    half = rows // 2
+    for shard, part in enumerate((slice(0, half), slice(half, rows))):
+        records = [[1, "img1.png", "bad", "cannot decode img1.png"]] if shard == 0 else []
+        extra = {"key": "k" * 64, "skipped": records}
+        cache.write_shard(directory, shard, {n: a[part] for n, a in arrays.items()}, extra)
+    cache.write_entry(directory, 2, {"key": "k" * 64, "encoder": "enc", "dataset": "set"})
+    return arrays
+
+
+@pytest.mark.parametrize("name", DTYPES)
+def test_an_entry_exports_to_columns_pandas_and_pyarrow_read(name: str, tmp_path: Path) -> None:
+    dtype = DTYPES[name]
+    expected = _entry(tmp_path / "entry", dtype)
+    path = parquet.export_parquet(tmp_path / "entry", tmp_path / "out.parquet")
+    schema = pq.read_schema(path)
+    value_type = pa.float16() if name == "float16" else pa.float32()
+    assert schema.names == ["index", "features", "logits"]
+    assert schema.field("index").type == pa.int64()
+    assert schema.field("features").type == pa.list_(value_type, 6)
+    assert schema.field("logits").type == pa.list_(value_type, 3)
+    description = json.loads(schema.metadata[b"oodprobe"])
+    assert description["key"] == "k" * 64 and description["n_rows"] == 10
+    assert description["outputs"]["features"] == {
+        "dtype": name,
+        "shape": [6],
+        "column_dtype": "float16" if name == "float16" else "float32",
+    }
+    assert description["entry"]["encoder"] == "enc"
+    assert description["entry"]["skipped"] == [[1, "img1.png", "bad", "cannot decode img1.png"]]
+    frame = pd.read_parquet(path)
+    assert frame["index"].tolist() == list(range(0, 20, 2))
+    # every value of the three dtypes is exact in the column's float16 / float32
+    features = np.stack(frame["features"].to_numpy())
+    np.testing.assert_array_equal(features, expected["features"].astype(features.dtype))
+    table = pq.read_table(path)
+    flat = table.column("logits").combine_chunks().flatten().to_numpy().reshape(10, 3)
+    np.testing.assert_array_equal(flat, expected["logits"].astype(flat.dtype))
+
+
+@pytest.mark.parametrize("name", DTYPES)
+def test_import_gives_back_the_dtype_and_bits_that_were_exported(name: str, tmp_path: Path) -> None:
+    expected = _entry(tmp_path / "entry", DTYPES[name])
+    path = parquet.export_parquet(tmp_path / "entry", tmp_path / "out.parquet", row_group_size=3)
+    back = parquet.import_parquet(path)
+    assert back.key == "k" * 64 and back.labels is None and len(back) == 10
+    np.testing.assert_array_equal(back.indices, expected["indices"])
+    for output in ("features", "logits"):
+        assert back.arrays[output].dtype == DTYPES[name]
+        np.testing.assert_array_equal(
+            back.arrays[output].view(np.uint8), expected[output].view(np.uint8)
+        )
+
+
+def test_export_is_streamed_in_row_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _entry(tmp_path / "entry", np.dtype(np.float16))
+    blocks: list[int] = []
+    original = parquet._arrow_values
+
+    def recording(block: np.ndarray) -> Any:
+        blocks.append(len(block))
+        return original(block)
+
+    monkeypatch.setattr(parquet, "_arrow_values", recording)
+    path = parquet.export_parquet(tmp_path / "entry", tmp_path / "out.parquet", row_group_size=4)
+    file = pq.ParquetFile(path)
+    assert [file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)] == [4, 4, 2]
+    assert blocks == [4, 4, 4, 4, 2, 2]  # features and logits, one row group at a time
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry", "out.parquet"]  # no temporary
+
+
+def test_a_feature_set_exports_its_labels_class_names_and_skips(
+    tmp_path: Path, cache_root: Path
+) -> None:
+    dataset = ArrayDataset(random_images(9), np.arange(9) % 3, broken=frozenset({4}))
+    features = extract_features(
+        dataset, ConvEncoder(), cache_root=cache_root, num_workers=0, progress=False
+    )
+    path = parquet.export_parquet(features, tmp_path / "set.parquet")
+    frame = pd.read_parquet(path)
+    assert frame.columns.tolist() == ["index", "features", "logits", "label"]
+    assert frame["label"].tolist() == [0, 1, 2, 0, 2, 0, 1, 2]  # image 4 (label 1) skipped
+    back = parquet.import_parquet(path).to_feature_set()
+    assert back.class_names == ("class 0", "class 1", "class 2")
+    assert back.labels is not None and back.labels.tolist() == frame["label"].tolist()
+    assert back.skipped == [SkippedImage(4, "arrays[4]", "image file is truncated")]
+    assert back.encoder_name == "conv-test" and back.key == features.key
+    np.testing.assert_array_equal(back.features, features.features)
+    np.testing.assert_array_equal(back.indices, features.indices)
+
+
+def test_labels_and_class_names_can_be_given_for_an_entry(tmp_path: Path) -> None:
+    _entry(tmp_path / "entry", np.dtype(np.float32), rows=4)
+    path = parquet.export_parquet(
+        tmp_path / "entry", tmp_path / "out.parquet", labels=[1, 0, 1, 1], class_names=["a", "b"]
+    )
+    back = parquet.import_parquet(path)
+    assert back.labels is not None and back.labels.tolist() == [1, 0, 1, 1]
+    assert back.class_names == ("a", "b")
+    with pytest.raises(InvalidParameterError, match=r"^labels must be 4 integers \(one per row\)"):
+        parquet.export_parquet(tmp_path / "entry", tmp_path / "x.parquet", labels=[0.5] * 4)
+
+
+def test_a_row_of_tokens_is_flattened_and_reshaped(tmp_path: Path) -> None:
+    local = np.arange(4 * 3 * 2, dtype=np.float32).reshape(4, 3, 2).astype(np.float16)
+    arrays = {
+        "features": _values(4, 2),
+        "local": local,
+        "indices": np.arange(4, dtype=np.int64),
+    }
+    cache.write_shard(tmp_path / "entry", 0, arrays, {"skipped": []})
+    cache.write_entry(tmp_path / "entry", 1, {})
+    path = parquet.export_parquet(tmp_path / "entry", tmp_path / "out.parquet")
+    assert pq.read_schema(path).field("local").type == pa.list_(pa.float16(), 6)
+    back = parquet.import_parquet(path)
+    assert back.arrays["local"].shape == (4, 3, 2) and back.arrays["local"].dtype == np.float16
+    np.testing.assert_array_equal(back.arrays["local"], local)
+
+
+def test_a_parquet_round_trip_through_the_cache_is_reused_by_extraction(
+    tmp_path: Path, cache_root: Path
+) -> None:
+    dataset = ArrayDataset(random_images(8), broken=frozenset({3}))
+    options: dict[str, Any] = {"cache_root": cache_root, "num_workers": 0, "progress": False}
+    cold = extract_features(dataset, ConvEncoder(), **options)
+    assert cold.path is not None
+    path = parquet.export_parquet(cold.path, tmp_path / "f.parquet", row_group_size=3)
+    cache.remove_entry(cold.path)
+    directory = parquet.import_parquet_to_cache(path, cache_root)
+    assert directory == cold.path
+    arrays, meta = cache.read_entry(directory, mmap=True, key=cold.key)
+    assert isinstance(arrays["features"], np.memmap)
+    assert meta["imported_from"] == str(path.resolve())
+    warm = extract_features(dataset, ConvEncoder(), **options)
+    assert warm.from_cache and warm.stats["images_encoded"] == 0
+    assert warm.skipped == cold.skipped
+    np.testing.assert_array_equal(warm.features, cold.features)
+    np.testing.assert_array_equal(warm.logits, cold.logits)
+
+
+def test_a_file_another_tool_wrote_is_read_too(tmp_path: Path) -> None:
+    frame = pd.DataFrame(
+        {
+            "features": [np.array([1.0, 2.0]), np.array([3.0, 4.0]), np.array([5.0, 6.5])],
+            "label": [2, 0, 1],
+            "name": ["a", "b", "c"],  # not a list of floats: ignored
+        }
+    )
+    frame.to_parquet(tmp_path / "other.parquet")
+    back = parquet.import_parquet(tmp_path / "other.parquet")
+    assert back.features.dtype == np.float32 and back.features.tolist() == [
+        [1.0, 2.0],
+        [3.0, 4.0],
+        [5.0, 6.5],
+    ]
+    assert back.indices.tolist() == [0, 1, 2] and back.labels is not None
+    assert back.labels.tolist() == [2, 0, 1] and back.meta == {} and back.key is None
+    directory = parquet.import_parquet_to_cache(tmp_path / "other.parquet", tmp_path / "root")
+    assert directory.name == cache.file_sha256(tmp_path / "other.parquet")
+    arrays, _ = cache.read_entry(directory)
+    assert arrays["features"].tolist() == back.features.tolist()
+
+
+# -- bad inputs are one-line errors -----------------------------------------------------------
+
+
+def _write(table: pa.Table, path: Path) -> Path:
+    pq.write_table(table, path)
+    return path
+
+
+def test_bad_files_are_one_line_errors(tmp_path: Path) -> None:
+    (tmp_path / "junk.parquet").write_bytes(b"not a parquet file at all" * 10)
+    cases: list[tuple[Path, str]] = [
+        (tmp_path / "missing.parquet", r"missing.parquet does not exist \(or is not a file\)$"),
+        (tmp_path / "junk.parquet", r"junk.parquet is not a readable Parquet file: "),
+        (
+            _write(pa.table({"x": [[1.0, 2.0]]}), tmp_path / "nofeat.parquet"),
+            r"has no 'features' column \(a list of floats per row\); its columns: x$",
+        ),
+        (
+            _write(pa.table({"features": ["a", "b"]}), tmp_path / "str.parquet"),
+            r"column 'features' is string, expected a list of floats per row$",
+        ),
+        (
+            _write(pa.table({"features": [[1.0, 2.0], [3.0]]}), tmp_path / "ragged.parquet"),
+            r"column 'features' has rows of 1 to 2 values; every row needs the same number$",
+        ),
+        (
+            _write(pa.table({"features": [[1.0], None]}), tmp_path / "null.parquet"),
+            r"column 'features' has 1 empty \(null\) rows$",
+        ),
+        (
+            _write(pa.table({"features": [[1.0]], "index": ["a"]}), tmp_path / "idx.parquet"),
+            r"column 'index' is string, expected integers$",
+        ),
+    ]
+    for path, message in cases:
+        with pytest.raises(DataError, match=message) as caught:
+            parquet.import_parquet(path)
+        assert "\n" not in str(caught.value)
+
+
+def test_a_damaged_data_page_is_caught_by_its_checksum(tmp_path: Path) -> None:
+    _entry(tmp_path / "entry", np.dtype(np.float32), rows=200)
+    path = parquet.export_parquet(tmp_path / "entry", tmp_path / "out.parquet", compression="none")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside the features data
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"out.parquet is damaged \(row group 0\): ") as caught:
+        parquet.import_parquet(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_metadata_that_does_not_fit_the_columns_is_an_error(tmp_path: Path) -> None:
+    _entry(tmp_path / "entry", np.dtype(np.float32), rows=4)
+    path = parquet.export_parquet(tmp_path / "entry", tmp_path / "out.parquet")
+    table = pq.read_table(path)
+    description = json.loads(table.schema.metadata[b"oodprobe"])
+    for change, message in (
+        ({"format": 9}, r"has oodprobe metadata of format 9; this version reads format 1$"),
+        (
+            {"outputs": {**description["outputs"], "extra": {"dtype": "float32", "shape": [1]}}},
+            r"its metadata lists output 'extra', which has no column$",
+        ),
+        (
+            {"outputs": {**description["outputs"], "logits": {"dtype": "float32", "shape": [5]}}},
+            r"column 'logits' has 3 values per row, its metadata says shape \[5\]$",
+        ),
+    ):
+        edited = table.replace_schema_metadata(
+            {b"oodprobe": json.dumps({**description, **change}).encode()}
+        )
+        with pytest.raises(DataError, match=message):
+            parquet.import_parquet(_write(edited, tmp_path / "edited.parquet"))
+
+
+def test_import_to_the_cache_refuses_rows_out_of_order(tmp_path: Path) -> None:
+    table = pa.table({"index": [0, 2, 1], "features": [[1.0], [2.0], [3.0]]})
+    path = _write(table, tmp_path / "order.parquet")
+    with pytest.raises(DataError, match=r"the index column is not strictly increasing"):
+        parquet.import_parquet_to_cache(path, tmp_path / "root")
+    assert not list((tmp_path / "root" / "features").glob("*/*/*.npy"))
+
+
+def test_bad_export_arguments_are_refused_before_any_work(tmp_path: Path) -> None:
+    _entry(tmp_path / "entry", np.dtype(np.float32), rows=4)
+    with pytest.raises(CacheError, match=r"is not a complete cache entry \(no meta.json\)"):
+        parquet.export_parquet(tmp_path / "nowhere", tmp_path / "out.parquet")
+    with pytest.raises(InvalidParameterError, match=r"^row_group_size must be >= 1, got 0$"):
+        parquet.export_parquet(tmp_path / "entry", tmp_path / "out.parquet", row_group_size=0)
+    with pytest.raises(InvalidParameterError, match=r"^compression must be a codec pyarrow"):
+        parquet.export_parquet(tmp_path / "entry", tmp_path / "out.parquet", compression="zip")
+    (tmp_path / "entry" / "features.npy").write_bytes(b"short")
+    with pytest.raises(CacheError, match=r"features.npy is missing or has the wrong size$"):
+        parquet.export_parquet(tmp_path / "entry", tmp_path / "out.parquet")
+    assert not (tmp_path / "out.parquet").exists()
+
+
+@pytest.mark.slow
+def test_ray_data_reads_an_export(tmp_path: Path) -> None:
+    """A local Ray (2 CPUs) reads the columns; a batch's lists stack into the (N, D) matrix."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    expected = _entry(tmp_path / "entry", np.dtype(np.float16))
+    path = parquet.export_parquet(tmp_path / "entry", tmp_path / "out.parquet", row_group_size=4)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        dataset = ray.data.read_parquet(str(path))
+        assert dataset.count() == 10
+        batch = next(iter(dataset.iter_batches(batch_size=10, batch_format="numpy")))
+        np.testing.assert_array_equal(batch["index"], expected["indices"])
+        np.testing.assert_array_equal(np.stack(batch["features"]), expected["features"])
+    finally:
+        ray.shutdown()
