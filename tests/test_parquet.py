@@ -4,6 +4,7 @@ Ray Data), dtypes restored bit for bit, streamed row groups, the cache round tri
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -309,3 +310,84 @@ def test_ray_data_reads_an_export(tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.stack(batch["features"]), expected["features"])
     finally:
         ray.shutdown()
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    from oodprobe.cli import main
+
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_cache_commands_list_inspect_export_and_import(
+    tmp_path: Path, cache_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dataset = ArrayDataset(random_images(8))
+    cold = extract_features(
+        dataset, ConvEncoder(), cache_root=cache_root, num_workers=0, progress=False
+    )
+    assert cold.path is not None
+    root = ["--cache-dir", str(cache_root)]
+    code, out, _ = _cli(capsys, "cache", "list", *root)
+    assert code == 0
+    assert out.splitlines()[0].startswith(f"{cold.key[:16]}  8 rows  features 6-d float32, ")
+    assert out.splitlines()[-1] == f"1 entry under {cache_root}"
+    code, out, _ = _cli(capsys, "cache", "info", cold.key[:8], *root, "--verify")
+    assert code == 0 and f"key: {cold.key}" in out.splitlines()
+    assert "outputs: features 6-d float32, logits 3-d float32" in out.splitlines()
+    assert "verified: every file hashed in full" in out.splitlines()
+    target = tmp_path / "f.parquet"
+    code, out, _ = _cli(
+        capsys, "cache", "export", str(cold.path), str(target), "--compression", "zstd"
+    )
+    assert code == 0 and out.strip() == f"8 rows written to {target}"
+    np.testing.assert_array_equal(np.stack(pd.read_parquet(target)["features"]), cold.features)
+    cache.remove_entry(cold.path)
+    code, out, _ = _cli(capsys, "cache", "import", str(target), *root)
+    assert code == 0 and out.splitlines()[-1] == f"entry: {cold.path}"
+    warm = extract_features(
+        dataset, ConvEncoder(), cache_root=cache_root, num_workers=0, progress=False
+    )
+    assert warm.from_cache
+
+
+def test_cache_commands_explain_bad_inputs_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = ["--cache-dir", str(tmp_path / "root")]
+    _entry(tmp_path / "root" / "features" / "ab" / ("ab" * 32), np.dtype(np.float32))
+    incomplete = tmp_path / "root" / "features" / "cd" / ("cd" * 32)
+    cache.write_shard(incomplete, 0, {"features": np.zeros((1, 2), np.float32)}, {})
+    (tmp_path / "junk.parquet").write_bytes(b"junk")
+    _write(pa.table({"x": [1]}), tmp_path / "schema.parquet")
+    cases = [
+        (("export", "ef01", "out.parquet"), r"no cache entry has a key starting 'ef01' under "),
+        (("export", "ab", "out.parquet"), r"'ab' is neither an entry folder nor a cache key"),
+        (("info", str(incomplete)), r"is not a complete cache entry \(it has no meta.json"),
+        (("import", str(tmp_path / "junk.parquet")), r"junk.parquet is not a readable Parquet"),
+        (("import", str(tmp_path / "schema.parquet")), r"has no 'features' column"),
+        (("import", str(tmp_path / "none.parquet")), r"none.parquet does not exist"),
+        (("export", "abab", str(tmp_path)), r"--output .* is a directory; give a file path"),
+    ]
+    for args, message in cases:
+        code, _, err = _cli(capsys, "cache", *args, *root)
+        assert code == 1
+        assert re.search(message, _error_line(err)), err
+    code, out, _ = _cli(capsys, "cache", "list", *root)
+    assert out.splitlines()[:2] == [
+        f"{'ab' * 8}  10 rows  features 6-d float32, logits 3-d float32  enc · set",
+        f"{'cd' * 8}  incomplete: 1 shard(s)",
+    ]
+    (tmp_path / "root" / "features" / "ab" / ("ab" * 32) / "features.npy").write_bytes(b"x")
+    code, _, err = _cli(capsys, "cache", "export", "abab", str(tmp_path / "o.parquet"), *root)
+    assert code == 1 and _error_line(err).endswith("features.npy is missing or has the wrong size")

@@ -561,6 +561,74 @@ def read_entry(
     return arrays, meta
 
 
+# -- finding and listing entries ----------------------------------------------------------------
+
+
+def find_entry(root: Path, entry: str) -> Path:
+    """The folder of a complete entry named by its folder, its key, or a unique key prefix.
+
+    CacheError of one line if no entry (or an incomplete one) is found, or a prefix is
+    ambiguous.
+    """
+    path = Path(entry).expanduser()
+    if path.is_dir():
+        if not (path / "meta.json").is_file():
+            raise CacheError(
+                f"{path} is not a complete cache entry (it has no meta.json: not an entry "
+                "folder, or an interrupted extraction, which rerunning completes)"
+            )
+        return path
+    key = entry.lower()
+    if not (4 <= len(key) <= 64 and all(char in "0123456789abcdef" for char in key)):
+        raise CacheError(
+            f"{entry!r} is neither an entry folder nor a cache key (4 to 64 hex digits); "
+            "'oodprobe cache list' shows the entries"
+        )
+    bucket = root / "features" / key[:2]
+    found = sorted(
+        candidate
+        for candidate in (bucket.iterdir() if bucket.is_dir() else [])
+        if candidate.is_dir() and candidate.name.startswith(key)
+    )
+    if not found:
+        raise CacheError(
+            f"no cache entry has a key starting {key!r} under {root}; 'oodprobe cache list' "
+            "shows the entries (or pass --cache-dir)"
+        )
+    if len(found) > 1:
+        raise CacheError(
+            f"key prefix {key!r} matches {len(found)} entries under {root}; give more digits"
+        )
+    return find_entry(root, str(found[0]))
+
+
+def list_entries(root: Path) -> list[dict[str, Any]]:
+    """Every entry under ``root``: ``{"key", "path", "status", "meta"}``, by key; reads only
+    ``meta.json`` (``status`` is ``complete``, ``incomplete: N shards`` or ``damaged: why``)."""
+    entries = []
+    features = root / "features"
+    for bucket in sorted(features.iterdir()) if features.is_dir() else []:
+        if not bucket.is_dir():
+            continue
+        for directory in sorted(bucket.iterdir()):
+            if not directory.is_dir():
+                continue  # the entries' .lock files
+            meta: dict[str, Any] | None = None
+            if (directory / "meta.json").exists():
+                try:
+                    meta = read_meta(directory)
+                    status = "complete"
+                except CacheError as error:
+                    status = f"damaged: {error}"
+            else:
+                shards = len(list(directory.glob("shard-*.safetensors")))
+                status = f"incomplete: {shards} shard(s)"
+            entries.append(
+                {"key": directory.name, "path": directory, "status": status, "meta": meta}
+            )
+    return entries
+
+
 # -- the classifier head ----------------------------------------------------------------------
 
 

@@ -1242,6 +1242,142 @@ def score(
     console.print(f"scores: {path}", soft_wrap=True)
 
 
+# -- oodprobe cache: list, inspect, export and import feature-cache entries --------------------
+
+cache_app = typer.Typer(
+    help="List, inspect, export (Parquet) and import feature-cache entries.",
+    no_args_is_help=True,
+)
+app.add_typer(cache_app, name="cache")
+
+EntryArgument = Annotated[
+    str,
+    typer.Argument(
+        help="A cache entry: its folder, its key, or a unique key prefix ('oodprobe cache list')"
+    ),
+]
+
+
+def _cache_root(cache_dir: Path | None) -> Path:
+    from oodprobe.cache import default_cache_root
+
+    return cache_dir if cache_dir is not None else default_cache_root()
+
+
+def _outputs_text(meta: dict[str, Any]) -> str:
+    """``features 768-d float16, logits 1000-d float32`` of an entry's meta.json."""
+    parts = []
+    for name, info in meta["files"].items():
+        if name == "indices":
+            continue
+        dtype = {"<f4": "float32", "<f2": "float16"}.get(info["dtype"], info["dtype"])
+        shape = "x".join(str(size) for size in info["shape"][1:])
+        parts.append(f"{name} {shape}-d {dtype}")
+    return ", ".join(parts)
+
+
+@cache_app.command("list")
+def cache_list(cache_dir: CacheDirOption = None) -> None:
+    """One line per entry: key, rows, outputs, encoder and dataset (or why it is unusable)."""
+    from rich.markup import escape
+
+    from oodprobe.cache import list_entries
+
+    root = _cache_root(cache_dir)
+    entries = list_entries(root)
+    console = _console()
+    if not entries:
+        console.print(f"no cache entries under {escape(str(root))}", soft_wrap=True)
+        return
+    for entry in entries:
+        meta = entry["meta"]
+        if meta is None:
+            console.print(f"{entry['key'][:16]}  {escape(entry['status'])}", soft_wrap=True)
+            continue
+        what = meta.get("kind") or f"{meta.get('encoder', '?')} · {meta.get('dataset', '?')}"
+        console.print(
+            f"{entry['key'][:16]}  {meta['n_rows']} rows  {escape(_outputs_text(meta))}  "
+            f"{escape(str(what))}",
+            soft_wrap=True,
+        )
+    count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+    console.print(f"{count} under {escape(str(root))}", soft_wrap=True)
+
+
+@cache_app.command("info")
+def cache_info(
+    entry: EntryArgument,
+    cache_dir: CacheDirOption = None,
+    verify: Annotated[
+        bool, typer.Option(help="Hash every file in full (not only those changed since stamped)")
+    ] = False,
+) -> None:
+    """Show an entry's key, provenance and files, and check it (sizes, headers, checksums)."""
+    from rich.markup import escape
+
+    from oodprobe.cache import find_entry, read_entry
+
+    directory = find_entry(_cache_root(cache_dir), entry)
+    _, meta = read_entry(directory, verify="full" if verify else True, mmap=True)
+    console = _console()
+    lines = [
+        f"entry: {directory}",
+        f"key: {meta.get('key', directory.name)}",
+        *(
+            f"{name}: {meta[name]}"
+            for name in ("kind", "encoder", "dataset", "precision", "created", "imported_from")
+            if name in meta
+        ),
+        f"rows: {meta['n_rows']} ({len(meta['skipped'])} image(s) skipped)",
+        f"outputs: {_outputs_text(meta)}",
+        "head: " + ("none" if not meta.get("head") else "x".join(map(str, meta["head"]["shape"]))),
+        "verified: " + ("every file hashed in full" if verify else "sizes, headers and stamps"),
+    ]
+    for line in lines:
+        console.print(escape(line), soft_wrap=True)
+
+
+@cache_app.command("export")
+def cache_export(
+    entry: EntryArgument,
+    output: Annotated[Path, typer.Argument(help="Parquet file to write (replaced when complete)")],
+    cache_dir: CacheDirOption = None,
+    row_group_size: Annotated[
+        int, typer.Option(min=1, help="Rows per Parquet row group (memory: one row group)")
+    ] = 16_384,
+    compression: Annotated[
+        str, typer.Option(help="Parquet codec: snappy, zstd, gzip, lz4, brotli or none")
+    ] = "snappy",
+) -> None:
+    """Write an entry's rows to Parquet (index, one list column per output) for Ray, pandas…"""
+    from oodprobe.cache import find_entry
+    from oodprobe.parquet import export_parquet
+
+    _check_output_file(output, "features.parquet")
+    directory = find_entry(_cache_root(cache_dir), entry)
+    path = export_parquet(directory, output, row_group_size=row_group_size, compression=compression)
+    import pyarrow.parquet as pq
+
+    rows = pq.ParquetFile(path).metadata.num_rows
+    _console().print(f"{rows} rows written to {path}", soft_wrap=True)
+
+
+@cache_app.command("import")
+def cache_import(
+    source: Annotated[Path, typer.Argument(help="Parquet file ('oodprobe cache export')")],
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Store a Parquet file of features as a cache entry (extraction reuses it by its key)."""
+    from oodprobe.cache import read_meta
+    from oodprobe.parquet import import_parquet_to_cache
+
+    directory = import_parquet_to_cache(source, _cache_root(cache_dir))
+    meta = read_meta(directory)
+    console = _console()
+    console.print(f"{meta['n_rows']} rows ({_outputs_text(meta)}) in entry", soft_wrap=True)
+    console.print(f"entry: {directory}", soft_wrap=True)
+
+
 @contextlib.contextmanager
 def _one_line_warnings() -> Iterator[None]:
     """Show each warning of the run as one ``warning: <message>`` line on stderr, once.
