@@ -206,3 +206,65 @@ def test_memory_mapped_blocks_release_their_pages(tmp_path: Path) -> None:
     copy_on_write[0, 0] = 5.0
     release_pages(copy_on_write)  # private pages hold the change: never released
     assert copy_on_write[0, 0] == 5.0 and not is_memory_mapped(copy_on_write)
+
+
+def _mapped(path: Path, array: npt.NDArray[np.float32]) -> np.memmap:
+    stored = np.memmap(path, dtype=np.float32, mode="w+", shape=array.shape)
+    stored[:] = array
+    stored.flush()
+    return np.memmap(path, dtype=np.float32, mode="r", shape=array.shape)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_exact_search_over_a_mapped_train_equals_in_memory(tmp_path: Path, precision: str) -> None:
+    from oodprobe.arrays import l2_normalize
+    from oodprobe.detectors import search
+
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(40_000, 128)).astype(np.float32)
+    train[30_000:30_050] = train[5:55]  # exact duplicates across shards: ties, the fallback
+    train[20_000:20_010] = train[100]
+    train = l2_normalize(train, dtype=np.float32)
+    queries = l2_normalize(
+        np.concatenate([train[:40], rng.normal(size=(300, 128))]), dtype=np.float64
+    )
+    mapped = _mapped(tmp_path / "train.f32", train)
+    with memory_budget("64MiB"):  # shards of 16384 rows: 3 shards
+        index = search.prepare_exact(mapped, precision)
+        assert index.product is None and index.shard_rows == 16384
+        found = search.exact_search(mapped, queries, 12, index=index)
+    expected = search.exact_search(train, queries, 12, precision=precision)
+    np.testing.assert_array_equal(found[1], expected[1])
+    np.testing.assert_array_equal(found[0], expected[0])
+    brute = queries @ train.astype(np.float64).T
+    top = np.sort(brute, axis=1)[:, ::-1][:, :12]
+    np.testing.assert_allclose(found[0], top, rtol=0, atol=1e-12)
+
+
+def test_knn_keeps_a_large_id_set_on_disk_with_the_same_scores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from oodprobe.detectors.neighbors import DeepKNNDetector, KNNDetector
+
+    rng = np.random.default_rng(4)
+    train = rng.normal(size=(20_000, 256)).astype(np.float16)  # 20 MB normalised: > 64MiB / 4
+    queries = rng.normal(size=(200, 256))
+    for cls, params in ((KNNDetector, {"k": 5}), (DeepKNNDetector, {"k": 20})):
+        whole = cls(**params).fit(train)
+        with memory_budget("64MiB"):
+            streamed = cls(**params).fit(
+                _mapped(tmp_path / f"{cls.name}.f32", train.astype(np.float32))
+            )
+            assert is_memory_mapped(streamed.train_features_)
+            scores = streamed.score_samples(queries)
+        assert not is_memory_mapped(whole.train_features_)
+        np.testing.assert_array_equal(scores, whole.score_samples(queries))
+        np.testing.assert_array_equal(streamed.score_samples(queries), scores)  # no budget now
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(1 << 40, 1 << 40, 1 << 20))
+    message = r"needs 0\.0 GiB in .*, which has 0\.0 GiB free; set OODPROBE_SCRATCH_DIR"
+    with memory_budget("64MiB"), pytest.raises(InvalidParameterError, match=message):
+        KNNDetector().fit(train)

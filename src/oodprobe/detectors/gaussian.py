@@ -44,6 +44,7 @@ from oodprobe.arrays import (
     check_features,
     check_labels,
     current_memory_budget,
+    float64_rows,
     row_blocks,
 )
 from oodprobe.detectors.base import Choices, Detector, register_detector
@@ -62,7 +63,7 @@ _CONSTRAINTS: dict[str, list[Any]] = {"covariance": [Choices("unbiased", "ml")]}
 
 
 def _float64_block(features: Features, rows: slice) -> F64:
-    return np.array(features[rows], dtype=np.float64)  # a copy: callers edit it in place
+    return float64_rows(features, rows)  # a copy: callers edit it in place
 
 
 def _fit_rows(dims: int) -> int:

@@ -7,10 +7,22 @@ match a brute-force float64 computation. The exact backend also *chooses* the ne
 float64 scores, provably (a float32 or bfloat16 product finds candidates, a rigorous error
 bound says which to re-score; ``search_precision`` picks that product, never the result);
 faiss chooses them in float32.
+
+Under a memory budget (:func:`oodprobe.arrays.memory_budget`) an ID set whose normalised
+float32 copy exceeds a quarter of the budget is kept on disk: written block by block to a
+file in ``$OODPROBE_SCRATCH_DIR`` (default: the system's temporary folder), memory-mapped, and
+the file's name removed at once (the mapping keeps its data until the detector is gone). The
+exact search then reads it in shards and merges the top-k (``search``'s exactness guarantees
+hold unchanged), so peak memory does not grow with N. The faiss backends copy the set into
+their own index in memory either way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -24,6 +36,7 @@ from oodprobe.arrays import (
     Scores,
     check_features,
     check_labels,
+    current_memory_budget,
     l2_normalize,
     row_blocks,
     rows_per_block,
@@ -43,6 +56,39 @@ if TYPE_CHECKING:
     import torch
 
 _GATHER_ELEMENTS = 1 << 23  # floats gathered at once when refining neighbour similarities
+SCRATCH_ENV = "OODPROBE_SCRATCH_DIR"
+"""Folder where an ID set kept on disk under a memory budget is written (default: the temp
+folder)."""
+
+
+def normalized_id_set(features: Features) -> Features:
+    """(n, D) float32 L2-normalised rows of ``features``: in memory, or, when a memory budget
+    is set and they exceed a quarter of it, an unlinked file memory-mapped read-only."""
+    budget = current_memory_budget()
+    size = len(features) * features.shape[1] * 4
+    if budget is None or size <= budget // 4:
+        return l2_normalize(features, dtype=np.float32)
+    folder = os.environ.get(SCRATCH_ENV) or tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free
+    if free < size + (256 << 20):
+        raise InvalidParameterError(
+            f"keeping the normalised ID set on disk needs {size / 2**30:.1f} GiB in {folder}, "
+            f"which has {free / 2**30:.1f} GiB free; set {SCRATCH_ENV} to a folder with room, "
+            f"or raise the memory budget (now {budget / 2**30:.1f} GiB) above "
+            f"{4 * size / 2**30:.1f} GiB to keep it in memory"
+        )
+    handle, path = tempfile.mkstemp(prefix="oodprobe-id-set-", suffix=".f32", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            step = rows_per_block(features.shape[1], 1 << 22)
+            for rows in row_blocks(len(features), step, release=features):
+                file.write(l2_normalize(features[rows], dtype=np.float32).tobytes())
+        mapped = np.memmap(path, dtype=np.float32, mode="r", shape=features.shape)
+    finally:
+        with contextlib.suppress(OSError):  # mapped (or failed): the name is not needed
+            os.unlink(path)
+    return mapped
+
 
 # exp(cos/T) with cos <= 1 must fit in float64 (exp(709) is the largest)
 _TEMPERATURE = [Number(1 / 700, text="finite number >= 1/700 (so exp(cos/T) fits in float64)")]
@@ -88,7 +134,7 @@ class _NeighborDetector(Detector):
         self._validate_params()
         features = check_features(features)
         search.check_search_limits(self.k, len(features), self.n_lists)
-        self.train_features_ = l2_normalize(features, dtype=np.float32)
+        self.train_features_ = normalized_id_set(features)
         self.n_dims_ = int(features.shape[1])
         self._faiss_index = None
         self._exact_index = None

@@ -21,6 +21,14 @@ Both precisions therefore return identical neighbours and (float64) scores; ``bf
 changes the speed (and halves the memory of the training copy the product reads), so it is
 chosen automatically (``precision="auto"``) where a one-time micro-benchmark finds the bf16
 product faster than the float32 one.
+
+A memory-mapped training set (``np.memmap``: the k-NN detectors keep a large normalised ID set
+on disk under a memory budget) is searched in *shards*: each shard of rows is read once into
+memory (and rounded to bf16 there, if so), every query block is multiplied with it, and the
+running top-m merged, so the whole file is read once per search and resident memory stays one
+shard (its pages are released after it). The re-ranking and the fallback read the same
+float32 rows (the fallback also shard by shard), so neighbours and scores are identical to the
+in-memory search of the same rows.
 """
 
 from __future__ import annotations
@@ -180,36 +188,79 @@ class ExactIndex:
 
     precision: str
     train: Float32Array
-    product: torch.Tensor
+    product: torch.Tensor | None  # None: a memory-mapped train, read in shards
     train_norm: float
     product_norm: float
     residual_norm: float
+    shard_rows: int = 0  # rows per shard of a memory-mapped train
 
 
 def prepare_exact(train_unit: npt.ArrayLike, precision: str = "auto") -> ExactIndex:
     """Prepare (n, D) training rows for :func:`exact_search` (``precision``: see PRECISIONS)."""
     import torch
 
-    from oodprobe.arrays import row_blocks, rows_per_block
+    from oodprobe.arrays import is_memory_mapped, row_blocks, rows_per_block
 
     resolved = resolve_precision(precision)
-    train = np.ascontiguousarray(train_unit, dtype=np.float32)
-    bits = np.empty(train.shape, dtype=np.uint16) if resolved == "bf16" else None
+    mapped = is_memory_mapped(train_unit) and np.asarray(train_unit).dtype == np.float32
+    train = np.asarray(train_unit) if mapped else np.ascontiguousarray(train_unit, np.float32)
+    keep_bits = resolved == "bf16" and not mapped
+    bits = np.empty(train.shape, dtype=np.uint16) if keep_bits else None
     train_norm = product_norm = residual_norm = 0.0
-    for rows in row_blocks(len(train), rows_per_block(train.shape[1], 1 << 18)):
-        block = train[rows].astype(np.float64)
+    step = rows_per_block(train.shape[1], 1 << 18)
+    for rows in row_blocks(len(train), step, release=train if mapped else None):
+        single = np.asarray(train[rows])
+        block = single.astype(np.float64)
         train_norm = max(train_norm, _max_row_norm(block))
-        if bits is not None:
-            bits[rows] = _bf16_bits(train[rows])
-            rounded = _bf16_values(bits[rows]).astype(np.float64)
+        if resolved == "bf16":
+            block_bits = _bf16_bits(single)
+            if bits is not None:
+                bits[rows] = block_bits
+            rounded = _bf16_values(block_bits).astype(np.float64)
             product_norm = max(product_norm, _max_row_norm(rounded))
             residual_norm = max(residual_norm, _max_row_norm(block - rounded))
+    if resolved == "fp32":
+        product_norm = train_norm
+    if mapped:
+        return ExactIndex(
+            resolved, train, None, train_norm, product_norm, residual_norm, _shard_rows(train)
+        )
     if bits is None:
         product = torch.from_numpy(train)
-        product_norm = train_norm
     else:
         product = torch.from_numpy(bits).view(torch.bfloat16)
     return ExactIndex(resolved, train, product, train_norm, product_norm, residual_norm)
+
+
+def _shard_rows(train: Float32Array) -> int:
+    """Rows per shard of a memory-mapped train: 1/8 of the memory budget (256 MiB without)."""
+    from oodprobe.arrays import budget_rows
+
+    row_bytes = train.shape[1] * 6  # the float32 rows and their bf16 copy
+    return max(_MAX_TRAIN_BLOCK, budget_rows(row_bytes, (256 << 20) // row_bytes, share=0.125))
+
+
+def _product_shards(index: ExactIndex, precision: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, rows as the candidate product reads them) of each shard of the train."""
+    import torch
+
+    from oodprobe.arrays import release_pages
+
+    if index.product is not None and precision == index.precision:
+        yield 0, index.product
+        return
+    if index.product is not None:  # the fp32 product of an in-memory bf16 index (fallback)
+        yield 0, torch.from_numpy(index.train)
+        return
+    step = index.shard_rows or len(index.train)
+    for start in range(0, len(index.train), step):
+        rows = slice(start, start + step)
+        single = np.array(index.train[rows], dtype=np.float32)  # one read of the shard
+        release_pages(index.train, rows)
+        if precision == "bf16":
+            yield start, torch.from_numpy(_bf16_bits(single)).view(torch.bfloat16)
+        else:
+            yield start, torch.from_numpy(single)
 
 
 def _bf16_bits(single: Float32Array) -> npt.NDArray[np.uint16]:
@@ -335,29 +386,41 @@ def _block_shape(n_train: int) -> tuple[int, int]:
 def _candidates(
     index: ExactIndex, queries: torch.Tensor, m: int, buffer: torch.Tensor
 ) -> tuple[Float64Array, IndexArray]:
-    """(q, m) approximate top-m scores (sorted descending, as float64) and their train rows."""
+    """(q, m) approximate top-m scores (sorted descending, as float64) and their train rows.
+
+    Train shards (one for an in-memory train) outside, train blocks, then query blocks of
+    ``_block_shape`` rows inside: a memory-mapped train is read once for all the queries.
+    """
     import torch
 
     n_train = len(index.train)
-    _, train_block = _block_shape(n_train)
-    best: tuple[Float32Array, IndexArray] | None = None
-    for t_start in range(0, n_train, train_block):
-        block = index.product[t_start : t_start + train_block]
-        similarities = buffer[: len(queries) * len(block)].view(len(queries), len(block))
-        torch.mm(queries, block.T, out=similarities)
-        values, columns = _block_topk(similarities, min(m, len(block)))
-        columns = columns + t_start
-        if best is not None:  # merge with the running top-m of earlier train blocks
-            values = np.concatenate([best[0], values], axis=1)
-            columns = np.concatenate([best[1], columns], axis=1)
-            keep = _top_columns(values, m)
-            values = np.take_along_axis(values, keep, axis=1)
-            columns = np.take_along_axis(columns, keep, axis=1)
-        best = (values, columns)
-    assert best is not None
-    order = np.argsort(-best[0], axis=1, kind="stable")
-    ranked = np.asarray(np.take_along_axis(best[0], order, axis=1), dtype=np.float64)
-    return ranked, np.take_along_axis(best[1], order, axis=1)
+    query_block, train_block = _block_shape(n_train)
+    starts = range(0, len(queries), query_block)
+    best: list[tuple[Float32Array, IndexArray] | None] = [None] * len(starts)
+    for shard_start, shard in _product_shards(index, index.precision):
+        for t_start in range(0, len(shard), train_block):
+            block = shard[t_start : t_start + train_block]
+            for slot, q_start in enumerate(starts):
+                rows = queries[q_start : q_start + query_block]
+                similarities = buffer[: len(rows) * len(block)].view(len(rows), len(block))
+                torch.mm(rows, block.T, out=similarities)
+                values, columns = _block_topk(similarities, min(m, len(block)))
+                columns = columns + (shard_start + t_start)
+                previous = best[slot]
+                if previous is not None:  # merge with the running top-m of earlier blocks
+                    values = np.concatenate([previous[0], values], axis=1)
+                    columns = np.concatenate([previous[1], columns], axis=1)
+                    keep = _top_columns(values, m)
+                    values = np.take_along_axis(values, keep, axis=1)
+                    columns = np.take_along_axis(columns, keep, axis=1)
+                best[slot] = (values, columns)
+    found = [entry for entry in best if entry is not None]
+    assert len(found) == len(best)
+    values = np.concatenate([entry[0] for entry in found])
+    columns = np.concatenate([entry[1] for entry in found])
+    order = np.argsort(-values, axis=1, kind="stable")
+    ranked = np.asarray(np.take_along_axis(values, order, axis=1), dtype=np.float64)
+    return ranked, np.take_along_axis(columns, order, axis=1)
 
 
 def exact_scores(
@@ -420,23 +483,47 @@ def _full_rows(index: ExactIndex, queries: Float64Array, k: int) -> tuple[Float6
 
     from oodprobe.arrays import row_blocks, rows_per_block
 
-    train = torch.from_numpy(index.train)
-    single = ExactIndex("fp32", index.train, train, index.train_norm, index.train_norm, 0.0)
+    single = ExactIndex(
+        "fp32", index.train, None, index.train_norm, index.train_norm, 0.0, index.shard_rows
+    )
+    one_shard = index.product is not None
+    widest = len(index.train) if one_shard else min(len(index.train), index.shard_rows)
     values = np.empty((len(queries), k), dtype=np.float64)
     indices = np.empty((len(queries), k), dtype=np.int64)
-    for rows in row_blocks(len(queries), rows_per_block(len(train), _BLOCK_ELEMENTS)):
+    for rows in row_blocks(len(queries), rows_per_block(widest, _BLOCK_ELEMENTS)):
         query = queries[rows]
         rounded = _rounded_queries(query, "fp32")
         absolute, _ = _error_bounds(single, query, rounded, precision="fp32")
-        similarities = torch.mm(rounded, train.T)
-        kth = torch.topk(similarities, k, dim=1).values[:, -1].double().numpy()
+        # the k-th largest float32 score over all shards (one shard in memory: kept)
+        kept: torch.Tensor | None = None
+        top: torch.Tensor | None = None
+        for _, shard in _product_shards(index, "fp32"):
+            similarities = torch.mm(rounded, shard.T)
+            shard_top = torch.topk(similarities, min(k, len(shard)), dim=1).values
+            top = shard_top if top is None else torch.cat([top, shard_top], dim=1)
+            top = torch.topk(top, min(k, top.shape[1]), dim=1).values
+            kept = similarities if one_shard else None
+        assert top is not None
+        kth = top[:, k - 1].double().numpy()
         # keep every row j with s̃_j + err >= s̃_(k) − err, rounded down to float32 (a superset)
         threshold = np.nextafter(kth - 2 * absolute, -np.inf) - 2 * absolute * 1e-10
         single_threshold = threshold.astype(np.float32)
         too_high = single_threshold > threshold
         single_threshold[too_high] = np.nextafter(single_threshold[too_high], np.float32(-np.inf))
-        mask = similarities >= torch.from_numpy(single_threshold)[:, None]
-        query_rows, train_rows = (array.numpy() for array in torch.nonzero(mask, as_tuple=True))
+        limit = torch.from_numpy(single_threshold)[:, None]
+        found_query: list[IndexArray] = []
+        found_train: list[IndexArray] = []
+        shards = [(0, kept)] if kept is not None else _product_shards(index, "fp32")
+        for start, shard_or_scores in shards:
+            assert shard_or_scores is not None
+            scores_block = (
+                shard_or_scores if kept is not None else torch.mm(rounded, shard_or_scores.T)
+            )
+            mask = scores_block >= limit
+            query_rows, train_rows = (array.numpy() for array in torch.nonzero(mask, as_tuple=True))
+            found_query.append(query_rows)
+            found_train.append(train_rows + start)
+        query_rows, train_rows = np.concatenate(found_query), np.concatenate(found_train)
         scores = exact_scores(index.train, query, query_rows, train_rows)
         values[rows], indices[rows] = _select(query_rows, train_rows, scores, len(query), k)
     return values, indices
@@ -477,16 +564,22 @@ def exact_search(
     """
     import torch
 
+    from oodprobe.arrays import release_pages
+
     if index is None:
         index = prepare_exact(train_unit, precision)
     queries = np.asarray(query_unit)
     n_train = len(index.train)
     m = min(n_train, k + _EXTRA_CANDIDATES[index.precision])
     query_block, train_block = _block_shape(n_train)
+    buffer_rows = min(query_block, len(queries))
+    if index.product is None:  # memory-mapped: every query against each shard, read once
+        query_block = max(query_block, _mapped_query_rows(queries.shape[1], m))
     out_values = np.empty((len(queries), k), dtype=np.float64)
     out_indices = np.empty((len(queries), k), dtype=np.int64)
     unproven: list[IndexArray] = []
-    buffer = torch.empty(min(query_block, len(queries)) * train_block, dtype=index.product.dtype)
+    product_dtype = torch.bfloat16 if index.precision == "bf16" else torch.float32
+    buffer = torch.empty(buffer_rows * train_block, dtype=product_dtype)
     with torch.no_grad(), _full_float32_products():
         for q_start in range(0, len(queries), query_block):
             rows = slice(q_start, q_start + query_block)
@@ -497,12 +590,23 @@ def exact_search(
             values, indices, proven = _rerank(index, query, approximate, candidates, bound, k)
             out_values[rows], out_indices[rows] = values, indices
             unproven.append(q_start + np.flatnonzero(~proven))
+            release_pages(index.train)  # the re-ranking's random reads of a mapped train
         del buffer
         fallback = np.concatenate(unproven) if unproven else np.empty(0, dtype=np.int64)
         if len(fallback):
             query = np.ascontiguousarray(queries[fallback], dtype=np.float64)
             out_values[fallback], out_indices[fallback] = _full_rows(index, query, k)
+            release_pages(index.train)
     return out_values, out_indices
+
+
+def _mapped_query_rows(dims: int, m: int) -> int:
+    """Queries searched together against a memory-mapped train: 1/16 of the budget (default
+    256 MiB) over their float64 rows, rounded copy, error bounds and (m) candidates."""
+    from oodprobe.arrays import budget_rows
+
+    row_bytes = 8 * dims + 4 * dims + 64 * m
+    return budget_rows(row_bytes, (256 << 20) // row_bytes, share=1 / 16)
 
 
 def default_n_lists(n_train: int) -> int:
