@@ -273,6 +273,43 @@ def test_metadata_that_does_not_fit_the_columns_is_an_error(tmp_path: Path) -> N
             parquet.import_parquet(_write(edited, tmp_path / "edited.parquet"))
 
 
+def test_import_to_the_cache_refuses_a_key_that_is_not_a_cache_key(tmp_path: Path) -> None:
+    """The key names a folder that import may remove: a path in it must never be followed."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("x")
+    _entry(tmp_path / "entry", np.dtype(np.float32), rows=4)
+    table = pq.read_table(parquet.export_parquet(tmp_path / "entry", tmp_path / "out.parquet"))
+    description = json.loads(table.schema.metadata[b"oodprobe"])
+    for key in ("../../../victim", "k" * 64, 7):
+        edited = table.replace_schema_metadata(
+            {b"oodprobe": json.dumps({**description, "key": key}).encode()}
+        )
+        path = _write(edited, tmp_path / "edited.parquet")
+        with pytest.raises(DataError, match=r"records a cache key that is not 64 hex digits"):
+            parquet.import_parquet_to_cache(path, tmp_path / "root" / "a" / "b")
+    assert (victim / "keep.txt").exists()
+
+
+def test_a_damaged_file_leaves_no_partial_entry(tmp_path: Path) -> None:
+    _entry(tmp_path / "entry", np.dtype(np.float32), rows=200)
+    source = parquet.export_parquet(
+        tmp_path / "entry", tmp_path / "out.parquet", compression="none", row_group_size=50
+    )
+    table = pq.read_table(source)
+    description = json.loads(table.schema.metadata[b"oodprobe"])
+    edited = table.replace_schema_metadata(
+        {b"oodprobe": json.dumps({**description, "key": "ab" * 32}).encode()}
+    )
+    pq.write_table(edited, source, row_group_size=50, compression="none", write_page_checksum=True)
+    data = bytearray(source.read_bytes())
+    data[len(data) * 3 // 4] ^= 0xFF  # in a later row group
+    source.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"out.parquet is damaged \(row group [1-3]\)"):
+        parquet.import_parquet_to_cache(source, tmp_path / "root")
+    assert not cache.entry_dir(tmp_path / "root", "ab" * 32).exists()
+
+
 def test_import_to_the_cache_refuses_rows_out_of_order(tmp_path: Path) -> None:
     table = pa.table({"index": [0, 2, 1], "features": [[1.0], [2.0], [3.0]]})
     path = _write(table, tmp_path / "order.parquet")

@@ -30,8 +30,10 @@ thereafter, and ``extract_features`` reuses it when its key is the one extractio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -451,7 +453,8 @@ def import_parquet(path: str | os.PathLike[str]) -> ParquetFeatures:
     float-list column is an output. float64 lists are rounded to float32. Read row group by row
     group into arrays allocated once (memory: the arrays plus one row group); for a file larger
     than memory use :func:`import_parquet_to_cache`. DataError of one line if the file is
-    missing, damaged (page checksums are verified) or has the wrong columns.
+    missing, damaged (page checksums are verified: :func:`export_parquet` writes them; a file
+    written without them is checked only as far as its encoding goes) or has the wrong columns.
     """
     path = Path(path)
     parquet = _open(path)
@@ -506,16 +509,20 @@ def import_parquet_to_cache(
     Row groups are written as verified shards and joined as extraction joins them
     (:func:`oodprobe.cache.write_entry`): memory stays one row group, and the entry is read
     memory-mapped afterwards (:func:`oodprobe.features.load_features`). Labels are not stored
-    (the cache keeps none). An existing complete entry of that key is kept as it is. DataError
-    if the file is unreadable, or its ``index`` column is not strictly increasing (the cache
-    holds rows in dataset order).
+    (the cache keeps none). An existing complete entry of that key is kept as it is (a damaged
+    one is replaced). DataError if the file is unreadable, records a key that is not a cache
+    key (64 hex digits), or its ``index`` column is not strictly increasing (the cache holds
+    rows in dataset order); a file refused half way leaves no entry behind.
     """
     path = Path(path)
     parquet = _open(path)
     description, outputs = _layout(parquet, path)
     key = description.get("key")
-    if not isinstance(key, str) or not key:
+    if key is None:
         key = cache.file_sha256(path)
+    # the key names a folder that may be removed: never a path, only what cache_key makes
+    if not isinstance(key, str) or not re.fullmatch(r"[0-9a-f]{64}", key):
+        raise DataError(f"{path} records a cache key that is not 64 hex digits: {str(key)[:80]!r}")
     root = Path(cache_root) if cache_root is not None else cache.default_cache_root()
     directory = cache.entry_dir(root, key)
     entry = description.get("entry")
@@ -527,32 +534,44 @@ def import_parquet_to_cache(
     skipped = meta.pop("skipped", [])
     with cache.locked(directory):
         if (directory / "meta.json").exists():
-            try:
+            with contextlib.suppress(CacheError):
                 cache.read_entry(directory, key=key, mmap=True)
                 return directory
-            except CacheError:
-                cache.remove_entry(directory)
+        # a damaged entry, or the shards of an interrupted extraction, give way to the file's rows
+        cache.remove_entry(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        groups, _, _ = _rows_of(parquet, outputs, description, path)
-        last = -1
-        n_shards = 0
-        for shard, (index, _labels, blocks) in enumerate(groups):
-            if len(index) and (index[0] <= last or np.any(np.diff(index) <= 0)):
-                cache.remove_entry(directory)
-                raise DataError(
-                    f"{path}: the index column is not strictly increasing (row group {shard}); "
-                    "the cache keeps rows in dataset order"
-                )
-            last = int(index[-1]) if len(index) else last
-            extra = {"key": key, "skipped": skipped if shard == 0 else []}
-            cache.write_shard(directory, shard, {**blocks, "indices": index}, extra)
-            n_shards += 1
-        if n_shards == 0:
-            cache.remove_entry(directory)
-            raise DataError(f"{path} has no rows to import")
         try:
+            n_shards = _write_shards(parquet, outputs, description, path, directory, key, skipped)
             cache.write_entry(directory, n_shards, meta)
-        except CacheError:
+        except BaseException:  # a damaged or refused file leaves no partial entry behind
             cache.remove_entry(directory)
             raise
     return directory
+
+
+def _write_shards(
+    parquet: Any,
+    outputs: list[str],
+    description: dict[str, Any],
+    path: Path,
+    directory: Path,
+    key: str,
+    skipped: list[Any],
+) -> int:
+    """Write the file's row groups as shards of ``directory``; return how many."""
+    groups, _, _ = _rows_of(parquet, outputs, description, path)
+    last = -1
+    n_shards = 0
+    for shard, (index, _labels, blocks) in enumerate(groups):
+        if len(index) and (index[0] <= last or np.any(np.diff(index) <= 0)):
+            raise DataError(
+                f"{path}: the index column is not strictly increasing (row group {shard}); "
+                "the cache keeps rows in dataset order"
+            )
+        last = int(index[-1]) if len(index) else last
+        extra = {"key": key, "skipped": skipped if shard == 0 else []}
+        cache.write_shard(directory, shard, {**blocks, "indices": index}, extra)
+        n_shards += 1
+    if n_shards == 0:
+        raise DataError(f"{path} has no rows to import")
+    return n_shards
