@@ -266,13 +266,13 @@ def shard_layout(directory: Path, shard: int) -> dict[str, tuple[str, tuple[int,
 # -- complete entries ---------------------------------------------------------------------------
 
 
-def _file_dtypes(directory: Path, layout: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+def _file_dtypes(path: Path, layout: dict[str, tuple[str, tuple[int, ...]]]) -> None:
     """CacheError unless a shard holds int64 ``indices`` and outputs of :data:`OUTPUT_DTYPES`."""
     allowed = set(_SAFETENSORS_DTYPES.values())
     for name, (dtype, _) in layout.items():
         if (name == "indices" and dtype != "I64") or (name != "indices" and dtype not in allowed):
             raise CacheError(
-                f"shard {directory} holds {name} of dtype {dtype}; outputs are "
+                f"shard {path} holds {name} of dtype {dtype}; outputs are "
                 f"{', '.join(OUTPUT_DTYPES)} and indices int64"
             )
 
@@ -290,11 +290,12 @@ def write_entry(directory: Path, n_shards: int, meta: dict[str, Any]) -> dict[st
 
     One pass over the shards' headers (row counts, shapes, dtypes) and one over their data, each
     shard read and verified once and copied into every output file; then each file is hashed
-    in full and stamped as verified (``verified.json``, see the module docstring), so the first
-    warm read need not hash it again. Outputs keep their dtype (float32, float16 or bfloat16, a
-    bfloat16 one stored as its ``<u2`` bit pattern). Returns the completed meta (with files,
-    dtypes, shapes, checksums and the skipped list). CacheError if the shards disagree on their
-    arrays' names, dtypes or row shapes, or hold an output of another dtype.
+    in full and stamped as verified (``verified.json``, see the module docstring; a file whose
+    last change is under :data:`STAMP_MIN_AGE_NS` old is left unstamped and hashed on its next
+    read), so warm reads need not hash it again. Outputs keep their dtype (float32, float16 or
+    bfloat16, a bfloat16 one stored as its ``<u2`` bit pattern). Returns the completed meta
+    (with files, dtypes, shapes, checksums and the skipped list). CacheError if the shards
+    disagree on their arrays' names, dtypes or row shapes, or hold an output of another dtype.
     """
     layouts = [shard_layout(directory, shard) for shard in range(n_shards)]
     names = sorted(layouts[0])
@@ -340,7 +341,7 @@ def write_entry(directory: Path, n_shards: int, meta: dict[str, Any]) -> dict[st
             for name in names:
                 if (
                     arrays[name].shape != (counts[shard], *shapes[name][1:])
-                    or _storage(arrays[name].dtype) != (storage[name])
+                    or _storage(arrays[name].dtype) != storage[name]
                 ):
                     raise CacheError(f"shard {shard_path(directory, shard)} changed while read")
                 # a bfloat16 array is copied as its bit pattern (the .npy's <u2)
