@@ -268,3 +268,54 @@ def test_knn_keeps_a_large_id_set_on_disk_with_the_same_scores(
     message = r"needs 0\.0 GiB in .*, which has 0\.0 GiB free; set OODPROBE_SCRATCH_DIR"
     with memory_budget("64MiB"), pytest.raises(InvalidParameterError, match=message):
         KNNDetector().fit(train)
+
+
+@pytest.mark.parametrize("batch_size", [64, "full"])
+def test_probe_trained_from_a_memmap_equals_in_memory(
+    tmp_path: Path, batch_size: int | str
+) -> None:
+    from oodprobe.detectors.probe import train_linear_probe
+
+    features, labels = _data(n=900, dims=16, n_classes=3, seed=5)
+    features = (features - 50.0).astype(np.float16)
+    path = tmp_path / "probe.f16"
+    stored = np.memmap(path, dtype=np.float16, mode="w+", shape=features.shape)
+    stored[:] = features
+    stored.flush()
+    mapped = np.memmap(path, dtype=np.float16, mode="r", shape=features.shape)
+    recipe = {
+        "epochs": 3,
+        "batch_size": batch_size,
+        "lr": 1e-2,
+        "weight_decay": 1e-3,
+        "warmup_fraction": 0.1,
+        "seed": 42,
+        "device": "cpu",
+    }
+    codes = labels.astype(np.int64)
+    streamed = train_linear_probe(mapped, codes, 3, **recipe)
+    # the in-memory paths: the whole set resident on the device, and gathered per batch
+    resident = train_linear_probe(features.astype(np.float32), codes, 3, **recipe)
+    gathered = train_linear_probe(features, codes, 3, resident_bytes=0, **recipe)
+    for reference in (resident, gathered):
+        for name in ("weight", "bias", "mean", "std"):
+            np.testing.assert_allclose(streamed[name], reference[name], rtol=1e-5, atol=1e-6)
+    for name in ("weight", "bias"):  # the same order and arithmetic as the gathered path
+        np.testing.assert_array_equal(streamed[name], gathered[name])
+
+
+def test_plp_and_mcm_score_a_memmap(tmp_path: Path) -> None:
+    from oodprobe.detectors.text import MCMDetector, PLPDetector
+
+    rng = np.random.default_rng(6)
+    embeddings = rng.normal(size=(4, 16))
+    features = (embeddings[rng.integers(0, 4, 800)] + rng.normal(size=(800, 16)) * 0.5).astype(
+        np.float32
+    )
+    mapped = _mapped(tmp_path / "plp.f32", features)
+    for cls, params in ((PLPDetector, {"epochs": 2, "device": "cpu"}), (MCMDetector, {})):
+        whole = cls(class_embeddings=embeddings, **params).fit(features)
+        streamed = cls(class_embeddings=embeddings, **params).fit(mapped)
+        np.testing.assert_allclose(
+            streamed.score_samples(mapped), whole.score_samples(features), rtol=1e-6
+        )

@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import mmap
 import re
+import warnings
 from collections.abc import Iterator
 from typing import Any, TypeAlias
 
@@ -274,7 +275,9 @@ def float64_rows(array: npt.NDArray[Any], rows: slice) -> npt.NDArray[np.float64
     if block.dtype == np.float16 or is_bfloat16(block.dtype):
         import torch
 
-        source = torch.from_numpy(np.ascontiguousarray(block).view(np.int16))
+        with warnings.catch_warnings():  # a read-only (memory-mapped) block: only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            source = torch.from_numpy(np.ascontiguousarray(block).view(np.int16))
         source = source.view(torch.float16 if block.dtype == np.float16 else torch.bfloat16)
         out = np.empty(block.shape, dtype=np.float64)
         torch.from_numpy(out).copy_(source)

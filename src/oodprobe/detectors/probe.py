@@ -18,7 +18,19 @@ import numpy.typing as npt
 from scipy.special import softmax
 from sklearn.utils.validation import check_is_fitted
 
-from oodprobe.arrays import Features, Labels, Scores, check_features, check_labels, row_blocks
+from oodprobe.arrays import (
+    Features,
+    Labels,
+    Scores,
+    budget_rows,
+    check_features,
+    check_labels,
+    current_memory_budget,
+    float64_rows,
+    is_memory_mapped,
+    release_pages,
+    row_blocks,
+)
 from oodprobe.detectors.base import (
     Choices,
     Detector,
@@ -352,12 +364,15 @@ def _step_threads(multiply_adds: int, device: torch.device) -> Iterator[None]:
 def _mean_std(features: Features) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Per-dimension mean and std in float64, two passes over row blocks (bounded memory)."""
     mean = np.zeros(features.shape[1])
-    for rows in row_blocks(len(features), _CHUNK):
-        mean += features[rows].sum(axis=0, dtype=np.float64)
+    step = budget_rows(16 * features.shape[1], _CHUNK)
+    for rows in row_blocks(len(features), step, release=features):
+        mean += float64_rows(features, rows).sum(axis=0)
     mean /= len(features)
     variance = np.zeros(features.shape[1])
-    for rows in row_blocks(len(features), _CHUNK):
-        variance += np.square(features[rows] - mean).sum(axis=0)
+    for rows in row_blocks(len(features), step, release=features):
+        block = float64_rows(features, rows)
+        block -= mean
+        variance += np.square(block).sum(axis=0)
     std = np.sqrt(variance / len(features))
     std[std < 1e-12] = 1.0  # a constant dimension carries no information; keep it finite
     return mean, std
@@ -399,6 +414,15 @@ def train_linear_probe(
     1280: 10-25% slower). Small steps run on one CPU thread (:func:`_step_threads`). Either
     way the random order and the updates are those of the plain loop (per-epoch ``randperm``
     of the seeded generator; tested against it).
+
+    Streamed: a memory-mapped ``features`` (``np.memmap``: float32, float16 or bfloat16), or one
+    whose float32 copy exceeds a quarter of the memory budget, is never copied whole: each
+    chunk of each batch gathers its rows from the array in the epoch's shuffled order (random
+    row reads from the memmap), and the pages read are released every 1/8 of the budget
+    (256 MiB without one), so resident memory stays bounded whatever N is. The order, the
+    batches and the arithmetic are exactly those of full-array shuffling (the same
+    ``randperm``; tested equal to the in-memory path), not a chunk-wise approximation of it;
+    what it costs is random reads, fast when the file sits in the page cache or on an SSD.
     """
     import torch
 
@@ -406,10 +430,18 @@ def train_linear_probe(
     torch_device = torch.device(_resolve_device(device))
     bf16 = resolve_probe_precision(precision, torch_device) == "bf16"
     store_dtype = torch.bfloat16 if bf16 else torch.float32
-    with warnings.catch_warnings():
-        # read-only inputs (memory-mapped feature caches) are fine: nothing writes to them
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        raw = torch.as_tensor(np.asarray(features, dtype=np.float32), device=torch_device)
+    budget = current_memory_budget()
+    streamed = is_memory_mapped(features) or (
+        budget is not None and features.shape[0] * features.shape[1] * 4 > budget // 4
+    )
+    raw: torch.Tensor | None = None
+    if not streamed:
+        with warnings.catch_warnings():
+            # read-only inputs (memory-mapped feature caches) are fine: nothing writes to them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            raw = torch.as_tensor(np.asarray(features, dtype=np.float32), device=torch_device)
+    release_every = (budget // 8) if budget is not None else 256 << 20
+    gathered = [0]  # bytes read from a mapped array since its pages were last released
     targets = torch.as_tensor(labels, dtype=torch.int64, device=torch_device)
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=torch_device)
     inv_std_t = torch.as_tensor(1.0 / std, dtype=torch.float32, device=torch_device)
@@ -441,10 +473,11 @@ def train_linear_probe(
     arange = torch.arange(chunk_rows, device=torch_device)
     element = 2 if bf16 else 4
     copies = 1 if full_batch else 2  # the standardised set, and its shuffled gather
-    resident = copies * n_samples * n_dims * element <= resident_bytes
+    resident = not streamed and copies * n_samples * n_dims * element <= resident_bytes
 
     standardised: torch.Tensor | None = None
     if resident:
+        assert raw is not None
         standardised = torch.empty(n_samples, n_dims, dtype=store_dtype, device=torch_device)
         for rows in row_blocks(n_samples, _TRAIN_CHUNK):
             standardised[rows] = (raw[rows] - mean_t) * inv_std_t
@@ -457,7 +490,17 @@ def train_linear_probe(
         """Standardised rows ``index[start:start+size]`` (all rows if ``index`` is None)."""
         assert buffer is not None
         chunk = buffer[:size]
-        if index is None:
+        if raw is None:  # streamed: gather the rows from the (memory-mapped) array
+            if index is None:
+                rows = np.asarray(features[start : start + size])
+            else:
+                rows = np.asarray(features[index_host[start : start + size]])
+            chunk.copy_(torch.from_numpy(np.asarray(rows, dtype=np.float32)))
+            gathered[0] += rows.nbytes
+            if gathered[0] >= release_every:
+                release_pages(features)
+                gathered[0] = 0
+        elif index is None:
             chunk.copy_(raw[start : start + size])
         else:
             torch.index_select(raw, 0, index[start : start + size], out=chunk)
@@ -487,12 +530,15 @@ def train_linear_probe(
         optimizer.step()
 
     step = 0
+    index_host = np.empty(0, dtype=np.int64)
     with torch.no_grad(), _step_threads(chunk_rows * n_dims * n_classes, torch_device):
         for _ in range(epochs):
             if full_batch:  # one update over all samples: the order does not change the mean
                 index, epoch_targets = None, targets
             else:
-                index = torch.randperm(n_samples, generator=generator).to(torch_device)
+                order = torch.randperm(n_samples, generator=generator)
+                index_host = order.numpy()
+                index = order.to(torch_device)
                 epoch_targets = targets.index_select(0, index)
                 if resident:
                     assert standardised is not None
@@ -501,6 +547,7 @@ def train_linear_probe(
                 group["lr"] = rates[step]
                 step_on(index, epoch_targets, first)
                 step += 1
+    release_pages(features)
     return {
         "weight": weight.cpu().numpy(),
         "bias": bias.cpu().numpy(),
@@ -579,8 +626,9 @@ class LinearHead(Detector):
         """Yield float64 logits of consecutive row blocks (bounded temporaries)."""
         weight, bias = self.affine_head()  # the standardisation folded into the layer
         features = check_features(features, n_dims=self.n_dims_)
-        for rows in row_blocks(len(features), _CHUNK):
-            block = features[rows].astype(np.float64) @ weight.T
+        step = budget_rows(8 * (features.shape[1] + 2 * len(bias)), _CHUNK)
+        for rows in row_blocks(len(features), step, release=features):
+            block = float64_rows(features, rows) @ weight.T
             block += bias
             yield block
 

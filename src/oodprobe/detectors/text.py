@@ -19,7 +19,9 @@ from oodprobe.arrays import (
     Features,
     Labels,
     Scores,
+    budget_rows,
     check_features,
+    float64_rows,
     l2_normalize,
     row_blocks,
     rows_per_block,
@@ -112,8 +114,9 @@ def _raw_cosine_blocks(
     cosines, as ``l2_normalize`` leaves it zero).
     """
     width = max(len(embeddings), embeddings.shape[1])
-    for rows in row_blocks(len(features), rows_per_block(width, _BLOCK_ELEMENTS)):
-        joint = np.asarray(features[rows], dtype=np.float64)
+    step = budget_rows(8 * (features.shape[1] + 2 * width), rows_per_block(width, _BLOCK_ELEMENTS))
+    for rows in row_blocks(len(features), step, release=features):
+        joint = float64_rows(features, rows)  # memory-mapped float16/bf16 too, page by page
         norms = np.maximum(np.sqrt(np.einsum("ij,ij->i", joint, joint)), _EPS)
         if projection is not None:
             joint = joint @ projection
