@@ -8,6 +8,11 @@ pass, and a run killed half way resumes with the missing shards (each shard on d
 validated once). The caller's encoder is left as it was found (device, memory layout, mode).
 An encoder's linear classifier head (``ImageEncoder.head_arrays``) is stored with its features
 and comes back as ``FeatureSet.head``, so the post-hoc detectors need no model.
+
+At scale: ``store_dtype="float16"`` or ``"bfloat16"`` stores the outputs at half the size
+(cast after the forward pass; part of the cache key), and ``engine="ray"`` computes the
+missing shards on Ray Data, locally or on a cluster (:mod:`oodprobe.ray_engine`). Either
+engine writes the same shards (:class:`_ShardWriter`), so each resumes and reads the other's.
 """
 
 from __future__ import annotations
@@ -86,7 +91,9 @@ def check_engine(engine: str, ray_address: str | None = None) -> None:
 class FeatureSet:
     """Extracted arrays for the decodable images of a dataset, in dataset order.
 
-    ``arrays["features"]`` is (n_rows, D) float32; classifiers add ``arrays["logits"]``.
+    ``arrays["features"]`` is (n_rows, D) of the storage dtype (float32 unless extraction was
+    asked for float16 or ``ml_dtypes.bfloat16``; memory-mapped when read from the cache);
+    classifiers add ``arrays["logits"]``.
     ``indices[i]`` is the dataset index of row ``i`` (images that failed to decode are left out
     and listed in ``skipped``); ``labels`` are those rows' labels, if the dataset has any.
     ``skipped`` lists first what the dataset's scan left out (``index == -1``: symbolic-link
@@ -662,7 +669,8 @@ def _write_view_entry(
     Written shard by shard as extraction writes them (rows and skip records by dataset index),
     so the entry is the one ``extract_features`` would have written for that encoder.
     """
-    arrays, source_meta = cache.read_entry(source, verify=False)  # verified as it was written
+    # verified as it was written; memory-mapped, as it is cut into shards row range by range
+    arrays, source_meta = cache.read_entry(source, verify=False, mmap=True)
     shard_size = int(source_meta["shard_size"])
     indices = arrays["indices"]
     for shard in range(n_shards):
@@ -1151,8 +1159,9 @@ def _feature_set(
     An entry written before heads were stored gets the encoder's head now (the encoder is the
     one whose ``cache_id`` the key names, so it is the head extraction would have stored).
     """
-    arrays, meta = cache.read_entry(directory, verify=verify, key=key)
-    indices = arrays.pop("indices")
+    # memory-mapped: a warm read of millions of rows costs nothing until the rows are used
+    arrays, meta = cache.read_entry(directory, verify=verify, key=key, mmap=True)
+    indices = np.array(arrays.pop("indices"))
     if set(arrays) != set(encoder.outputs):
         raise CacheError(f"{directory} holds {sorted(arrays)}, expected {list(encoder.outputs)}")
     if "head" in meta:
@@ -1195,8 +1204,12 @@ def _feature_set(
 
 
 def load_features(path: str | os.PathLike[str], *, mmap: bool = False) -> dict[str, np.ndarray]:
-    """Read a complete cache entry's arrays (``features``, ``logits``, ``indices``) verified."""
-    arrays, _ = cache.read_entry(Path(path), verify=not mmap, mmap=mmap)
+    """Read a complete cache entry's arrays (``features``, ``logits``, ``indices``) verified.
+
+    Of the dtype they were stored in (bfloat16 as ``ml_dtypes.bfloat16``); ``mmap`` maps them
+    read-only instead of reading them into memory.
+    """
+    arrays, _ = cache.read_entry(Path(path), verify=True, mmap=mmap)
     return arrays
 
 
