@@ -319,3 +319,19 @@ def test_plp_and_mcm_score_a_memmap(tmp_path: Path) -> None:
         np.testing.assert_allclose(
             streamed.score_samples(mapped), whole.score_samples(features), rtol=1e-6
         )
+
+
+def test_bench_refuses_a_malformed_memory_budget_before_any_work(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from oodprobe.benchmark import run_benchmark
+    from oodprobe.cli import main
+
+    code = main(["bench", "--memory-budget", "3parsecs", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "--memory-budget must be a number of bytes or a size such as '4GiB'" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InvalidParameterError, match="memory_budget must be at least 64MiB"):
+        run_benchmark(None, tmp_path / "out2", memory_budget="1MB")  # type: ignore[arg-type]
+    assert not (tmp_path / "out2").exists()

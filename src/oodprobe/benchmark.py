@@ -125,27 +125,35 @@ def run_benchmark(
     store_dtype: str = "float32",
     engine: str = "local",
     ray_address: str | None = None,
+    memory_budget: int | str | None = None,
 ) -> BenchmarkRun:
     """Run every encoder × detector × OOD set of ``spec``; write results and the report.
 
     ``store_dtype``, ``engine`` and ``ray_address`` are those of
     :func:`oodprobe.features.extract_features` (with engine ray, ``device`` is the Ray actors').
+    ``memory_budget`` (bytes, or a size such as ``"4GiB"``; checked before any work) bounds the
+    working memory of fitting and scoring: block sizes follow it, and k-NN keeps a normalised
+    ID set larger than a quarter of it on disk (:func:`oodprobe.arrays.memory_budget`).
     """
-    execution = execute_benchmark(
-        spec,
-        output_dir,
-        cache_root=cache_root,
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        download=download,
-        progress=progress,
-        log=log,
-        store_dtype=store_dtype,
-        engine=engine,
-        ray_address=ray_address,
-    )
+    from oodprobe.arrays import memory_budget as budget_scope
+    from oodprobe.arrays import parse_memory_budget
+
+    with budget_scope(parse_memory_budget(memory_budget)):
+        execution = execute_benchmark(
+            spec,
+            output_dir,
+            cache_root=cache_root,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            download=download,
+            progress=progress,
+            log=log,
+            store_dtype=store_dtype,
+            engine=engine,
+            ray_address=ray_address,
+        )
     return finish_benchmark(execution)
 
 

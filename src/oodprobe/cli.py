@@ -93,6 +93,29 @@ DeviceOption = Annotated[
 PrecisionOption = Annotated[Precision, typer.Option(help="Encoder precision (auto: fp16 on a GPU)")]
 
 
+def _check_memory_budget(value: str | None) -> str | None:
+    """``--memory-budget``: a malformed size is refused while the options are parsed."""
+    from oodprobe.arrays import parse_memory_budget
+    from oodprobe.errors import OodprobeError
+
+    try:
+        parse_memory_budget(value, name="--memory-budget")
+    except OodprobeError as error:
+        raise typer.BadParameter(str(error)) from None
+    return value
+
+
+MemoryBudgetOption = Annotated[
+    str | None,
+    typer.Option(
+        callback=_check_memory_budget,
+        metavar="SIZE",
+        help="Peak working memory of fitting and scoring, e.g. 4GiB or 512MB (default: no "
+        "limit); block sizes follow it and k-NN keeps a large ID set on disk",
+    ),
+]
+
+
 def _check_engine(engine: str) -> str:
     """``--engine``: ray without Ray installed is refused while the options are parsed."""
     if engine == "ray":
@@ -596,6 +619,7 @@ def bench(
     store_dtype: StoreDtypeOption = "float32",
     engine: EngineOption = "local",
     ray_address: RayAddressOption = None,
+    memory_budget: MemoryBudgetOption = None,
 ) -> None:
     """Run a benchmark (no arguments: the built-in offline default) and write a report."""
     from oodprobe.benchmark import run_benchmark
@@ -625,6 +649,7 @@ def bench(
         store_dtype=store_dtype,
         engine=engine,
         ray_address=ray_address,
+        memory_budget=memory_budget,
     )
     _print_results(run, console)
     _print_finish(run, console)

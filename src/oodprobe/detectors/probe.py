@@ -27,6 +27,7 @@ from oodprobe.arrays import (
     check_labels,
     current_memory_budget,
     float64_rows,
+    is_bfloat16,
     is_memory_mapped,
     release_pages,
     row_blocks,
@@ -58,9 +59,11 @@ SCORE: list[Any] = [Choices(*LOGIT_SCORES)]
 
 def _as_logits(logits: npt.ArrayLike) -> npt.NDArray[Any]:
     array = np.asarray(logits)
-    if array.ndim != 2 or array.shape[1] == 0 or not np.issubdtype(array.dtype, np.number):
+    numeric = np.issubdtype(array.dtype, np.number) or is_bfloat16(array.dtype)
+    if array.ndim != 2 or array.shape[1] == 0 or not numeric:
         raise InvalidParameterError(
-            f"logits must be a numeric 2-D (n_samples, n_classes) array, got shape {array.shape}"
+            f"logits must be a numeric 2-D (n_samples, n_classes) array, got shape "
+            f"{array.shape} (dtype {array.dtype})"
         )
     return array
 
@@ -77,8 +80,8 @@ def _max_and_exp_sum(
     validate_values({"temperature": TEMPERATURE}, {"temperature": temperature}, "logit score")
     array = _as_logits(logits)
     maxima, sums = np.empty(len(array)), np.empty(len(array))
-    for rows in row_blocks(len(array), _CHUNK):
-        block = np.array(array[rows], dtype=np.float64)
+    for rows in row_blocks(len(array), budget_rows(16 * array.shape[1], _CHUNK), release=array):
+        block = float64_rows(array, rows)
         if temperature != 1:
             block /= temperature
         block_max = block.max(axis=1)
@@ -103,7 +106,11 @@ def negative_energy(logits: npt.ArrayLike, temperature: float = 1.0) -> Scores:
 
 def max_logit(logits: npt.ArrayLike) -> Scores:
     """Largest logit ``max_c z_c`` per row; (n,) float64, higher = ID."""
-    return np.asarray(_as_logits(logits).max(axis=1), dtype=np.float64)
+    array = _as_logits(logits)
+    maxima = np.empty(len(array), dtype=np.float64)
+    for rows in row_blocks(len(array), budget_rows(8 * array.shape[1], _CHUNK), release=array):
+        maxima[rows] = float64_rows(array, rows).max(axis=1)
+    return maxima
 
 
 def score_logits(logits: npt.ArrayLike, score: str, temperature: float = 1.0) -> Scores:
