@@ -68,6 +68,9 @@ _LAZY = {
     "AttackRun": "oodprobe.attack_run",
     "parse_eps": "oodprobe.attack_run",
     "class_score_svm_transfer": "oodprobe.attack_run",
+    "export_parquet": "oodprobe.parquet",
+    "import_parquet": "oodprobe.parquet",
+    "import_parquet_to_cache": "oodprobe.parquet",
 }
 
 if TYPE_CHECKING:
@@ -96,6 +99,7 @@ if TYPE_CHECKING:
     from oodprobe.features import FeatureSet, extract_features, load_features
     from oodprobe.finetune import FinetuneRecipe, finetune
     from oodprobe.metrics import CONVENTIONS, aupr, auroc, evaluate, fpr_at_tpr
+    from oodprobe.parquet import export_parquet, import_parquet, import_parquet_to_cache
     from oodprobe.study import run_study
 
 
@@ -140,10 +144,13 @@ __all__ = [
     "create_encoder",
     "evaluate",
     "evaluate_attack",
+    "export_parquet",
     "extract_features",
     "feature_matching_attack",
     "finetune",
     "fpr_at_tpr",
+    "import_parquet",
+    "import_parquet_to_cache",
     "list_datasets",
     "load_benchmark",
     "load_detector",
