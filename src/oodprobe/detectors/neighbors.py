@@ -34,6 +34,7 @@ from oodprobe.arrays import (
     Features,
     Labels,
     Scores,
+    budget_rows,
     check_features,
     check_labels,
     current_memory_budget,
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     import torch
 
 _GATHER_ELEMENTS = 1 << 23  # floats gathered at once when refining neighbour similarities
+_QUERY_ROWS = 1 << 15  # queries normalised and searched together (one pass over a mapped ID set)
 SCRATCH_ENV = "OODPROBE_SCRATCH_DIR"
 """Folder where an ID set kept on disk under a memory budget is written (default: the temp
 folder)."""
@@ -184,24 +186,31 @@ class _NeighborDetector(Detector):
             ef_search=self.ef_search,
         )[1]
 
-    def _prepare(self, features: Features) -> tuple[npt.NDArray[np.float64], search.IndexArray]:
-        check_is_fitted(self)
-        features = check_features(features, n_dims=self.n_dims_)
-        unit = np.asarray(l2_normalize(features, dtype=np.float64), dtype=np.float64)
-        return unit, self._neighbors(unit)
-
     def _score_from_neighbors(
         self, unit: npt.NDArray[np.float64], indices: search.IndexArray
     ) -> Scores:
         raise NotImplementedError
 
     def score_samples(self, features: Features) -> Scores:
-        """(n,) float64 scores of (n, D) features; higher = more in-distribution."""
-        unit, indices = self._prepare(features)
-        scores = np.empty(len(unit), dtype=np.float64)
-        width = indices.shape[1] * self.n_dims_
-        for rows in row_blocks(len(unit), rows_per_block(width, _GATHER_ELEMENTS)):
-            scores[rows] = self._score_from_neighbors(unit[rows], indices[rows])
+        """(n,) float64 scores of (n, D) features; higher = more in-distribution.
+
+        Queries are taken in blocks (``_QUERY_ROWS``, fewer under a tight memory budget):
+        each block is normalised, searched and scored on its own, so no float64 copy of all
+        queries is made; every query's result is independent of the blocking.
+        """
+        check_is_fitted(self)
+        features = check_features(features, n_dims=self.n_dims_)
+        scores = np.empty(len(features), dtype=np.float64)
+        # the float64 unit rows, their rounded copy and the (n, k) results
+        step = budget_rows(8 * self.n_dims_ * 2 + 24 * self.k, _QUERY_ROWS)
+        for block in row_blocks(len(features), step, release=features):
+            unit = np.asarray(l2_normalize(features[block], dtype=np.float64), dtype=np.float64)
+            indices = self._neighbors(unit)
+            width = indices.shape[1] * self.n_dims_
+            for rows in row_blocks(len(unit), rows_per_block(width, _GATHER_ELEMENTS)):
+                scores[block.start + rows.start : block.start + rows.stop] = (
+                    self._score_from_neighbors(unit[rows], indices[rows])
+                )
         return scores
 
     def _torch_inputs(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
