@@ -374,7 +374,8 @@ class _StreamedGaussians(Detector):
         ``fit`` on all rows (to ~1e-12 relative). The whitening is computed by the first score
         after a chunk (or :meth:`finalize`). ``class_counts`` (first call only; label → its
         number of training samples over all chunks) keeps O(D²) statistics instead of one
-        D × D scatter per class. ``fit`` discards the statistics.
+        D × D scatter per class (``gaussian`` ignores labels and class_counts: it keeps one).
+        ``fit`` discards the statistics. Returns self.
         """
         self._validate_params()
         stream: _Stream | None = getattr(self, "_stream", None)
@@ -496,6 +497,9 @@ class GaussianDetector(_StreamedGaussians):
 
     def _chunk_labels(self, features: Features, labels: Labels | None) -> npt.NDArray[np.int64]:
         return np.zeros(len(features), dtype=np.int64)  # labels are ignored: one Gaussian
+
+    def _declared(self, class_counts: Mapping[int, int] | None) -> dict[int, int] | None:
+        return None  # one D × D scatter whatever the counts: nothing to declare
 
     def _class_weights(self, counts: npt.NDArray[np.int64], classes: npt.NDArray[Any]) -> F64:
         if self.covariance == "unbiased" and counts[0] < 2:
