@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -305,9 +306,12 @@ def test_a_damaged_file_leaves_no_partial_entry(tmp_path: Path) -> None:
     data = bytearray(source.read_bytes())
     data[len(data) * 3 // 4] ^= 0xFF  # in a later row group
     source.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=r"out.parquet is damaged \(row group [1-3]\)"):
+    with (
+        pytest.warns(UserWarning, match=r"but not the checksums export_parquet writes"),
+        pytest.raises(DataError, match=r"out.parquet is damaged \(row group [1-3]\)"),
+    ):
         parquet.import_parquet_to_cache(source, tmp_path / "root")
-    assert not cache.entry_dir(tmp_path / "root", "ab" * 32).exists()
+    assert not list((tmp_path / "root" / "features").glob("*/*/*"))  # no entry, no shard
 
 
 def test_import_to_the_cache_refuses_rows_out_of_order(tmp_path: Path) -> None:
@@ -428,3 +432,172 @@ def test_cache_commands_explain_bad_inputs_in_one_line(
     (tmp_path / "root" / "features" / "ab" / ("ab" * 32) / "features.npy").write_bytes(b"x")
     code, _, err = _cli(capsys, "cache", "export", "abab", str(tmp_path / "o.parquet"), *root)
     assert code == 1 and _error_line(err).endswith("features.npy is missing or has the wrong size")
+
+
+# -- found in review: a changed file never stands in for an entry; edge cases --------------------
+
+
+def _rewrite_features(source: Path, target: Path, *, keep_footer: bool) -> None:
+    """``source`` with every feature doubled, the schema metadata (the cache key) kept, as
+    pyarrow writes a table it read; with ``keep_footer`` also the exporter's checksums."""
+    table = pq.read_table(source)
+    width = table.schema.field("features").type.list_size
+    features = np.stack(table.column("features").to_pylist()).astype(np.float32) * 2
+    doubled = pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), width)
+    table = table.set_column(table.schema.get_field_index("features"), "features", doubled)
+    with pq.ParquetWriter(target, table.schema) as writer:
+        writer.write_table(table)
+        if keep_footer:
+            footer = pq.ParquetFile(source).metadata.metadata
+            writer.add_key_value_metadata({parquet.DIGESTS_KEY: footer[parquet.DIGESTS_KEY]})
+
+
+def test_rows_changed_after_export_never_take_the_entry_key(
+    tmp_path: Path, cache_root: Path
+) -> None:
+    """Extraction reuses an imported entry by its key: rows edited since export (the schema
+    metadata, key included, survives a pyarrow rewrite) must not become the encoder's output."""
+    dataset = ArrayDataset(random_images(6))
+    options: dict[str, Any] = {"cache_root": cache_root, "num_workers": 0, "progress": False}
+    cold = extract_features(dataset, ConvEncoder(), **options)
+    assert cold.path is not None
+    exported = parquet.export_parquet(cold.path, tmp_path / "f.parquet")
+    cache.remove_entry(cold.path)
+    edited = tmp_path / "edited.parquet"
+    _rewrite_features(exported, edited, keep_footer=False)
+    with pytest.warns(UserWarning, match=r"records cache key .* but not the checksums"):
+        directory = parquet.import_parquet_to_cache(edited, cache_root)
+    assert directory.name == cache.file_sha256(edited) != cold.key
+    assert cache.read_meta(directory)["exported_key"] == cold.key
+    assert not cold.path.exists()
+    forged = tmp_path / "forged.parquet"  # the exporter's checksums copied onto changed rows
+    _rewrite_features(exported, forged, keep_footer=True)
+    with pytest.raises(DataError, match=r"rows of column\(s\) features are not those exported"):
+        parquet.import_parquet_to_cache(forged, cache_root)
+    assert not cold.path.exists()
+    warm = extract_features(dataset, ConvEncoder(), **options)
+    assert not warm.from_cache
+    np.testing.assert_array_equal(warm.features, cold.features)
+
+
+def test_a_subset_of_an_entry_is_exported_without_its_key(tmp_path: Path, cache_root: Path) -> None:
+    features = extract_features(
+        ArrayDataset(random_images(6)),
+        ConvEncoder(),
+        cache_root=cache_root,
+        num_workers=0,
+        progress=False,
+    )
+    for rows in (np.array([0, 2, 5]), np.array([5, 4, 3, 2, 1, 0])):
+        path = parquet.export_parquet(features.subset(rows), tmp_path / "subset.parquet")
+        assert parquet.import_parquet(path).key is None
+    assert parquet.import_parquet(parquet.export_parquet(features, path)).key == features.key
+
+
+def test_widths_that_change_between_row_groups_and_null_values_are_one_line_errors(
+    tmp_path: Path,
+) -> None:
+    two = pa.table({"features": pa.array([[1.0, 2.0]], pa.list_(pa.float32()))})
+    three = pa.table({"features": pa.array([[1.0, 2.0, 3.0]], pa.list_(pa.float32()))})
+    with pq.ParquetWriter(tmp_path / "widths.parquet", two.schema) as writer:
+        writer.write_table(two)
+        writer.write_table(three)
+    _write(pa.table({"features": [[1.0, None], [2.0, 3.0]]}), tmp_path / "hole.parquet")
+    for name, message in (
+        ("widths", r"'features' has 2 values per row before row group 1 and 3 in it"),
+        ("hole", r"column 'features' has 1 null values inside its rows$"),
+    ):
+        for read in (parquet.import_parquet, parquet.import_parquet_to_cache):
+            with pytest.raises(DataError, match=message) as caught:
+                read(
+                    tmp_path / f"{name}.parquet",
+                    *([tmp_path / "root"] if read is not parquet.import_parquet else []),
+                )
+            assert "\n" not in str(caught.value)
+    assert not list((tmp_path / "root" / "features").glob("*/*/*"))
+
+
+def test_empty_row_groups_of_another_tool_are_skipped(tmp_path: Path) -> None:
+    schema = pa.schema([pa.field("features", pa.list_(pa.float32()))])
+    with pq.ParquetWriter(tmp_path / "gaps.parquet", schema) as writer:
+        writer.write_table(pa.table({"features": pa.array([], pa.list_(pa.float32()))}))
+        writer.write_table(pa.table({"features": [[1.0, 2.0], [3.0, 4.0]]}, schema=schema))
+    assert pq.ParquetFile(tmp_path / "gaps.parquet").num_row_groups == 2
+    assert parquet.import_parquet(tmp_path / "gaps.parquet").features.tolist() == [
+        [1.0, 2.0],
+        [3.0, 4.0],
+    ]
+    directory = parquet.import_parquet_to_cache(tmp_path / "gaps.parquet", tmp_path / "root")
+    assert cache.read_entry(directory)[0]["features"].tolist() == [[1.0, 2.0], [3.0, 4.0]]
+
+
+def test_every_bfloat16_and_float16_bit_pattern_round_trips(tmp_path: Path) -> None:
+    """All 65,536 patterns, NaN payloads and signalling NaNs included, with no cast warning."""
+    patterns = np.arange(1 << 16, dtype=np.uint16).reshape(-1, 16)
+    for dtype in (BF16, np.dtype(np.float16)):
+        directory = tmp_path / dtype.name
+        arrays = {"features": patterns.view(dtype), "indices": np.arange(len(patterns))}
+        cache.write_shard(directory, 0, arrays, {"skipped": []})
+        cache.write_entry(directory, 1, {"key": "e" * 64})
+        path = parquet.export_parquet(directory, tmp_path / f"{dtype.name}.parquet")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            back = parquet.import_parquet(path).features
+            cache.remove_entry(directory)
+            entry = parquet.import_parquet_to_cache(path, tmp_path / "root")
+        assert back.dtype == dtype
+        np.testing.assert_array_equal(back.view(np.uint16), patterns)
+        stored = cache.read_entry(entry)[0]["features"]
+        np.testing.assert_array_equal(stored.view(np.uint16), patterns)
+
+
+def test_an_empty_entry_round_trips_through_the_cache(tmp_path: Path) -> None:
+    """Every image skipped: 0 rows, the widths and the skip records still exported."""
+    empty = {"features": np.zeros((0, 6), np.float16), "indices": np.zeros(0, np.int64)}
+    records = [[0, "a.png", "bad", "cannot decode a.png"]]
+    cache.write_shard(tmp_path / "entry", 0, empty, {"skipped": records})
+    cache.write_entry(tmp_path / "entry", 1, {"key": "f" * 64})
+    path = parquet.export_parquet(tmp_path / "entry", tmp_path / "out.parquet")
+    directory = parquet.import_parquet_to_cache(path, tmp_path / "root")
+    assert directory.name == "f" * 64
+    arrays, meta = cache.read_entry(directory)
+    assert arrays["features"].shape == (0, 6) and arrays["features"].dtype == np.float16
+    assert meta["n_rows"] == 0 and meta["skipped"] == records
+
+
+def test_the_entry_provenance_cannot_name_the_cache_s_own_records(tmp_path: Path) -> None:
+    """A head record in the file's metadata would make the imported entry claim a head file."""
+    _entry(tmp_path / "entry", np.dtype(np.float32), rows=4)
+    path = parquet.export_parquet(tmp_path / "entry", tmp_path / "out.parquet")
+    table = pq.read_table(path)
+    description = json.loads(table.schema.metadata[b"oodprobe"])
+    head = {"file": "head.safetensors", "shape": [2, 6], "sha256": "0" * 64}
+    description["entry"].update(head=head, imported_from="/elsewhere", exported_key="x")
+    description["key"] = "ab" * 32
+    edited = table.replace_schema_metadata({b"oodprobe": json.dumps(description).encode()})
+    with pytest.warns(UserWarning, match=r"but not the checksums"):
+        directory = parquet.import_parquet_to_cache(
+            _write(edited, tmp_path / "e.parquet"), tmp_path / "root"
+        )
+    meta = cache.read_meta(directory)
+    assert "head" not in meta and meta["exported_key"] == "ab" * 32
+    assert meta["imported_from"] == str((tmp_path / "e.parquet").resolve())
+
+
+def test_a_bad_output_path_or_codec_is_refused_before_the_entry_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _entry(tmp_path / "entry", np.dtype(np.float32), rows=4)
+
+    def unread(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the entry was read before the arguments were checked")
+
+    monkeypatch.setattr(cache, "read_entry", unread)
+    (tmp_path / "folder").mkdir()
+    for target, keyword, message in (
+        (tmp_path / "folder", {}, r"folder is a directory; give the path of a file to write"),
+        (tmp_path / "no" / "f.parquet", {}, r"is in a folder that does not exist"),
+        (tmp_path / "f.parquet", {"compression": "zip"}, r"^compression must be a codec"),
+    ):
+        with pytest.raises(InvalidParameterError, match=message):
+            parquet.export_parquet(tmp_path / "entry", target, **keyword)

@@ -53,6 +53,12 @@ if TYPE_CHECKING:
 
 PARQUET_FORMAT = 1
 METADATA_KEY = b"oodprobe"
+DIGESTS_KEY = b"oodprobe.sha256"
+"""Footer key-value metadata written after the last row group: per column (``index`` and each
+output), the sha256 of its values as exported (see :class:`_Digests`). A file rewritten by
+another tool (pandas, ``pyarrow.parquet.write_table``) keeps the schema metadata but not this
+footer key, so :func:`import_parquet_to_cache` trusts a recorded cache key only when the digests
+are there and match the rows."""
 DEFAULT_ROW_GROUP_SIZE = 16_384
 """Rows per row group: 16,384 x 768 float16 is 24 MiB, float32 48 MiB, in memory at once."""
 _RESERVED = ("index", "label")
@@ -140,6 +146,14 @@ def _source_parts(
         if source.path is not None and (source.path / "meta.json").is_file():
             meta = cache.read_meta(source.path)
         meta = {"encoder": source.encoder_name, "dataset": source.dataset_name, **meta}
+        key = source.key or None
+        if meta.get("n_rows") is not None and (
+            len(source.indices) != meta["n_rows"]
+            or (len(source.indices) > 1 and np.any(np.diff(source.indices) <= 0))
+        ):
+            # a subset (or a reordering) of the entry's rows is not that entry: exported without
+            # its key, so importing it never stands in for the extraction that key names
+            key = None
         if "skipped" not in meta:  # undecodable images, as an entry records them (no scan's)
             meta["skipped"] = [
                 [item.index, item.source, item.reason] for item in source.skipped if item.index >= 0
@@ -149,7 +163,7 @@ def _source_parts(
             source.indices,
             source.labels,
             source.class_names,
-            source.key or None,
+            key,
             meta,
         )
     directory = Path(source)
@@ -169,14 +183,54 @@ def _arrow_values(block: np.ndarray) -> pa.Array:
 
     values = block.reshape(len(block), -1)
     width = values.shape[1]
-    if values.dtype != np.float16:
-        values = values.astype(np.float32)  # bfloat16 → float32 is exact
+    if cache.dtype_name(values.dtype) == "bfloat16":
+        values = _bfloat16_to_float32(values)
+    elif values.dtype != np.float16:
+        values = values.astype(np.float32)
     flat = np.ascontiguousarray(values).reshape(-1)
     # pa.array converts float16 value by value (0.8 s per 16k x 768 block); the buffer is
     # already Arrow's layout, so it is wrapped without a copy (the array keeps it alive)
     value_type = pa.float16() if flat.dtype == np.float16 else pa.float32()
     values_array = pa.Array.from_buffers(value_type, len(flat), [None, pa.py_buffer(flat)])
     return pa.FixedSizeListArray.from_arrays(values_array, width)
+
+
+def _bfloat16_to_float32(values: np.ndarray) -> np.ndarray:
+    """bfloat16 values as the float32 of the same upper 16 bits: exact for every bit pattern
+    (NaN payloads too, which a float cast may change), and no "invalid value" warning."""
+    bits = np.ascontiguousarray(values).view(np.uint16).astype(np.uint32) << 16
+    return bits.view(np.float32)
+
+
+def _float32_to_bfloat16(values: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`_bfloat16_to_float32` where the low 16 bits are zero (every value
+    :func:`export_parquet` writes); other float32 values are rounded to nearest even."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    bits = values.view(np.uint32)
+    if np.any(bits & 0xFFFF):
+        return values.astype(cache.bfloat16())
+    return (bits >> 16).astype(np.uint16).view(cache.bfloat16())
+
+
+class _Digests:
+    """Streamed sha256 of each column's values, as :func:`oodprobe.cache.arrays_sha256` hashes
+    one array: ``name|dtype|row shape`` then the values' bytes in the stored dtype, row by row
+    (blocks fed in order give the digest of the whole column)."""
+
+    def __init__(self) -> None:
+        self.digests: dict[str, Any] = {}
+
+    def update(self, name: str, block: np.ndarray) -> None:
+        import hashlib
+
+        if name not in self.digests:
+            tag = block.dtype.name if block.dtype.kind == "V" else block.dtype.str
+            self.digests[name] = hashlib.sha256(f"{name}|{tag}|{block.shape[1:]}".encode())
+        if block.size:
+            self.digests[name].update(np.ascontiguousarray(block).view(np.uint8).reshape(-1).data)
+
+    def hexdigests(self) -> dict[str, str]:
+        return {name: digest.hexdigest() for name, digest in sorted(self.digests.items())}
 
 
 def export_parquet(
@@ -200,6 +254,23 @@ def export_parquet(
     import pyarrow.parquet as pq
 
     row_group_size = _check_row_group_size(row_group_size)
+    try:
+        available = compression == "none" or pa.Codec.is_available(compression)
+    except (ValueError, TypeError):
+        available = False
+    if not isinstance(compression, str) or not available:
+        raise InvalidParameterError(
+            f"compression must be a codec pyarrow writes (snappy, zstd, gzip, lz4, brotli, "
+            f"none), got {compression!r}"
+        ) from None
+    target = Path(path)
+    if target.is_dir() or not target.parent.is_dir():
+        raise InvalidParameterError(
+            f"the Parquet file {target} "
+            + ("is a directory" if target.is_dir() else "is in a folder that does not exist")
+            + "; give the path of a file to write, e.g. "
+            + str((target if target.is_dir() else target.parent) / "features.parquet")
+        )
     outputs, indices, source_labels, source_names, key, meta = _source_parts(source)
     n_rows = len(indices)
     for name in outputs:
@@ -222,15 +293,6 @@ def export_parquet(
                 f"{source_labels.shape} and dtype {source_labels.dtype}"
             )
     names = tuple(class_names) if class_names is not None else source_names
-    try:
-        available = compression == "none" or pa.Codec.is_available(compression)
-    except (ValueError, TypeError):
-        available = False
-    if not isinstance(compression, str) or not available:
-        raise InvalidParameterError(
-            f"compression must be a codec pyarrow writes (snappy, zstd, gzip, lz4, brotli, "
-            f"none), got {compression!r}"
-        ) from None
     provenance = {k: v for k, v in meta.items() if k not in _ENTRY_DROPPED}
     description = {
         "format": PARQUET_FORMAT,
@@ -265,10 +327,15 @@ def export_parquet(
             write_statistics=["index", *(["label"] if source_labels is not None else [])],
             write_page_checksum=True,
         ) as writer:
+            digests = _Digests()
             for rows in row_blocks(n_rows, row_group_size):
-                columns = [pa.array(np.asarray(indices[rows], dtype=np.int64))]
-                for array in outputs.values():
-                    columns.append(_arrow_values(np.asarray(array[rows])))
+                index = np.asarray(indices[rows], dtype=np.int64)
+                digests.update("index", index)
+                columns = [pa.array(index)]
+                for name, array in outputs.items():
+                    block = np.asarray(array[rows])
+                    digests.update(name, block)
+                    columns.append(_arrow_values(block))
                 if source_labels is not None:
                     columns.append(pa.array(np.asarray(source_labels[rows], dtype=np.int64)))
                 writer.write_table(
@@ -277,6 +344,7 @@ def export_parquet(
                 del columns  # a float16 column wraps the mapped pages themselves
                 for array in outputs.values():
                     release_pages(array, rows)
+            writer.add_key_value_metadata({DIGESTS_KEY: json.dumps(digests.hexdigests())})
 
     return atomic_write(path, write)
 
@@ -365,7 +433,12 @@ def _block(column: Any, name: str, path: Path) -> np.ndarray:
                 "every row needs the same number"
             )
         width = int(lengths[0]) if len(lengths) else 0
-    values = np.asarray(column.flatten().to_numpy(zero_copy_only=False))
+    flat = column.flatten()
+    if flat.null_count:  # to_numpy would turn them into NaN, silently
+        raise DataError(
+            f"{path}: column {name!r} has {flat.null_count} null values inside its rows"
+        )
+    values = np.asarray(flat.to_numpy(zero_copy_only=False))
     if values.dtype.kind == "O":  # pragma: no cover - a float list always converts
         raise DataError(f"{path}: column {name!r} does not hold numbers")
     return values.reshape(len(column), width)
@@ -405,6 +478,7 @@ def _rows_of(
         import pyarrow as pa
 
         start = 0
+        widths: dict[str, int] = {}
         for group in range(parquet.num_row_groups):
             try:
                 table = parquet.read_row_group(group, columns=columns)
@@ -413,6 +487,8 @@ def _rows_of(
                     f"{path} is damaged (row group {group}): {cache._one_line(error)}"
                 ) from None
             rows = table.num_rows
+            if rows == 0:  # an empty row group holds nothing (a list column: not even a width)
+                continue
             blocks = {}
             for name in outputs:
                 dtype, shape = dtypes[name]
@@ -422,7 +498,15 @@ def _rows_of(
                         f"{path}: column {name!r} has {block.shape[1]} values per row, "
                         f"its metadata says shape {list(shape)}"
                     )
-                if block.dtype != dtype:
+                if rows and widths.setdefault(name, block.shape[1]) != block.shape[1]:
+                    raise DataError(
+                        f"{path}: column {name!r} has {widths[name]} values per row before row "
+                        f"group {group} and {block.shape[1]} in it; every row needs the same "
+                        "number"
+                    )
+                if cache.dtype_name(dtype) == "bfloat16":
+                    block = _float32_to_bfloat16(block)  # bit for bit what was exported
+                elif block.dtype != dtype:
                     # float16 / float32 as written; bfloat16 from its exact float32; a float64
                     # column of another tool is rounded to float32
                     block = block.astype(dtype)
@@ -505,33 +589,56 @@ def import_parquet_to_cache(
     """Stream a Parquet file of features into a cache entry; return the entry's folder.
 
     The entry's key is the exported one (so ``extract_features`` with the same encoder, dataset,
-    precision and storage dtype finds it), or, for a file without one, the sha256 of the file.
-    Row groups are written as verified shards and joined as extraction joins them
-    (:func:`oodprobe.cache.write_entry`): memory stays one row group, and the entry is read
-    memory-mapped afterwards (:func:`oodprobe.features.load_features`). Labels are not stored
-    (the cache keeps none). An existing complete entry of that key is kept as it is (a damaged
-    one is replaced). DataError if the file is unreadable, records a key that is not a cache
-    key (64 hex digits), or its ``index`` column is not strictly increasing (the cache holds
-    rows in dataset order); a file refused half way leaves no entry behind.
+    precision and storage dtype finds it) when the file is one :func:`export_parquet` wrote and
+    its rows are the ones it wrote (the footer's :data:`DIGESTS_KEY` checksums match them).
+    Otherwise (a file of another tool, or one rewritten by another tool, which keeps the schema
+    metadata but not the footer's checksums) the key is the sha256 of the file, so extraction
+    never takes rows changed after export for the encoder's output; a recorded key is then
+    kept as ``exported_key`` in ``meta.json``, with a warning. Row groups are written as
+    verified shards and joined as extraction joins them (:func:`oodprobe.cache.write_entry`):
+    memory stays one row group, and the entry is read memory-mapped afterwards
+    (:func:`oodprobe.features.load_features`). Labels are not stored (the cache keeps none). An
+    existing complete entry of that key is kept as it is (a damaged one is replaced). DataError
+    if the file is unreadable, records a key that is not a cache key (64 hex digits), its rows
+    fail the checksums it records, or its ``index`` column is not strictly increasing (the
+    cache holds rows in dataset order); a file refused half way leaves no entry behind. A file
+    of no rows is imported when it describes its outputs' widths (an entry of one that
+    :func:`export_parquet` wrote: every image skipped).
     """
+    import warnings
+
     path = Path(path)
     parquet = _open(path)
     description, outputs = _layout(parquet, path)
     key = description.get("key")
-    if key is None:
-        key = cache.file_sha256(path)
     # the key names a folder that may be removed: never a path, only what cache_key makes
-    if not isinstance(key, str) or not re.fullmatch(r"[0-9a-f]{64}", key):
+    if key is not None and not (isinstance(key, str) and re.fullmatch(r"[0-9a-f]{64}", key)):
         raise DataError(f"{path} records a cache key that is not 64 hex digits: {str(key)[:80]!r}")
-    root = Path(cache_root) if cache_root is not None else cache.default_cache_root()
-    directory = cache.entry_dir(root, key)
+    digests = _recorded_digests(parquet, path)
     entry = description.get("entry")
     meta = {
-        **(entry if isinstance(entry, dict) else {}),
-        "key": key,
+        **{
+            name: value
+            for name, value in (entry if isinstance(entry, dict) else {}).items()
+            if name not in (*_ENTRY_DROPPED, "key", "exported_key", "imported_from")
+        },
         "imported_from": str(path.resolve()),
     }
+    if key is not None and digests is None:
+        warnings.warn(
+            f"{path} records cache key {key[:16]}… but not the checksums export_parquet writes "
+            "(rewritten by another tool?): imported under the file's own checksum, which "
+            "extraction does not reuse; export the entry again to carry its key",
+            stacklevel=2,
+        )
+        meta["exported_key"] = key
+        key = None
+    if key is None:
+        key = cache.file_sha256(path)
+    meta["key"] = key
     skipped = meta.pop("skipped", [])
+    root = Path(cache_root) if cache_root is not None else cache.default_cache_root()
+    directory = cache.entry_dir(root, key)
     with cache.locked(directory):
         if (directory / "meta.json").exists():
             with contextlib.suppress(CacheError):
@@ -541,12 +648,30 @@ def import_parquet_to_cache(
         cache.remove_entry(directory)
         directory.mkdir(parents=True, exist_ok=True)
         try:
-            n_shards = _write_shards(parquet, outputs, description, path, directory, key, skipped)
+            n_shards = _write_shards(
+                parquet, outputs, description, path, directory, key, skipped, digests
+            )
             cache.write_entry(directory, n_shards, meta)
         except BaseException:  # a damaged or refused file leaves no partial entry behind
             cache.remove_entry(directory)
             raise
     return directory
+
+
+def _recorded_digests(parquet: Any, path: Path) -> dict[str, str] | None:
+    """The footer's :data:`DIGESTS_KEY` checksums, or None if the file has none."""
+    raw = (parquet.metadata.metadata or {}).get(DIGESTS_KEY)
+    if raw is None:
+        return None
+    try:
+        digests = json.loads(raw)
+    except ValueError:
+        digests = None
+    if not isinstance(digests, dict) or not all(
+        isinstance(name, str) and isinstance(value, str) for name, value in digests.items()
+    ):
+        raise DataError(f"{path} has unreadable oodprobe checksums ({DIGESTS_KEY.decode()})")
+    return digests
 
 
 def _write_shards(
@@ -557,21 +682,54 @@ def _write_shards(
     directory: Path,
     key: str,
     skipped: list[Any],
+    digests: dict[str, str] | None,
 ) -> int:
-    """Write the file's row groups as shards of ``directory``; return how many."""
+    """Write the file's row groups as shards of ``directory``; return how many.
+
+    With ``digests`` (the file's recorded checksums), the rows must match them before the entry
+    is completed; DataError if they do not.
+    """
     groups, _, _ = _rows_of(parquet, outputs, description, path)
+    computed = _Digests()
     last = -1
     n_shards = 0
     for shard, (index, _labels, blocks) in enumerate(groups):
-        if len(index) and (index[0] <= last or np.any(np.diff(index) <= 0)):
+        if index[0] <= last or np.any(np.diff(index) <= 0):
             raise DataError(
                 f"{path}: the index column is not strictly increasing (row group {shard}); "
                 "the cache keeps rows in dataset order"
             )
-        last = int(index[-1]) if len(index) else last
+        last = int(index[-1])
+        computed.update("index", index)
+        for name, block in blocks.items():
+            computed.update(name, block)
         extra = {"key": key, "skipped": skipped if shard == 0 else []}
         cache.write_shard(directory, shard, {**blocks, "indices": index}, extra)
         n_shards += 1
     if n_shards == 0:
-        raise DataError(f"{path} has no rows to import")
+        # no rows: one empty shard of the described widths, if the file describes them
+        row_dtypes = _row_dtypes(description, outputs, path)
+        if any(shape is None for _, shape in row_dtypes.values()):
+            raise DataError(f"{path} has no rows to import (and no row width to give an entry)")
+        empty = {
+            name: np.empty((0, *(shape or ())), dtype)
+            for name, (dtype, shape) in row_dtypes.items()
+        }
+        cache.write_shard(
+            directory,
+            0,
+            {**empty, "indices": np.empty(0, np.int64)},
+            {"key": key, "skipped": skipped},
+        )
+        n_shards = 1
+    if digests is not None and computed.hexdigests() != digests:
+        differing = sorted(
+            name
+            for name in {*digests, *computed.digests}
+            if digests.get(name) != computed.hexdigests().get(name)
+        )
+        raise DataError(
+            f"{path}: the rows of column(s) {', '.join(differing)} are not those exported "
+            f"(they fail the checksums the file records); export the entry again"
+        )
     return n_shards
