@@ -156,3 +156,37 @@ def test_cli_store_dtype(
     assert main([*args, "--store-dtype", "float64"]) != 0
     err = capsys.readouterr().err
     assert "'float64' is not one of 'float32', 'float16', 'bfloat16'" in err
+
+
+def test_a_shared_pass_files_each_name_in_its_own_float16_entry(cache_root: Path) -> None:
+    """Each name's entry is the one ``extract_features(name, store_dtype=...)`` reads."""
+    from oodprobe.encoders import create_shared_encoder
+    from oodprobe.features import extract_shared_features
+
+    dataset = ArrayDataset(random_images(12, seed=5))
+    names = ["efficientnet-lite0@32", "efficientnet-lite0/block2@32"]
+    shared, outputs = create_shared_encoder(names)
+    results = extract_shared_features(
+        dataset,
+        shared,
+        outputs,
+        cache_root=cache_root,
+        num_workers=0,
+        progress=False,
+        store_dtype="float16",
+    )
+    for name in names:
+        alone = extract_features(
+            dataset,
+            name,
+            cache_root=cache_root,
+            num_workers=0,
+            progress=False,
+            store_dtype="float16",
+        )
+        assert alone.from_cache and alone.key == results[name].key
+        assert results[name].features.dtype == np.float16
+        full = extract_features(dataset, name, use_cache=False, num_workers=0, progress=False)
+        np.testing.assert_array_equal(results[name].features, full.features.astype(np.float16))
+    assert results[names[0]].logits is not None
+    assert results[names[0]].logits.dtype == np.float16

@@ -291,9 +291,12 @@ def _actor_pool(device_type: str) -> tuple[int, dict[str, Any]]:
 
 
 def _registry_name(encoder: ImageEncoder) -> str | None:
-    """The encoder's name if it parses as a registry name (a shared pass's does not)."""
+    """The encoder's name if it parses as a registry name (a shared pass's is not one)."""
     from oodprobe.encoders import parse_encoder_name
+    from oodprobe.encoders.base import TappedEncoder
 
+    if isinstance(encoder, TappedEncoder) and "+" in encoder.name:  # create_shared_encoder's
+        return None
     try:
         parse_encoder_name(encoder.name)
     except OodprobeError:
