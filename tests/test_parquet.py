@@ -601,3 +601,20 @@ def test_a_bad_output_path_or_codec_is_refused_before_the_entry_is_read(
     ):
         with pytest.raises(InvalidParameterError, match=message):
             parquet.export_parquet(tmp_path / "entry", target, **keyword)
+
+
+def test_cache_export_lists_its_codecs_and_refuses_another_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = _cli(capsys, "cache", "export", "--help")
+    assert code == 0 and "<snappy|zstd|gzip|lz4|br" in out
+    _entry(tmp_path / "root" / "features" / "ab" / ("ab" * 32), np.dtype(np.float32))
+    root = ["--cache-dir", str(tmp_path / "root")]
+    for args, message in (
+        (("--compression", "zip"), r"'zip' is not one of 'snappy', 'zstd', 'gzip'"),
+        ((), r"f.parquet is in a folder that does not exist; give the path of a file"),
+    ):
+        code, _, err = _cli(
+            capsys, "cache", "export", "abab", str(tmp_path / "no" / "f.parquet"), *args, *root
+        )
+        assert code == 1 and re.search(message, _error_line(err)), err

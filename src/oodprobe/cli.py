@@ -1281,6 +1281,11 @@ EntryArgument = Annotated[
         help="A cache entry: its folder, its key, or a unique key prefix ('oodprobe cache list')"
     ),
 ]
+PARQUET_CODECS = ("snappy", "zstd", "gzip", "lz4", "brotli", "none")  # what pyarrow writes
+if TYPE_CHECKING:
+    ParquetCodec = str
+else:
+    ParquetCodec = Literal[PARQUET_CODECS]
 
 
 def _cache_root(cache_dir: Path | None) -> Path:
@@ -1370,9 +1375,7 @@ def cache_export(
     row_group_size: Annotated[
         int, typer.Option(min=1, help="Rows per Parquet row group (memory: one row group)")
     ] = 16_384,
-    compression: Annotated[
-        str, typer.Option(help="Parquet codec: snappy, zstd, gzip, lz4, brotli or none")
-    ] = "snappy",
+    compression: Annotated[ParquetCodec, typer.Option(help="Parquet codec")] = "snappy",
 ) -> None:
     """Write an entry's rows to Parquet (index, one list column per output) for Ray, pandas…"""
     from oodprobe.cache import find_entry
