@@ -47,7 +47,7 @@ Precision = Literal["auto", "fp32", "fp16", "bf16"]
 OnError = Literal["skip", "raise"]
 StoreDtype = Literal["float32", "float16", "bfloat16"]
 Engine = Literal["local", "ray"]
-STORE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+STORE_DTYPES: tuple[str, ...] = cache.OUTPUT_DTYPES
 ENGINES: tuple[str, ...] = ("local", "ray")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _FLOAT32 = np.dtype(np.float32)
@@ -56,17 +56,14 @@ _FLOAT32 = np.dtype(np.float32)
 def storage_dtype(store_dtype: str) -> np.dtype[Any]:
     """The numpy dtype features are stored in: float32, float16 or ``ml_dtypes.bfloat16``.
 
-    Anything else is an InvalidParameterError of one line.
+    Anything else is an InvalidParameterError of one line (:func:`oodprobe.cache.output_dtype`
+    with the parameter's name).
     """
     if not isinstance(store_dtype, str) or store_dtype not in STORE_DTYPES:
         raise InvalidParameterError(
             f"store_dtype must be one of {', '.join(STORE_DTYPES)}, got {store_dtype!r}"
         )
-    if store_dtype == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(store_dtype)
+    return cache.output_dtype(store_dtype)
 
 
 def check_engine(engine: str, ray_address: str | None = None) -> None:
