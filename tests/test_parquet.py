@@ -480,7 +480,9 @@ def test_rows_changed_after_export_never_take_the_entry_key(
     np.testing.assert_array_equal(warm.features, cold.features)
 
 
-def test_a_subset_of_an_entry_is_exported_without_its_key(tmp_path: Path, cache_root: Path) -> None:
+def test_a_subset_or_changed_arrays_of_an_entry_are_exported_without_its_key(
+    tmp_path: Path, cache_root: Path
+) -> None:
     features = extract_features(
         ArrayDataset(random_images(6)),
         ConvEncoder(),
@@ -488,9 +490,14 @@ def test_a_subset_of_an_entry_is_exported_without_its_key(tmp_path: Path, cache_
         num_workers=0,
         progress=False,
     )
-    for rows in (np.array([0, 2, 5]), np.array([5, 4, 3, 2, 1, 0])):
+    for rows in (np.array([0, 2, 5]), np.array([5, 4, 3, 2, 1, 0]), np.arange(6)):
+        # a copy of all rows in order (subset copies) is not the entry's files either
         path = parquet.export_parquet(features.subset(rows), tmp_path / "subset.parquet")
         assert parquet.import_parquet(path).key is None
+    changed = features.subset(np.arange(6))
+    changed.arrays = {**features.arrays, "features": np.asarray(features.features) * 2}
+    path = parquet.export_parquet(changed, tmp_path / "changed.parquet")
+    assert parquet.import_parquet(path).key is None
     assert parquet.import_parquet(parquet.export_parquet(features, path)).key == features.key
 
 

@@ -147,12 +147,13 @@ def _source_parts(
             meta = cache.read_meta(source.path)
         meta = {"encoder": source.encoder_name, "dataset": source.dataset_name, **meta}
         key = source.key or None
-        if meta.get("n_rows") is not None and (
-            len(source.indices) != meta["n_rows"]
-            or (len(source.indices) > 1 and np.any(np.diff(source.indices) <= 0))
+        if (
+            source.path is not None
+            and "files" in meta
+            and not _holds_its_entry(source, source.path, meta)
         ):
-            # a subset (or a reordering) of the entry's rows is not that entry: exported without
-            # its key, so importing it never stands in for the extraction that key names
+            # a subset, a reordering or replaced arrays are not the entry: exported without its
+            # key, so importing them never stands in for the extraction that key names
             key = None
         if "skipped" not in meta:  # undecodable images, as an entry records them (no scan's)
             meta["skipped"] = [
@@ -175,6 +176,27 @@ def _source_parts(
     arrays, meta = cache.read_entry(directory, mmap=True)
     indices = arrays.pop("indices")
     return arrays, indices, None, None, meta.get("key", directory.name), meta
+
+
+def _holds_its_entry(features: FeatureSet, directory: Path, meta: dict[str, Any]) -> bool:
+    """Whether a FeatureSet's rows are those of its entry (``directory``): as many, in order,
+    and each output the entry's own whole memory-mapped file (as extraction returns them), not
+    an array put in its place."""
+    indices = features.indices
+    if len(indices) != meta["n_rows"] or (len(indices) > 1 and np.any(np.diff(indices) <= 0)):
+        return False
+    if set(features.arrays) != set(meta["files"]) - {"indices"}:
+        return False
+    for name, array in features.arrays.items():
+        filename = getattr(array, "filename", None)  # a str or a Path, as it was opened
+        if not (
+            isinstance(array, np.memmap)
+            and filename is not None
+            and os.path.abspath(filename) == os.path.abspath(directory / f"{name}.npy")
+            and list(array.shape) == meta["files"][name]["shape"]
+        ):
+            return False
+    return True
 
 
 def _arrow_values(block: np.ndarray) -> pa.Array:
