@@ -25,6 +25,54 @@ pytest.importorskip(
 LITE = "efficientnet-lite0@112"
 
 
+def test_without_ray_the_engine_says_how_to_install_it_before_any_work(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `import ray` now raises ImportError (before any Ray runs in this process: tests in order)
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.setitem(sys.modules, "ray.data", None)
+
+    class Untouchable:
+        name = "untouchable"
+
+        def __len__(self) -> int:
+            raise AssertionError("the dataset was used before the engine was checked")
+
+    with pytest.raises(InvalidParameterError, match=r"pip install 'oodprobe\[ray\]'"):
+        extract_features(Untouchable(), LITE, engine="ray")  # type: ignore[arg-type]
+    assert main(["extract", "digits:test", "--engine", "ray"]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1
+    assert lines[0].startswith("error: engine 'ray' needs Ray Data, which is not installed")
+    assert "pip install 'oodprobe[ray]'" in lines[0]
+
+
+def test_engine_options_are_checked() -> None:
+    dataset = create_dataset("digits:test", limit=4)
+    with pytest.raises(
+        InvalidParameterError, match=r"^engine must be one of local, ray, got 'spark'$"
+    ):
+        extract_features(dataset, LITE, engine="spark")  # type: ignore[arg-type]
+    with pytest.raises(InvalidParameterError, match=r"ray_address must be a Ray address"):
+        extract_features(dataset, LITE, engine="ray", ray_address="")
+    with pytest.raises(InvalidParameterError, match=r"one of auto, cpu, cuda .* got 'cuda:1'"):
+        extract_features(dataset, LITE, engine="ray", device="cuda:1")
+
+
+def test_cli_choices_are_the_library_s(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from oodprobe import cli
+
+    assert cli.ENGINES == ENGINES and cli.STORE_DTYPES == STORE_DTYPES
+    monkeypatch.setenv("COLUMNS", "200")
+    for command in ("extract", "bench", "study"):
+        assert main([command, "--help"]) == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "local|ray" in text and "float32|float16|bfloat16" in text, command
+        assert "--ray-address" in text and "RAY_ADDRESS" in text, command
+
+
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
     """A local Ray with 2 CPUs (what the library starts when none runs), shut down after."""
@@ -156,53 +204,6 @@ def test_ray_skips_and_raises_as_the_local_engine_and_resumes_its_shards(
     assert resumed.stats["images_encoded"] == 9 - 4  # images 0-3 were in shards 0 and 1
     assert resumed.skipped == local.skipped
     np.testing.assert_allclose(resumed.features, local.features, rtol=1e-5, atol=1e-6)
-
-
-def test_without_ray_the_engine_says_how_to_install_it_before_any_work(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    monkeypatch.setitem(sys.modules, "ray.data", None)
-
-    class Untouchable:
-        name = "untouchable"
-
-        def __len__(self) -> int:
-            raise AssertionError("the dataset was used before the engine was checked")
-
-    with pytest.raises(InvalidParameterError, match=r"pip install 'oodprobe\[ray\]'"):
-        extract_features(Untouchable(), LITE, engine="ray")  # type: ignore[arg-type]
-    assert main(["extract", "digits:test", "--engine", "ray"]) == 1
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1
-    assert lines[0].startswith("error: engine 'ray' needs Ray Data, which is not installed")
-    assert "pip install 'oodprobe[ray]'" in lines[0]
-
-
-def test_engine_options_are_checked() -> None:
-    dataset = create_dataset("digits:test", limit=4)
-    with pytest.raises(
-        InvalidParameterError, match=r"^engine must be one of local, ray, got 'spark'$"
-    ):
-        extract_features(dataset, LITE, engine="spark")  # type: ignore[arg-type]
-    with pytest.raises(InvalidParameterError, match=r"ray_address must be a Ray address"):
-        extract_features(dataset, LITE, engine="ray", ray_address="")
-    with pytest.raises(InvalidParameterError, match=r"one of auto, cpu, cuda .* got 'cuda:1'"):
-        extract_features(dataset, LITE, engine="ray", device="cuda:1")
-
-
-def test_cli_choices_are_the_library_s(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from oodprobe import cli
-
-    assert cli.ENGINES == ENGINES and cli.STORE_DTYPES == STORE_DTYPES
-    monkeypatch.setenv("COLUMNS", "200")
-    for command in ("extract", "bench", "study"):
-        assert main([command, "--help"]) == 0
-        text = " ".join(capsys.readouterr().out.split())
-        assert "local|ray" in text and "float32|float16|bfloat16" in text, command
-        assert "--ray-address" in text and "RAY_ADDRESS" in text, command
 
 
 def test_a_running_ray_is_used_as_it_is(local_ray: None) -> None:
