@@ -625,3 +625,30 @@ def test_cache_export_lists_its_codecs_and_refuses_another_in_one_line(
             capsys, "cache", "export", "abab", str(tmp_path / "no" / "f.parquet"), *args, *root
         )
         assert code == 1 and re.search(message, _error_line(err)), err
+
+
+def test_a_large_row_group_of_another_tool_is_read_in_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyarrow's default row group is a million rows: decoded whole, it cost 4x its size."""
+    monkeypatch.setattr(parquet, "DEFAULT_ROW_GROUP_SIZE", 4)
+    rows = _values(10, 3)
+    _write(pa.table({"features": list(rows), "index": np.arange(10) * 3}), tmp_path / "one.parquet")
+    assert pq.ParquetFile(tmp_path / "one.parquet").num_row_groups == 1
+    shards: list[int] = []
+    original = cache.write_shard
+
+    def recording(directory: Path, shard: int, arrays: dict[str, np.ndarray], extra: Any) -> None:
+        shards.append(len(arrays["indices"]))
+        original(directory, shard, arrays, extra)
+
+    monkeypatch.setattr(cache, "write_shard", recording)
+    directory = parquet.import_parquet_to_cache(tmp_path / "one.parquet", tmp_path / "root")
+    assert shards == [4, 4, 2]
+    arrays, _ = cache.read_entry(directory)
+    np.testing.assert_array_equal(arrays["features"], rows)
+    np.testing.assert_array_equal(arrays["indices"], np.arange(10) * 3)
+    np.testing.assert_array_equal(parquet.import_parquet(tmp_path / "one.parquet").features, rows)
+    table = pa.table({"features": list(rows), "index": [0, 1, 2, 3, 4, 5, 6, 8, 7, 9]})
+    with pytest.raises(DataError, match=r"not strictly increasing \(row 8: 7\); the cache keeps"):
+        parquet.import_parquet_to_cache(_write(table, tmp_path / "order.parquet"), tmp_path / "r")

@@ -17,7 +17,11 @@ precision, versions, skip records; not the head, which stays in the cache). The 
 row group by row group (``row_group_size`` rows), reading memory-mapped blocks of the entry and
 releasing their pages, so memory stays one row group whatever the number of rows; it is written
 beside its path and renamed over it when complete, with page checksums that
-:func:`import_parquet` verifies.
+:func:`import_parquet` verifies. The footer's ``oodprobe.sha256`` (:data:`DIGESTS_KEY`) holds
+each column's checksum, written after the last row group: the cache key is honoured on import
+only while the rows still match it (a rewrite by another tool keeps the schema metadata, key
+included, but drops it). A FeatureSet that is not its entry's whole files (a subset, a copy, an
+array put in its place) is exported without its key.
 
 Reading it elsewhere: ``pd.read_parquet(path)`` (each output a column of arrays),
 ``pyarrow.parquet.read_table(path)``, ``ray.data.read_parquet(path)`` (a column of arrays per
@@ -497,17 +501,9 @@ def _rows_of(
     columns = [*outputs, *(["index"] if has_index else []), *(["label"] if has_label else [])]
 
     def groups() -> Any:
-        import pyarrow as pa
-
         start = 0
         widths: dict[str, int] = {}
-        for group in range(parquet.num_row_groups):
-            try:
-                table = parquet.read_row_group(group, columns=columns)
-            except (OSError, pa.ArrowException) as error:
-                raise DataError(
-                    f"{path} is damaged (row group {group}): {cache._one_line(error)}"
-                ) from None
+        for group, table in _batches(parquet, columns, path):
             rows = table.num_rows
             if rows == 0:  # an empty row group holds nothing (a list column: not even a width)
                 continue
@@ -545,6 +541,30 @@ def _rows_of(
     return groups(), has_label, has_index
 
 
+def _batches(parquet: Any, columns: list[str], path: Path) -> Any:
+    """``(row group, record batch)`` of at most :data:`DEFAULT_ROW_GROUP_SIZE` rows, in file
+    order. Decoded batch by batch (``iter_batches``), not a row group at a time: another
+    tool's file may hold a million rows in one group (pyarrow's default), which
+    ``read_row_group`` decodes at once (measured: 2.7 GiB peak for a 600 MB group, 1.0 GiB
+    batched)."""
+    import pyarrow as pa
+
+    for group in range(parquet.num_row_groups):
+        batches = parquet.iter_batches(
+            batch_size=DEFAULT_ROW_GROUP_SIZE, row_groups=[group], columns=columns
+        )
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (OSError, pa.ArrowException) as error:
+                raise DataError(
+                    f"{path} is damaged (row group {group}): {cache._one_line(error)}"
+                ) from None
+            yield group, batch
+
+
 def _integers(column: Any, name: str, path: Path) -> np.ndarray:
     if column.null_count:
         raise DataError(f"{path}: column {name!r} has {column.null_count} null rows")
@@ -554,11 +574,11 @@ def _integers(column: Any, name: str, path: Path) -> np.ndarray:
 def import_parquet(path: str | os.PathLike[str]) -> ParquetFeatures:
     """Read a Parquet file of features (:func:`export_parquet`'s, or another tool's).
 
-    Another tool's file needs a ``features`` column of per-row float lists of one length;
-    ``index`` (default: row numbers) and ``label`` integer columns are optional, and every other
-    float-list column is an output. float64 lists are rounded to float32. Read row group by row
-    group into arrays allocated once (memory: the arrays plus one row group); for a file larger
-    than memory use :func:`import_parquet_to_cache`. DataError of one line if the file is
+    Another tool's file needs a ``features`` column of per-row float lists of one length; ``index``
+    (default: row numbers) and ``label`` integer columns are optional, and every other float-list
+    column is an output. float64 lists are rounded to float32. Read batch by batch
+    (:func:`_batches`) into arrays allocated once (memory: the arrays plus one batch); for a file
+    larger than memory use :func:`import_parquet_to_cache`. DataError of one line if the file is
     missing, damaged (page checksums are verified: :func:`export_parquet` writes them; a file
     written without them is checked only as far as its encoding goes) or has the wrong columns.
     """
@@ -611,16 +631,17 @@ def import_parquet_to_cache(
     """Stream a Parquet file of features into a cache entry; return the entry's folder.
 
     The entry's key is the exported one (so ``extract_features`` with the same encoder, dataset,
-    precision and storage dtype finds it) when the file is one :func:`export_parquet` wrote and
-    its rows are the ones it wrote (the footer's :data:`DIGESTS_KEY` checksums match them).
-    Otherwise (a file of another tool, or one rewritten by another tool, which keeps the schema
-    metadata but not the footer's checksums) the key is the sha256 of the file, so extraction
-    never takes rows changed after export for the encoder's output; a recorded key is then
-    kept as ``exported_key`` in ``meta.json``, with a warning. Row groups are written as
-    verified shards and joined as extraction joins them (:func:`oodprobe.cache.write_entry`):
-    memory stays one row group, and the entry is read memory-mapped afterwards
-    (:func:`oodprobe.features.load_features`). Labels are not stored (the cache keeps none). An
-    existing complete entry of that key is kept as it is (a damaged one is replaced). DataError
+    precision and storage dtype finds it) when the file is one :func:`export_parquet` wrote and its
+    rows are the ones it wrote (the footer's :data:`DIGESTS_KEY` checksums match them). Otherwise (a
+    file of another tool, or one rewritten by another tool, which keeps the schema metadata but not
+    the footer's checksums) the key is the sha256 of the file, so extraction never takes rows
+    changed after export for the encoder's output; a recorded key is then kept as ``exported_key``
+    in ``meta.json``, with a warning. Batches of at most :data:`DEFAULT_ROW_GROUP_SIZE` rows (a
+    larger row group is decoded batch by batch) are written as verified shards and joined as
+    extraction joins them (:func:`oodprobe.cache.write_entry`): memory stays one batch, and the
+    entry is read memory-mapped afterwards (:func:`oodprobe.features.load_features`). Labels are not
+    stored (the cache keeps none). An existing complete entry of that key is kept as it is (a
+    damaged one is replaced). DataError
     if the file is unreadable, records a key that is not a cache key (64 hex digits), its rows
     fail the checksums it records, or its ``index`` column is not strictly increasing (the
     cache holds rows in dataset order); a file refused half way leaves no entry behind. A file
@@ -715,13 +736,16 @@ def _write_shards(
     computed = _Digests()
     last = -1
     n_shards = 0
+    row = 0
     for shard, (index, _labels, blocks) in enumerate(groups):
         if index[0] <= last or np.any(np.diff(index) <= 0):
+            decreasing = 0 if index[0] <= last else int(np.argmax(np.diff(index) <= 0)) + 1
             raise DataError(
-                f"{path}: the index column is not strictly increasing (row group {shard}); "
-                "the cache keeps rows in dataset order"
+                f"{path}: the index column is not strictly increasing (row {row + decreasing}: "
+                f"{int(index[decreasing])}); the cache keeps rows in dataset order"
             )
         last = int(index[-1])
+        row += len(index)
         computed.update("index", index)
         for name, block in blocks.items():
             computed.update(name, block)
