@@ -652,3 +652,19 @@ def test_a_large_row_group_of_another_tool_is_read_in_batches(
     table = pa.table({"features": list(rows), "index": [0, 1, 2, 3, 4, 5, 6, 8, 7, 9]})
     with pytest.raises(DataError, match=r"not strictly increasing \(row 8: 7\); the cache keeps"):
         parquet.import_parquet_to_cache(_write(table, tmp_path / "order.parquet"), tmp_path / "r")
+
+
+def test_values_beyond_the_stored_dtype_and_negative_indices_are_refused(tmp_path: Path) -> None:
+    """float64 columns of another tool are rounded to float32: a value too large would be inf."""
+    huge = _write(pa.table({"features": [[1e300, 2.0], [3.0, 4.0]]}), tmp_path / "huge.parquet")
+    with pytest.raises(DataError, match=r"'features' holds 1e\+300, beyond the range of float32"):
+        parquet.import_parquet(huge)
+    special = _write(
+        pa.table({"features": [[np.nan, -np.inf], [3.0, 4.0]]}), tmp_path / "s.parquet"
+    )
+    kept = parquet.import_parquet(special).features  # what was not finite stays as it was
+    assert np.isnan(kept[0, 0]) and kept[0, 1] == -np.inf and kept.dtype == np.float32
+    table = pa.table({"features": [[1.0], [3.0]], "index": [-1, 0]})
+    with pytest.raises(DataError, match=r"the index column holds -1; dataset indices are >= 0$"):
+        parquet.import_parquet_to_cache(_write(table, tmp_path / "n.parquet"), tmp_path / "root")
+    assert not list((tmp_path / "root" / "features").glob("*/*/*"))

@@ -522,12 +522,8 @@ def _rows_of(
                         f"group {group} and {block.shape[1]} in it; every row needs the same "
                         "number"
                     )
-                if cache.dtype_name(dtype) == "bfloat16":
-                    block = _float32_to_bfloat16(block)  # bit for bit what was exported
-                elif block.dtype != dtype:
-                    # float16 / float32 as written; bfloat16 from its exact float32; a float64
-                    # column of another tool is rounded to float32
-                    block = block.astype(dtype)
+                if cache.dtype_name(dtype) == "bfloat16" or block.dtype != dtype:
+                    block = _narrowed(block, dtype, name, path)
                 blocks[name] = block.reshape(rows, *(shape or block.shape[1:]))
             index = (
                 _integers(table.column("index"), "index", path)
@@ -539,6 +535,26 @@ def _rows_of(
             yield index, label, blocks
 
     return groups(), has_label, has_index
+
+
+def _narrowed(block: np.ndarray, dtype: np.dtype[Any], name: str, path: Path) -> np.ndarray:
+    """``block`` as ``dtype``: bfloat16 from its exact float32 (bit for bit what was exported),
+    a float64 column of another tool rounded to float32. DataError if a finite value does not
+    fit (it would become infinite)."""
+    with np.errstate(over="ignore"):
+        if cache.dtype_name(dtype) == "bfloat16":
+            narrowed = _float32_to_bfloat16(block)
+        else:
+            narrowed = block.astype(dtype)
+    if block.dtype.itemsize > narrowed.dtype.itemsize:
+        lost = np.isfinite(block) & ~np.isfinite(narrowed.astype(np.float32))
+        if lost.any():
+            value = block[lost][0]
+            raise DataError(
+                f"{path}: column {name!r} holds {float(value):g}, beyond the range of "
+                f"{cache.dtype_name(dtype)} it is stored as"
+            )
+    return narrowed
 
 
 def _batches(parquet: Any, columns: list[str], path: Path) -> Any:
@@ -738,6 +754,10 @@ def _write_shards(
     n_shards = 0
     row = 0
     for shard, (index, _labels, blocks) in enumerate(groups):
+        if index[0] < 0:
+            raise DataError(
+                f"{path}: the index column holds {int(index[0])}; dataset indices are >= 0"
+            )
         if index[0] <= last or np.any(np.diff(index) <= 0):
             decreasing = 0 if index[0] <= last else int(np.argmax(np.diff(index) <= 0)) + 1
             raise DataError(
