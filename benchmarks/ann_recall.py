@@ -263,6 +263,15 @@ def aurocs(scores: dict[int, npt.NDArray[np.float64]], n_id: int) -> dict[int, f
     return {k: auroc(values[:n_id], values[n_id:]) for k, values in scores.items()}
 
 
+def group_aurocs(
+    scores: npt.NDArray[np.float64], n_id: int, groups: dict[str, tuple[int, int]]
+) -> dict[str, float]:
+    """AUROC of the ID rows against each OOD set (its (start, stop) rows among the queries)."""
+    return {
+        name: auroc(scores[:n_id], scores[start:stop]) for name, (start, stop) in groups.items()
+    }
+
+
 # -- one index configuration, in a subprocess ---------------------------------------------------
 
 
@@ -271,6 +280,7 @@ def build_index(train: npt.NDArray[np.float32], backend: str, n_lists: int, hnsw
     import faiss
 
     dims = train.shape[1]
+    index: Any
     if backend == "faiss-ivf":
         quantizer = faiss.IndexFlatIP(dims)
         index = faiss.IndexIVFFlat(quantizer, dims, n_lists, faiss.METRIC_INNER_PRODUCT)
@@ -358,9 +368,25 @@ def detector_run(
     save()
 
 
-def run_worker(spec: dict[str, Any], build_box: float, search_box: float) -> dict[str, Any]:
-    """Run ``worker(spec)`` in a subprocess; kill it past the time boxes; return its record."""
+def run_worker(
+    spec: dict[str, Any],
+    build_box: float,
+    search_box: float,
+    reuse: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run ``worker(spec)`` in a subprocess; kill it past the time boxes; return its record.
+
+    ``reuse`` (``--reuse``): the earlier run's summary; if its worker output is still in the
+    work folder, return that (with the earlier status) instead of running again.
+    """
     out = Path(spec["out"])
+    final = out.with_suffix(".final.json")
+    if reuse is not None and out.exists():
+        if final.exists():
+            return dict(json.loads(final.read_text()))
+        record = json.loads(out.read_text())
+        record.update({key: reuse[key] for key in ("status", "wall_s") if key in reuse})
+        return dict(record)
     out.unlink(missing_ok=True)
     process = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)])
     started = time.monotonic()
@@ -380,6 +406,7 @@ def run_worker(spec: dict[str, Any], build_box: float, search_box: float) -> dic
         status = f"failed with exit code {process.returncode}"
     record["status"] = status
     record["wall_s"] = round(time.monotonic() - started, 1)
+    final.write_text(json.dumps(record))
     return record
 
 
@@ -395,10 +422,17 @@ def run_dataset(
     n_id: int,
     configs: list[dict[str, Any]],
     results: dict[str, Any],
+    groups: dict[str, tuple[int, int]] | None = None,
 ) -> None:
+    """Exact ground truth, every index configuration and the detector check of one data set.
+
+    ``groups``: the query rows of each OOD set, for an AUROC per set (k = 1) beside the pooled.
+    """
     workdir = Path(args.workdir)
     train = np.load(train_path, mmap_mode="r")[:n_train]
-    queries = np.asarray(l2_normalize(np.load(queries_path), dtype=np.float64))
+    queries: npt.NDArray[np.float64] = np.asarray(
+        l2_normalize(np.load(queries_path), dtype=np.float64), dtype=np.float64
+    )
     print(f"\n== {tag}: N = {n_train}, D = {train.shape[1]}, {len(queries)} queries", flush=True)
     truth = exact_truth(workdir, tag, train, queries)
     exact_scores = knn_scores(train, queries, truth["indices"])
@@ -412,8 +446,14 @@ def run_dataset(
             "n_ood_queries": len(queries) - n_id,
             "exact": {**truth["info"], "auroc_k1": exact_auroc[1], "auroc_k10": exact_auroc[10]},
             "configs": entry.get("configs", []),
+            "build_box_s": args.build_box,
+            "search_box_s": args.search_box,
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "load_1min_start": load(),
         }
     )
+    if groups:
+        entry["exact"]["auroc_k1_by_ood_set"] = group_aurocs(exact_scores[1], n_id, groups)
     exact_query_s = truth["info"]["query_s"]
     base = {
         "train": str(train_path),
@@ -421,12 +461,13 @@ def run_dataset(
         "n_train": n_train,
         "n_id": n_id,
     }
-    np.save(base["queries"], queries)
+    np.save(str(base["queries"]), queries)
     for config in configs:
         name = config["name"]
         spec = {**base, **config, "mode": "sweep", "out": str(workdir / f"run-{tag}-{name}.json")}
         print(f"  {name}: building (box {args.build_box:.0f} s) ...", flush=True)
-        record = run_worker(spec, args.build_box, args.search_box)
+        earlier = {c["name"]: c for c in entry["configs"]}.get(name, {})
+        record = run_worker(spec, args.build_box, args.search_box, earlier if args.reuse else None)
         rows = []
         for value, setting in record.get("settings", {}).items():
             indices = np.load(workdir / f"run-{tag}-{name}-{value}.npy")
@@ -441,6 +482,10 @@ def run_dataset(
                 "query_s": setting["query_s"],
                 "speedup_vs_exact": round(exact_query_s / setting["query_s"], 2),
                 "recall_at_1": recall_at_k(indices, truth["indices"], 1),
+                # the approximate search misses more of the OOD queries' neighbours (they lie
+                # between the ID clusters), which lowers OOD scores: ΔAUROC can be positive
+                "recall_at_1_id": recall_at_k(indices[:n_id], truth["indices"][:n_id], 1),
+                "recall_at_1_ood": recall_at_k(indices[n_id:], truth["indices"][n_id:], 1),
                 "load_1min": setting["load_1min"],
             }
             if indices.shape[1] == K_MAX:
@@ -450,6 +495,14 @@ def run_dataset(
             for k, value_auroc in aurocs(scores, n_id).items():
                 row[f"auroc_k{k}"] = value_auroc
                 row[f"delta_auroc_k{k}_pts"] = round(100 * (value_auroc - exact_auroc[k]), 3)
+            if groups:
+                by_set = group_aurocs(scores[1], n_id, groups)
+                exact_by_set = entry["exact"]["auroc_k1_by_ood_set"]
+                row["auroc_k1_by_ood_set"] = by_set
+                row["delta_auroc_k1_pts_by_ood_set"] = {
+                    name: round(100 * (value - exact_by_set[name]), 3)
+                    for name, value in by_set.items()
+                }
             rows.append(row)
             print_row(name, record.get("build_s"), row)
         summary = {key: value for key, value in record.items() if key != "settings"}
@@ -460,7 +513,7 @@ def run_dataset(
         entry["configs"] = [c for c in entry["configs"] if c["name"] != name] + [summary]
         write_json(args, results)
     if n_train <= args.detector_max_n:
-        entry["detector_check"] = detector_check(args, tag, base, configs, exact_scores)
+        entry["detector_check"] = detector_check(args, tag, base, configs, exact_scores, entry)
         write_json(args, results)
 
 
@@ -470,6 +523,7 @@ def detector_check(
     base: dict[str, Any],
     configs: list[dict[str, Any]],
     exact_scores: dict[int, npt.NDArray[np.float64]],
+    results_entry: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """KNNDetector itself for the exact backend and one setting of each index family.
 
@@ -480,6 +534,7 @@ def detector_check(
     workdir = Path(args.workdir)
     train = np.load(base["train"], mmap_mode="r")[: base["n_train"]]
     queries = np.load(base["queries"])
+    previous_checks = results_entry.get("detector_check", [])
     checks: list[dict[str, Any]] = [{"name": "exact", "backend": "exact"}]
     for family in ("faiss-ivf", "faiss-hnsw"):
         family_configs = [c for c in configs if c["backend"] == family]
@@ -494,14 +549,17 @@ def detector_check(
         check.pop("values", None)
         name = f"detector-{tag}-{check['name']}"
         spec = {**base, **check, "mode": "detector", "out": str(workdir / f"{name}.json")}
-        record = run_worker(spec, args.build_box + args.search_box, 0)
+        earlier = {c["name"]: c for c in previous_checks}.get(check["name"], {})
+        record = run_worker(
+            spec, args.build_box + args.search_box, 0, earlier if args.reuse else None
+        )
         result = {**check, **record}
         reference = exact_scores
         if setting is not None:
             sweep = workdir / f"run-{tag}-{check['name']}-{check[setting]}.npy"
             indices = np.load(sweep) if sweep.exists() else None
             ok = indices is not None and indices.shape[1] == K_MAX
-            reference = knn_scores(train, queries, indices) if ok else {}
+            reference = knn_scores(train, queries, indices) if indices is not None and ok else {}
         if record["status"] == "finished":
             for k in (1, K_MAX):
                 scores = np.load(workdir / f"{name}-k{k}.npy")
@@ -570,7 +628,7 @@ def print_table(results: dict[str, Any]) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for tag, entry in results.items():
-        if tag == "info":
+        if tag in ("info", "runs") or "exact" not in entry:
             continue
         exact = entry["exact"]
         print(
@@ -595,8 +653,8 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         worker(json.loads(sys.argv[2]))
         return
-    ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
-    floats = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
+    ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731  ("" = none)
+    floats = lambda text: [float(v) for v in text.split(",") if v]  # noqa: E731
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=ints, default=[100_000, 1_000_000])
     parser.add_argument("--n-queries", type=int, default=10_000)
@@ -615,6 +673,12 @@ def main() -> None:
     parser.add_argument("--search-box", type=float, default=420.0)
     parser.add_argument("--detector-max-n", type=int, default=200_000)
     parser.add_argument("--skip-real", action="store_true")
+    parser.add_argument("--skip-synthetic", action="store_true")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="recompute the figures from the worker outputs left in --workdir (no new runs)",
+    )
     parser.add_argument("--workdir", default="/tmp/scale-ann")
     parser.add_argument("--cleanup", action="store_true", help="delete --workdir at the end")
     parser.add_argument("--json", default=str(RESULTS))
@@ -627,7 +691,8 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
     results: dict[str, Any] = {k: v for k, v in previous.items() if k != "info"}
-    results = {"info": {}, **results}
+    runs = previous.get("runs", [previous["info"]] if "info" in previous else [])
+    results = {"info": {}, **{k: v for k, v in results.items() if k != "runs"}}
     results["info"] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": platform.processor() or platform.machine(),
@@ -645,10 +710,19 @@ def main() -> None:
         "build_box_s": args.build_box,
         "search_box_s": args.search_box,
         "synthetic": synthetic_params(args),
+        "argv": sys.argv[1:],
     }
+    results["runs"] = [*runs, results["info"]]
     if not args.skip_real:
         real = write_real(workdir)
         results["info"]["real"] = real
+        results.setdefault("real-offline-default", {})["source"] = real
+        bounds = np.cumsum([0, *real["parts"].values()])
+        groups = {
+            name: (int(start), int(stop))
+            for name, start, stop in zip(real["parts"], bounds[:-1], bounds[1:], strict=True)
+            if name != "id_test"
+        }
         run_dataset(
             args,
             "real-offline-default",
@@ -658,10 +732,12 @@ def main() -> None:
             real["parts"]["id_test"],
             configs_for(args, real["n_train"]),
             results,
+            groups,
         )
     params = synthetic_params(args)
-    write_synthetic(workdir, max(args.sizes), params)
-    for n_train in sorted(args.sizes):
+    if not args.skip_synthetic:
+        write_synthetic(workdir, max(args.sizes), params)
+    for n_train in [] if args.skip_synthetic else sorted(args.sizes):
         run_dataset(
             args,
             f"synthetic-{n_train}",
