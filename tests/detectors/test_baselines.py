@@ -90,3 +90,21 @@ def test_invalid_parameters_raise_one_line_errors(
     with pytest.raises(InvalidParameterError) as error:
         detector.fit(cluster_data.train_features)
     assert str(error.value) == message
+
+
+@pytest.mark.parametrize(("detector", "estimator"), CASES, ids=lambda case: type(case).__name__)
+def test_bfloat16_features_score_as_their_float32_values(
+    detector: Any, estimator: Any, cluster_data: ClusterData, tmp_path: Path
+) -> None:
+    """A bfloat16 cache entry (``--store-dtype bfloat16``) is scored as its exact float32 values
+    (scikit-learn's validation refuses the ml_dtypes kind-'V' dtype), and saves and loads."""
+    import ml_dtypes
+
+    train = cluster_data.train_features.astype(ml_dtypes.bfloat16)
+    test = cluster_data.ood_features.astype(ml_dtypes.bfloat16)
+    detector.fit(train)
+    expected = estimator.fit(train.astype(np.float32)).score_samples(test.astype(np.float32))
+    np.testing.assert_allclose(detector.score_samples(test), expected, rtol=1e-6, atol=1e-9)
+    detector.save(tmp_path / "bf16.oodprobe")
+    loaded = load_detector(tmp_path / "bf16.oodprobe")
+    np.testing.assert_allclose(loaded.score_samples(test), expected, rtol=1e-6, atol=1e-9)

@@ -15,12 +15,18 @@ from sklearn.base import BaseEstimator
 from sklearn.neighbors import VALID_METRICS
 from sklearn.utils.validation import check_is_fitted
 
-from oodprobe.arrays import Features, Labels, Scores, check_features
+from oodprobe.arrays import Features, Labels, Scores, check_features, is_bfloat16
 from oodprobe.detectors.base import Choices, Detector, Number, integer, register_detector
 from oodprobe.errors import InvalidParameterError
 
 # the distances LocalOutlierFactor accepts by name (its own constraint, in our order)
 _METRICS = sorted({str(name) for names in VALID_METRICS.values() for name in names})
+
+
+def _sklearn_input(features: Features) -> Features:
+    """``features`` as scikit-learn accepts them: bfloat16 (a numpy kind-'V' dtype to its
+    validation) widened to float32, exactly; other float dtypes unchanged."""
+    return features.astype(np.float32) if is_bfloat16(features.dtype) else features
 
 
 class _SklearnBaseline(Detector):
@@ -45,7 +51,8 @@ class _SklearnBaseline(Detector):
         self._validate_params()
         features = check_features(features, min_samples=2)
         self._check_params(len(features))
-        self.train_features_ = np.array(features)  # a copy, kept for refitting on load
+        # a copy, kept for refitting on load
+        self.train_features_ = np.array(_sklearn_input(features))
         self.n_dims_ = int(features.shape[1])
         self._refit()
         return self
@@ -53,7 +60,7 @@ class _SklearnBaseline(Detector):
     def score_samples(self, features: Features) -> Scores:
         """(n,) float64 scores of (n, D) features; higher = more in-distribution."""
         check_is_fitted(self)
-        features = check_features(features, n_dims=self.n_dims_)
+        features = _sklearn_input(check_features(features, n_dims=self.n_dims_))
         return np.asarray(self.estimator_.score_samples(features), dtype=np.float64)
 
     def _get_state(self) -> dict[str, Any]:
