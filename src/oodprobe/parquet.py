@@ -224,7 +224,8 @@ def _arrow_values(block: np.ndarray) -> pa.Array:
 def _bfloat16_to_float32(values: np.ndarray) -> np.ndarray:
     """bfloat16 values as the float32 of the same upper 16 bits: exact for every bit pattern
     (NaN payloads too, which a float cast may change), and no "invalid value" warning."""
-    bits = np.ascontiguousarray(values).view(np.uint16).astype(np.uint32) << 16
+    bits = np.ascontiguousarray(values).view(np.uint16).astype(np.uint32)
+    bits <<= 16  # in place: one temporary of the block, as a float cast makes
     return bits.view(np.float32)
 
 
