@@ -980,6 +980,8 @@ class _ShardWriter:
     def start_batch(self, first: int) -> None:
         """Begin a batch whose first dataset index is ``first`` (flushes a finished shard)."""
         shard = first // self.shard_size
+        if shard < self.current:  # a shard already written would be overwritten with part of it
+            raise RuntimeError(f"rows of shard {shard} arrived after shard {self.current}'s")
         if shard != self.current:
             self.flush()
             self.current = shard
