@@ -668,3 +668,31 @@ def test_values_beyond_the_stored_dtype_and_negative_indices_are_refused(tmp_pat
     with pytest.raises(DataError, match=r"the index column holds -1; dataset indices are >= 0$"):
         parquet.import_parquet_to_cache(_write(table, tmp_path / "n.parquet"), tmp_path / "root")
     assert not list((tmp_path / "root" / "features").glob("*/*/*"))
+
+
+def test_import_reports_the_key_only_for_rows_the_checksums_vouch_for(tmp_path: Path) -> None:
+    _entry(tmp_path / "entry", np.dtype(np.float16), rows=4)
+    exported = parquet.export_parquet(tmp_path / "entry", tmp_path / "out.parquet")
+    assert parquet.import_parquet(exported).key == "k" * 64
+    _rewrite_features(exported, tmp_path / "edited.parquet", keep_footer=False)
+    edited = parquet.import_parquet(tmp_path / "edited.parquet")
+    assert edited.key is None and edited.to_feature_set().key == ""
+    assert edited.meta["encoder"] == "enc"  # the provenance is still shown
+    _rewrite_features(exported, tmp_path / "forged.parquet", keep_footer=True)
+    with pytest.raises(DataError, match=r"rows of column\(s\) features are not those exported"):
+        parquet.import_parquet(tmp_path / "forged.parquet")
+
+
+def test_malformed_skip_records_in_the_metadata_are_one_line_errors(tmp_path: Path) -> None:
+    _entry(tmp_path / "entry", np.dtype(np.float32), rows=4)
+    table = pq.read_table(parquet.export_parquet(tmp_path / "entry", tmp_path / "out.parquet"))
+    description = json.loads(table.schema.metadata[b"oodprobe"])
+    description["entry"]["skipped"] = "img1.png"
+    edited = table.replace_schema_metadata({b"oodprobe": json.dumps(description).encode()})
+    path = _write(edited, tmp_path / "edited.parquet")
+    for read in (
+        parquet.import_parquet,
+        lambda path: parquet.import_parquet_to_cache(path, tmp_path),
+    ):
+        with pytest.raises(DataError, match=r"edited.parquet has skip records of type str$"):
+            read(path)

@@ -432,6 +432,12 @@ def _layout(parquet: Any, path: Path) -> tuple[dict[str, Any], list[str]]:
             raise DataError(
                 f"{path}: column {column.name!r} is {kind}, expected a list of floats per row"
             )
+    entry = description.get("entry")
+    if isinstance(entry, dict) and "skipped" in entry:
+        try:
+            entry["skipped"] = cache._check_skipped(entry["skipped"], path)
+        except CacheError as error:
+            raise DataError(str(error)) from None
     missing = [name for name in description.get("outputs") or {} if name not in outputs]
     if missing:
         raise DataError(f"{path}: its metadata lists output {missing[0]!r}, which has no column")
@@ -597,7 +603,10 @@ def import_parquet(path: str | os.PathLike[str]) -> ParquetFeatures:
     (:func:`_batches`) into arrays allocated once (memory: the arrays plus one batch); for a file
     larger than memory use :func:`import_parquet_to_cache`. DataError of one line if the file is
     missing, damaged (page checksums are verified: :func:`export_parquet` writes them; a file
-    written without them is checked only as far as its encoding goes) or has the wrong columns.
+    written without them is checked only as far as its encoding goes), its rows fail the
+    checksums its footer records, or it has the wrong columns. ``key`` is the exported cache
+    key only while those checksums vouch for the rows (None for a file rewritten by another
+    tool, which keeps the schema metadata but drops them).
     """
     path = Path(path)
     parquet = _open(path)
@@ -608,9 +617,12 @@ def import_parquet(path: str | os.PathLike[str]) -> ParquetFeatures:
     indices = np.empty(n_rows, np.int64)
     labels = np.empty(n_rows, np.int64) if has_label else None
     row = 0
+    computed = _Digests()
     for index, label, blocks in groups:
         stop = row + len(index)
+        computed.update("index", index)
         for name, block in blocks.items():
+            computed.update(name, block)
             if name not in arrays:
                 arrays[name] = np.empty((n_rows, *block.shape[1:]), block.dtype)
             arrays[name][row:stop] = block
@@ -621,6 +633,11 @@ def import_parquet(path: str | os.PathLike[str]) -> ParquetFeatures:
     if not arrays:  # no row group: empty arrays of the described widths
         for name, (dtype, shape) in _row_dtypes(description, outputs, path).items():
             arrays[name] = np.empty((0, *(shape or (0,))), dtype)
+    digests = _recorded_digests(parquet, path)
+    if digests is None:
+        description = {**description, "key": None}  # rows no checksum vouches for
+    else:
+        _check_digests(computed, digests, path)
     return _described(arrays, indices, labels, description)
 
 
@@ -789,14 +806,19 @@ def _write_shards(
             {"key": key, "skipped": skipped},
         )
         n_shards = 1
-    if digests is not None and computed.hexdigests() != digests:
+    if digests is not None:
+        _check_digests(computed, digests, path)
+    return n_shards
+
+
+def _check_digests(computed: _Digests, digests: dict[str, str], path: Path) -> None:
+    """DataError unless the rows read hash to the checksums the file records."""
+    found = computed.hexdigests()
+    if found != digests:
         differing = sorted(
-            name
-            for name in {*digests, *computed.digests}
-            if digests.get(name) != computed.hexdigests().get(name)
+            name for name in {*digests, *found} if digests.get(name) != found.get(name)
         )
         raise DataError(
             f"{path}: the rows of column(s) {', '.join(differing)} are not those exported "
             f"(they fail the checksums the file records); export the entry again"
         )
-    return n_shards
