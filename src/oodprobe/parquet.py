@@ -151,13 +151,12 @@ def _source_parts(
             meta = cache.read_meta(source.path)
         meta = {"encoder": source.encoder_name, "dataset": source.dataset_name, **meta}
         key = source.key or None
-        if (
-            source.path is not None
-            and "files" in meta
-            and not _holds_its_entry(source, source.path, meta)
+        if source.path is not None and (
+            "files" not in meta or not _holds_its_entry(source, source.path, meta)
         ):
-            # a subset, a reordering or replaced arrays are not the entry: exported without its
-            # key, so importing them never stands in for the extraction that key names
+            # a subset, a reordering or replaced arrays are not the entry (nor is anything once
+            # the entry is gone): exported without its key, so importing them never stands in
+            # for the extraction that key names
             key = None
         if "skipped" not in meta:  # undecodable images, as an entry records them (no scan's)
             meta["skipped"] = [
