@@ -212,6 +212,7 @@ def test_bad_files_are_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / "junk.parquet").write_bytes(b"not a parquet file at all" * 10)
     cases: list[tuple[Path, str]] = [
         (tmp_path / "missing.parquet", r"missing.parquet does not exist \(or is not a file\)$"),
+        (tmp_path, r" is a directory; give a Parquet file \(export_parquet writes one\)$"),
         (tmp_path / "junk.parquet", r"junk.parquet is not a readable Parquet file: "),
         (
             _write(pa.table({"x": [[1.0, 2.0]]}), tmp_path / "nofeat.parquet"),

@@ -383,6 +383,8 @@ def _open(path: str | os.PathLike[str]) -> Any:
     import pyarrow.parquet as pq
 
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give a Parquet file (export_parquet writes one)")
     if not path.is_file():
         raise DataError(f"Parquet file {path} does not exist (or is not a file)")
     try:
