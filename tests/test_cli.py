@@ -848,3 +848,19 @@ source = "{tmp_path / "ood"}"
     assert failed[0].endswith(lof["error"]) and lof["auroc"] is None
     warning = [line for line in err.splitlines() if line.startswith("warning: detector 'lof'")]
     assert warning == [f"warning: detector 'lof' failed: {lof['error']}"]
+
+
+def test_openmp_threads_sleep_when_idle_unless_the_user_chose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CLI sets OMP_WAIT_POLICY=PASSIVE before torch loads; a user's own value is kept."""
+    import os
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert main(["datasets"]) == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert main(["datasets"]) == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    script = "import oodprobe.cli, sys; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", script], check=False).returncode == 0

@@ -190,3 +190,20 @@ def test_a_shared_pass_files_each_name_in_its_own_float16_entry(cache_root: Path
         np.testing.assert_array_equal(results[name].features, full.features.astype(np.float16))
     assert results[names[0]].logits is not None
     assert results[names[0]].logits.dtype == np.float16
+
+
+def test_cli_extract_says_how_to_read_a_bfloat16_entry(
+    tiny_openclip: str, cache_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """np.load of a bfloat16 entry gives uint16 bit patterns: the summary must not say it works."""
+    import ml_dtypes
+
+    args = ["extract", "digits:test", "--limit", "12", "-e", tiny_openclip]
+    args += ["--cache-dir", str(cache_root), "--workers", "0", "--store-dtype", "bfloat16"]
+    assert main(args) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "np.load works" not in out
+    assert "view(ml_dtypes.bfloat16)" in out
+    path = Path(out.split("features: ")[1].split(" ")[0])
+    bits = np.load(path / "features.npy")
+    assert bits.dtype == np.uint16 and bits.view(ml_dtypes.bfloat16).dtype.name == "bfloat16"
