@@ -41,6 +41,7 @@ from oodprobe.arrays import (
     l2_normalize,
     row_blocks,
     rows_per_block,
+    take_rows,
 )
 from oodprobe.detectors import search
 from oodprobe.detectors.base import (
@@ -225,7 +226,7 @@ class _NeighborDetector(Detector):
         with torch.no_grad():
             query = unit.detach().to(device="cpu", dtype=torch.float32).numpy()
             indices = self._neighbors(np.ascontiguousarray(query))
-        neighbours = torch.from_numpy(self.train_features_[indices]).to(unit)
+        neighbours = torch.from_numpy(take_rows(self.train_features_, indices)).to(unit)
         return unit, neighbours
 
 
@@ -279,7 +280,7 @@ class KNNDetector(_NeighborDetector):
     def _score_from_neighbors(
         self, unit: npt.NDArray[np.float64], indices: search.IndexArray
     ) -> Scores:
-        neighbours = self.train_features_[indices].astype(np.float64)  # (n, k, D)
+        neighbours = take_rows(self.train_features_, indices).astype(np.float64)  # (n, k, D)
         cosines = np.einsum("nkd,nd->nk", neighbours, unit)
         if self.k == 1:
             return np.asarray(cosines[:, 0], dtype=np.float64)
@@ -332,7 +333,7 @@ class DeepKNNDetector(_NeighborDetector):
     def _score_from_neighbors(
         self, unit: npt.NDArray[np.float64], indices: search.IndexArray
     ) -> Scores:
-        kth = self.train_features_[indices[:, -1]].astype(np.float64)
+        kth = take_rows(self.train_features_, indices[:, -1]).astype(np.float64)
         return -np.linalg.norm(unit - kth, axis=1)
 
     def score_samples_torch(self, features: torch.Tensor) -> torch.Tensor:

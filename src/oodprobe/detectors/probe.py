@@ -31,6 +31,7 @@ from oodprobe.arrays import (
     is_memory_mapped,
     release_pages,
     row_blocks,
+    take_rows,
 )
 from oodprobe.detectors.base import (
     Choices,
@@ -500,13 +501,13 @@ def train_linear_probe(
         if raw is None:  # streamed: gather the rows from the (memory-mapped) array
             if index is None:
                 rows = np.asarray(features[start : start + size])
-            else:
-                rows = np.asarray(features[index_host[start : start + size]])
+                gathered[0] += rows.nbytes
+                if gathered[0] >= release_every:
+                    release_pages(features)
+                    gathered[0] = 0
+            else:  # random rows: released every 256 (see take_rows)
+                rows = take_rows(features, index_host[start : start + size])
             chunk.copy_(torch.from_numpy(np.asarray(rows, dtype=np.float32)))
-            gathered[0] += rows.nbytes
-            if gathered[0] >= release_every:
-                release_pages(features)
-                gathered[0] = 0
         elif index is None:
             chunk.copy_(raw[start : start + size])
         else:

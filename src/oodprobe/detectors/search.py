@@ -432,11 +432,13 @@ def exact_scores(
     each operand), so identical train rows get identical scores wherever they are and the
     tie-break by index is well defined.
     """
+    from oodprobe.arrays import take_rows
+
     scores = np.empty(len(query_rows), dtype=np.float64)
     step = max(1, _EXACT_ELEMENTS // max(1, train.shape[1]))
     for start in range(0, len(query_rows), step):
         pairs = slice(start, start + step)
-        rows = train[train_rows[pairs]].astype(np.float64)
+        rows = take_rows(train, train_rows[pairs]).astype(np.float64)
         scores[pairs] = np.einsum("ij,ij->i", rows, queries[query_rows[pairs]])
     return scores
 
