@@ -386,6 +386,7 @@ def run_worker(
             return dict(json.loads(final.read_text()))
         record = json.loads(out.read_text())
         record.update({key: reuse[key] for key in ("status", "wall_s") if key in reuse})
+        record.setdefault("status", "unknown: reused without an earlier status")
         return dict(record)
     out.unlink(missing_ok=True)
     process = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)])
@@ -465,6 +466,8 @@ def run_dataset(
     for config in configs:
         name = config["name"]
         spec = {**base, **config, "mode": "sweep", "out": str(workdir / f"run-{tag}-{name}.json")}
+        if args.reuse and not Path(spec["out"]).exists():
+            continue  # never ran: --reuse runs nothing new
         print(f"  {name}: building (box {args.build_box:.0f} s) ...", flush=True)
         earlier = {c["name"]: c for c in entry["configs"]}.get(name, {})
         record = run_worker(spec, args.build_box, args.search_box, earlier if args.reuse else None)
@@ -549,6 +552,8 @@ def detector_check(
         check.pop("values", None)
         name = f"detector-{tag}-{check['name']}"
         spec = {**base, **check, "mode": "detector", "out": str(workdir / f"{name}.json")}
+        if args.reuse and not Path(spec["out"]).exists():
+            continue
         earlier = {c["name"]: c for c in previous_checks}.get(check["name"], {})
         record = run_worker(
             spec, args.build_box + args.search_box, 0, earlier if args.reuse else None
