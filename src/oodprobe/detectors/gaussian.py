@@ -123,7 +123,9 @@ def _moments(
     return offsets + reference, weighted, plain
 
 
-def _warn_if_underdetermined(name: str, n_samples: int, n_groups: int, dims: int) -> None:
+def _warn_if_underdetermined(
+    name: str, n_samples: int, n_groups: int, dims: int, *, stacklevel: int
+) -> None:
     """Warn when the covariance cannot be full-rank: fewer samples (less means) than dims.
 
     The pseudo-inverse then measures distances only inside the span of the training features,
@@ -138,7 +140,7 @@ def _warn_if_underdetermined(name: str, n_samples: int, n_groups: int, dims: int
             f"full-rank covariance of {dims} dimensions; distances then ignore every direction "
             f"outside the training features and can rank OOD data as in-distribution: fit on "
             f"more samples than dimensions",
-            stacklevel=3,
+            stacklevel=stacklevel,  # the caller of fit
         )
 
 
@@ -516,7 +518,7 @@ class GaussianDetector(_StreamedGaussians):
         weighted: F64,
         plain: F64 | None,
     ) -> None:
-        _warn_if_underdetermined(self.name, int(counts[0]), 1, len(means[0]))
+        _warn_if_underdetermined(self.name, int(counts[0]), 1, len(means[0]), stacklevel=4)
         self.mean_ = means[0]
         self.whitening_ = _whitening(weighted, "training feature")
         self.n_dims_ = len(means[0])
@@ -602,7 +604,7 @@ class _ClassGaussians(_StreamedGaussians):
         """Whitening of the shared covariance ``weighted``; with ``plain`` (``Σ_c S_c``) the
         background Gaussian, whose scatter is ``plain + Σ_c n_c (μ_c − μ)(μ_c − μ)ᵀ``."""
         n_samples = int(counts.sum())
-        _warn_if_underdetermined(self.name, n_samples, len(labels), means.shape[1])
+        _warn_if_underdetermined(self.name, n_samples, len(labels), means.shape[1], stacklevel=5)
         self.classes_ = labels.astype(np.int64)
         self.class_means_ = means
         self.center_ = self.class_means_.mean(axis=0)  # shifts values near 0 for precision
