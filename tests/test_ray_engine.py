@@ -59,6 +59,30 @@ def test_engine_options_are_checked() -> None:
         extract_features(dataset, LITE, engine="ray", device="cuda:1")
 
 
+def test_an_address_nothing_answers_at_is_a_fast_one_line_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """ray.init waits minutes (then retries on) for a GCS that is not there; we must not."""
+    import socket
+    import time
+
+    import ray
+
+    with socket.socket() as probe:  # a port nothing listens on: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dataset = create_dataset("digits:test", limit=4)
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", "nowhere.invalid:6379"):
+        started = time.perf_counter()
+        with pytest.raises(InvalidParameterError, match=r"^cannot connect to the Ray cluster"):
+            extract_features(dataset, LITE, engine="ray", ray_address=address)
+        assert time.perf_counter() - started < 15, address
+        assert not ray.is_initialized()
+    assert main(["extract", "digits:test", "--engine", "ray", "--ray-address", address]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "'nowhere.invalid:6379'" in lines[0], lines
+
+
 def test_cli_choices_are_the_library_s(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -97,6 +97,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
             logging_level=logging.WARNING,
         )
         return
+    _check_reachable(address)
     try:
         ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as error:
@@ -104,6 +105,31 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         raise InvalidParameterError(
             f"cannot connect to the Ray cluster at {address!r} ({message}); check --ray-address "
             "or $RAY_ADDRESS, or leave both unset for a local Ray"
+        ) from None
+
+
+CONNECT_TIMEOUT_S = 5.0  # a head that does not accept a TCP connection in this long is down
+
+
+def _check_reachable(address: str) -> None:
+    """InvalidParameterError of one line unless the host:port of ``address`` accepts a connection.
+
+    ``ray.init`` waits for a GCS that is not there for minutes (then retries on), so an address
+    nothing answers at is refused here first, in seconds. ``auto`` (and any address that does
+    not name a host and port) is left to Ray, which fails fast on it.
+    """
+    import socket
+
+    host_port = address.removeprefix("ray://")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise InvalidParameterError(
+            f"cannot connect to the Ray cluster at {address!r} (nothing answers at {host_port}: "
+            f"{error}); check --ray-address or $RAY_ADDRESS, or leave both unset for a local Ray"
         ) from None
 
 
