@@ -83,6 +83,34 @@ def test_an_address_nothing_answers_at_is_a_fast_one_line_error(
     assert len(lines) == 1 and "'nowhere.invalid:6379'" in lines[0], lines
 
 
+@pytest.mark.parametrize(
+    ("resources", "device", "expected"),
+    [
+        ({"CPU": 2.0}, "cpu", (1, 1)),  # the test machine: one actor, one decoding CPU
+        ({"CPU": 16.0}, "cpu", (3, 4)),
+        ({"CPU": 1.0}, "cpu", (1, 0)),  # a 1-CPU actor would leave decoding no CPU: a hang
+        ({"CPU": 8.0, "GPU": 2.0}, "cuda", (2, 1)),
+        ({"CPU": 4.0, "GPU": 4.0}, "cuda", (4, 0)),  # 4 one-CPU actors: no CPU left to decode
+    ],
+)
+def test_the_encoder_actors_leave_a_cpu_to_decode_on(
+    monkeypatch: pytest.MonkeyPatch,
+    resources: dict[str, float],
+    device: str,
+    expected: tuple[int, int],
+) -> None:
+    """Decoding tasks take one CPU each: actors holding every CPU would starve them forever."""
+    import ray
+
+    from oodprobe.ray_engine import _actor_pool
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    n_actors, options = _actor_pool(device)
+    assert (n_actors, options["num_cpus"]) == expected
+    assert options.get("num_gpus", 0) == (1 if device == "cuda" else 0)
+    assert resources["CPU"] - n_actors * options["num_cpus"] >= 1
+
+
 def test_cli_choices_are_the_library_s(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -305,13 +305,21 @@ class _EncoderActor:
 
 
 def _actor_pool(device_type: str) -> tuple[int, dict[str, Any]]:
-    """How many encoder actors, and their ``num_cpus`` (also their torch threads), ``num_gpus``."""
+    """How many encoder actors, their ``num_cpus`` (torch threads: at least 1) and ``num_gpus``.
+
+    Decoding tasks take one CPU each, so the actors always leave one free: where one CPU per
+    actor would hold them all (a 1-CPU Ray; as many GPUs as CPUs), the actors reserve none (they
+    still run; Ray does not cap a process's cores) instead of starving decoding for ever.
+    """
     import ray
 
     resources = ray.cluster_resources()
-    if device_type == "cuda":
-        return int(resources.get("GPU", 0)), {"num_cpus": 1, "num_gpus": 1}
     cpus = max(1, int(resources.get("CPU", 1)))
+    if device_type == "cuda":
+        n_gpus = int(resources.get("GPU", 0))
+        return n_gpus, {"num_cpus": 1 if cpus > n_gpus else 0, "num_gpus": 1}
+    if cpus < 2:
+        return 1, {"num_cpus": 0}
     per_actor = 1 if cpus < 8 else 4
     return max(1, (cpus * 3 // 4) // per_actor), {"num_cpus": per_actor}
 
@@ -401,7 +409,7 @@ def encode_batches(
                     "module": module,
                     "device_type": device.type,
                     "precision": precision,
-                    "threads": actor_resources["num_cpus"],
+                    "threads": max(1, actor_resources["num_cpus"]),
                     "outputs": tuple(encoder.outputs),
                 },
                 compute=ray.data.ActorPoolStrategy(size=n_actors),
