@@ -266,3 +266,24 @@ def test_a_running_ray_is_used_as_it_is(local_ray: None) -> None:
     resources = ray.cluster_resources()
     init_ray("ray://nowhere.invalid:10001")  # already initialised: no connection is tried
     assert ray.is_initialized() and ray.cluster_resources()["CPU"] == resources["CPU"] == 2
+
+
+def test_an_image_only_a_worker_cannot_find_stops_the_run(tmp_path: Path) -> None:
+    """A node without the images must not file them as "file not found" skip records.
+
+    They would be cached as undecodable: features silently missing, for every later run of
+    either engine. An image that is missing here too stays a skip record, as locally.
+    """
+    from oodprobe.ray_engine import _raise_if_only_workers_miss
+
+    folder = _image_folder(tmp_path, 3, {})
+    dataset = create_dataset(str(folder))
+    transform = lambda image: np.zeros(3)  # noqa: E731
+    worker_says = [(1, ("file not found", f"cannot decode {folder}/img-01.png: file not found"))]
+    with pytest.raises(
+        DataError, match=r"img-01\.png .*missing on a Ray worker.*shared filesystem"
+    ):
+        _raise_if_only_workers_miss(dataset, transform, worker_says)
+    (folder / "img-01.png").unlink()  # gone for the driver too: a skip record, as locally
+    _raise_if_only_workers_miss(dataset, transform, worker_says)
+    _raise_if_only_workers_miss(dataset, transform, [(0, ("empty file", "cannot decode: empty"))])

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from oodprobe.errors import InvalidParameterError, OodprobeError
+from oodprobe.errors import DataError, InvalidParameterError, OodprobeError
 
 if TYPE_CHECKING:
     import torch
@@ -417,10 +417,34 @@ def encode_batches(
             )
         )
         for batch in pipeline.iter_batches(batch_size=None, batch_format="numpy"):
-            yield from _by_shard(batch, shard_size, tuple(encoder.outputs))
+            for encoded in _by_shard(batch, shard_size, tuple(encoder.outputs)):
+                _raise_if_only_workers_miss(dataset, encoder.pixel_transform, encoded[2])
+                yield encoded
     finally:
         context.execution_options.preserve_order, context.enable_progress_bars = saved
         data_logger.setLevel(saved_level)
+
+
+def _raise_if_only_workers_miss(
+    dataset: ImageDataset, transform: Any, failed: Sequence[tuple[int, tuple[str, str]]]
+) -> None:
+    """DataError if an image a worker found missing is read here, on the driver.
+
+    A node without the images (no shared filesystem) would otherwise file each as a "file not
+    found" skip record, cached: features silently missing for every later run of either engine.
+    An image missing here too stays a skip record, as the local engine keeps it.
+    """
+    from oodprobe.data.decode import REASON_MISSING
+    from oodprobe.features import _DecodeDataset
+
+    items = _DecodeDataset(dataset, transform)
+    for index, (reason, message) in failed:
+        if reason == REASON_MISSING and items[index][1] is not None:
+            raise DataError(
+                f"image {dataset.describe(index)} is missing on a Ray worker node but readable "
+                f"here ({message}); the workers need the images at the same paths: a shared "
+                "filesystem, or the data copied to each node"
+            )
 
 
 def _by_shard(
