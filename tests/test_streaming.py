@@ -335,3 +335,28 @@ def test_bench_refuses_a_malformed_memory_budget_before_any_work(
     with pytest.raises(InvalidParameterError, match="memory_budget must be at least 64MiB"):
         run_benchmark(None, tmp_path / "out2", memory_budget="1MB")  # type: ignore[arg-type]
     assert not (tmp_path / "out2").exists()
+
+
+def test_study_runs_under_its_memory_budget_and_refuses_a_bad_one_first(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``study --memory-budget`` reaches the fitting (the budget in force inside the run)."""
+    from oodprobe import study
+    from oodprobe.benchmark_spec import create_benchmark
+    from oodprobe.cli import main
+    from oodprobe.presets import DEFAULT_STUDY
+
+    seen: list[int | None] = []
+
+    def stop(*args: object, **kwargs: object) -> None:
+        seen.append(current_memory_budget())
+        raise InvalidParameterError("stopped before extraction")
+
+    monkeypatch.setattr(study, "execute_benchmark", stop)
+    with pytest.raises(InvalidParameterError, match="stopped"):
+        study.run_study(create_benchmark(DEFAULT_STUDY), tmp_path / "out", memory_budget="256MiB")
+    assert seen == [256 << 20] and current_memory_budget() is None
+    code = main(["study", "--memory-budget", "3parsecs", "--output", str(tmp_path / "cli")])
+    assert code != 0
+    assert "--memory-budget must be a number of bytes" in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists()

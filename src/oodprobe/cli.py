@@ -710,6 +710,7 @@ def study(
     store_dtype: StoreDtypeOption = "float32",
     engine: EngineOption = "local",
     ray_address: RayAddressOption = None,
+    memory_budget: MemoryBudgetOption = None,
 ) -> None:
     """Compare encoders on one benchmark: ID accuracy vs OOD AUROC, fits, ranking, report."""
     from dataclasses import replace
@@ -743,6 +744,7 @@ def study(
         store_dtype=store_dtype,
         engine=engine,
         ray_address=ray_address,
+        memory_budget=memory_budget,
     )
     _print_study(result.study, console)
     _print_finish(result.run, console)

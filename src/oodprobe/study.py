@@ -106,6 +106,7 @@ def run_study(
     store_dtype: str = "float32",
     engine: str = "local",
     ray_address: str | None = None,
+    memory_budget: int | str | None = None,
 ) -> StudyRun:
     """Run ``spec`` over every encoder, fit AUROC on accuracy, and write the study's files.
 
@@ -114,31 +115,37 @@ def run_study(
     linear probe is added (when the benchmark has none) for the probe's accuracy.
     ``store_dtype``, ``engine`` and ``ray_address`` are those of
     :func:`oodprobe.features.extract_features` (with engine ray, ``device`` is the Ray actors').
+    ``memory_budget`` is :func:`oodprobe.benchmark.run_benchmark`'s (checked before any work).
     """
+    from oodprobe.arrays import memory_budget as budget_scope
+    from oodprobe.arrays import parse_memory_budget
+
+    budget = parse_memory_budget(memory_budget)
     spec = study_spec(spec, encoders)
     probe = (
         ()
         if any(d.name == PROBE_DETECTOR for d in spec.detectors)
         else (DetectorSpec(PROBE_DETECTOR),)
     )
-    execution = execute_benchmark(
-        spec,
-        output_dir,
-        cache_root=cache_root,
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        download=download,
-        progress=progress,
-        log=log,
-        detectors_if_labelled=probe,
-        skip_inapplicable=True,  # e.g. a logits detector beside intermediate blocks
-        require_accuracy=True,
-        store_dtype=store_dtype,
-        engine=engine,
-        ray_address=ray_address,
-    )
+    with budget_scope(budget):
+        execution = execute_benchmark(
+            spec,
+            output_dir,
+            cache_root=cache_root,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            download=download,
+            progress=progress,
+            log=log,
+            detectors_if_labelled=probe,
+            skip_inapplicable=True,  # e.g. a logits detector beside intermediate blocks
+            require_accuracy=True,
+            store_dtype=store_dtype,
+            engine=engine,
+            ray_address=ray_address,
+        )
     study = analyse(execution)
     return StudyRun(finish_benchmark(execution, study=study), study)
 
