@@ -37,6 +37,7 @@ import contextlib
 import functools
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -226,7 +227,9 @@ def prepare_exact(train_unit: npt.ArrayLike, precision: str = "auto") -> ExactIn
             resolved, train, None, train_norm, product_norm, residual_norm, _shard_rows(train)
         )
     if bits is None:
-        product = torch.from_numpy(train)
+        with warnings.catch_warnings():  # a read-only (memory-mapped) ID set: only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            product = torch.from_numpy(train)
     else:
         product = torch.from_numpy(bits).view(torch.bfloat16)
     return ExactIndex(resolved, train, product, train_norm, product_norm, residual_norm)
@@ -673,3 +676,47 @@ def faiss_search(
             f"raise n_probe (now {n_probe}) or ef_search (now {ef_search})"
         )
     return np.asarray(values, np.float32), np.asarray(indices, np.int64)
+
+
+def recall_at_k(
+    approximate_indices: npt.ArrayLike, exact_indices: npt.ArrayLike, k: int | None = None
+) -> float:
+    """Share of the exact top-k that an approximate search found: mean of ``|A_k ∩ E_k| / k``.
+
+    Both are (n_queries, >= k) train-row indices, nearest first (a detector's ``kneighbors``,
+    :func:`exact_search`, faiss); ``k`` defaults to the width of ``exact_indices``. Index sets
+    are compared (ann-benchmarks' recall without its distance epsilon): a returned row tied in
+    similarity with the exact k-th but of another index counts as a miss, and so does faiss'
+    ``-1`` (nothing found). Rows within one result are distinct, so counting the found ones
+    that lie in the truth is the intersection; processed in blocks (k = 1000 fits).
+    """
+    approximate = np.asarray(approximate_indices)
+    exact = np.asarray(exact_indices)
+    if approximate.ndim != 2 or exact.ndim != 2 or len(approximate) != len(exact):
+        raise InvalidParameterError(
+            f"approximate_indices and exact_indices must be (n_queries, k) arrays with the same "
+            f"number of rows, got shapes {approximate.shape} and {exact.shape}"
+        )
+    k = exact.shape[1] if k is None else k
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise InvalidParameterError(f"k must be >= 1, got {k!r}")
+    widest = min(approximate.shape[1], exact.shape[1])
+    if k > widest:
+        raise InvalidParameterError(
+            f"k={k} is larger than the neighbours given ({approximate.shape[1]} approximate, "
+            f"{exact.shape[1]} exact); pass k <= {widest}"
+        )
+    if len(exact) == 0:
+        raise InvalidParameterError("recall_at_k needs at least one query, got 0")
+    truth_all = exact[:, :k].astype(np.int64)
+    found_all = approximate[:, :k].astype(np.int64)
+    # row r's indices are shifted by r·width, so one np.isin compares each row only with itself
+    width = int(max(truth_all.max(), found_all.max())) + 2
+    hits = 0
+    step = max(1, (1 << 22) // k)
+    for start in range(0, len(exact), step):
+        truth = truth_all[start : start + step]
+        found = found_all[start : start + step]
+        offset = (np.arange(len(truth), dtype=np.int64) * width)[:, None]
+        hits += int(np.isin(np.where(found < 0, -1, found + offset), truth + offset).sum())
+    return hits / (len(exact) * k)

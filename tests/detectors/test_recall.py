@@ -1,0 +1,47 @@
+"""recall_at_k against hand answers, and kneighbors against brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from oodprobe.detectors.neighbors import KNNDetector
+from oodprobe.detectors.search import recall_at_k
+from oodprobe.errors import InvalidParameterError
+
+
+def test_recall_at_k_hand_answers() -> None:
+    assert recall_at_k([[0, 1]], [[1, 0]]) == 1.0  # order within the top-k does not matter
+    assert recall_at_k([[0, 5]], [[0, 1]]) == 0.5
+    assert recall_at_k([[3, 0], [1, 2]], [[0, 1], [1, 2]], k=1) == 0.5
+    assert recall_at_k([[-1, 1]], [[0, 1]]) == 0.5  # faiss' "nothing found" is a miss
+    # a row's indices never match another row's truth
+    assert recall_at_k([[1], [0]], [[0], [1]]) == 0.0
+
+
+def test_recall_at_k_refuses_what_it_cannot_compare() -> None:
+    with pytest.raises(InvalidParameterError, match="same number of rows"):
+        recall_at_k([[0]], [[0], [1]])
+    with pytest.raises(InvalidParameterError, match="k=3 is larger"):
+        recall_at_k([[0, 1]], [[0, 1]], k=3)
+    with pytest.raises(InvalidParameterError, match="k must be >= 1"):
+        recall_at_k([[0]], [[0]], k=0)
+
+
+def test_kneighbors_are_the_brute_force_neighbours_and_recall_of_an_index() -> None:
+    rng = np.random.default_rng(0)
+    train = rng.standard_normal((500, 16)).astype(np.float32)
+    queries = rng.standard_normal((40, 16)).astype(np.float32)
+    exact = KNNDetector(k=5, search_precision="fp32").fit(train)
+    similarities, indices = exact.kneighbors(queries)
+    unit_train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    unit_queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    cosines = unit_queries.astype(np.float64) @ unit_train.T.astype(np.float64)
+    expected = np.argsort(-cosines, axis=1)[:, :5]
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_allclose(similarities, np.take_along_axis(cosines, expected, 1), rtol=1e-6)
+    assert recall_at_k(indices, expected) == 1.0
+    hnsw = KNNDetector(k=5, backend="faiss-hnsw", hnsw_m=8, ef_search=16).fit(train)
+    recall = recall_at_k(hnsw.kneighbors(queries)[1], indices)
+    found = [len(set(a) & set(e)) / 5 for a, e in zip(hnsw.kneighbors(queries)[1], indices)]
+    assert recall == pytest.approx(np.mean(found))
