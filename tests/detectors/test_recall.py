@@ -42,6 +42,7 @@ def test_kneighbors_are_the_brute_force_neighbours_and_recall_of_an_index() -> N
     np.testing.assert_allclose(similarities, np.take_along_axis(cosines, expected, 1), rtol=1e-6)
     assert recall_at_k(indices, expected) == 1.0
     hnsw = KNNDetector(k=5, backend="faiss-hnsw", hnsw_m=8, ef_search=16).fit(train)
-    recall = recall_at_k(hnsw.kneighbors(queries)[1], indices)
-    found = [len(set(a) & set(e)) / 5 for a, e in zip(hnsw.kneighbors(queries)[1], indices)]
+    approximate = hnsw.kneighbors(queries)[1]
+    recall = recall_at_k(approximate, indices)
+    found = [len(set(a) & set(e)) / 5 for a, e in zip(approximate, indices, strict=True)]
     assert recall == pytest.approx(np.mean(found))
