@@ -250,15 +250,6 @@ def knn_scores(
     return scores
 
 
-def recall_at_k(approximate: npt.NDArray[np.int64], exact: npt.NDArray[np.int64], k: int) -> float:
-    """Mean over queries of |approximate top-k ∩ exact top-k| / k (index sets, (n, >= k))."""
-    approx, truth = np.sort(approximate[:, :k], axis=1), np.sort(exact[:, :k], axis=1)
-    hits = sum(
-        (approx[:, [i]] == truth).any(axis=1).astype(np.int64) for i in range(k)
-    )  # indices within a row are distinct
-    return float(np.mean(hits) / k)
-
-
 def aurocs(scores: dict[int, npt.NDArray[np.float64]], n_id: int) -> dict[int, float]:
     return {k: auroc(values[:n_id], values[n_id:]) for k, values in scores.items()}
 
@@ -484,15 +475,15 @@ def run_dataset(
                 config["setting"]: int(value),
                 "query_s": setting["query_s"],
                 "speedup_vs_exact": round(exact_query_s / setting["query_s"], 2),
-                "recall_at_1": recall_at_k(indices, truth["indices"], 1),
+                "recall_at_1": search.recall_at_k(indices, truth["indices"], 1),
                 # the approximate search misses more of the OOD queries' neighbours (they lie
                 # between the ID clusters), which lowers OOD scores: ΔAUROC can be positive
-                "recall_at_1_id": recall_at_k(indices[:n_id], truth["indices"][:n_id], 1),
-                "recall_at_1_ood": recall_at_k(indices[n_id:], truth["indices"][n_id:], 1),
+                "recall_at_1_id": search.recall_at_k(indices[:n_id], truth["indices"][:n_id], 1),
+                "recall_at_1_ood": search.recall_at_k(indices[n_id:], truth["indices"][n_id:], 1),
                 "load_1min": setting["load_1min"],
             }
             if indices.shape[1] == K_MAX:
-                row["recall_at_10"] = recall_at_k(indices, truth["indices"], K_MAX)
+                row["recall_at_10"] = search.recall_at_k(indices, truth["indices"], K_MAX)
             else:
                 row["error_k10"] = setting.get("error_k10")
             for k, value_auroc in aurocs(scores, n_id).items():
