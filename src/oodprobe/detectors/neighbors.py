@@ -142,23 +142,49 @@ class _NeighborDetector(Detector):
         self._faiss_index = None
         self._exact_index = None
         if self.backend in search.APPROXIMATE_BACKENDS:
-            self.index_bytes_ = search.build_faiss_index(
+            # only the live index: a serialised copy beside it (as fitted state) was a third
+            # copy of the ID set (measured ~12 GiB peak at 1M x 768); it is made when saved
+            self._faiss_index = search.build_faiss_index(
                 self.train_features_, self.backend, n_lists=self.n_lists, hnsw_m=self.hnsw_m
             )
         return self
 
+    def _get_state(self) -> dict[str, Any]:
+        state = super()._get_state()
+        if self.backend in search.APPROXIMATE_BACKENDS:  # saved as faiss' bytes, no pickle
+            state["index_bytes_"] = search.serialize_faiss_index(self._live_faiss_index())
+        return state
+
     def _set_state(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        index_bytes = state.pop("index_bytes_", None)
         super()._set_state(state)
-        self._faiss_index = None
+        self._faiss_index = None if index_bytes is None else search.load_faiss_index(index_bytes)
         self._exact_index = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # the deserialised faiss index and the exact search's bf16 copy are caches, rebuilt
-        # from index_bytes_ and train_features_ (copy/deepcopy work)
+        # the exact search's bf16 copy is a cache, rebuilt from train_features_; the faiss
+        # index (a SWIG object) travels as its bytes, so copy/deepcopy/pickle work
         state = dict(super().__getstate__())
-        state.pop("_faiss_index", None)
+        faiss_index = state.pop("_faiss_index", None)
+        if faiss_index is not None:
+            state["_faiss_bytes"] = search.serialize_faiss_index(faiss_index)
         state.pop("_exact_index", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        index_bytes = state.pop("_faiss_bytes", None)
+        super().__setstate__(state)
+        self._faiss_index = None if index_bytes is None else search.load_faiss_index(index_bytes)
+
+    def _live_faiss_index(self) -> Any:
+        index = getattr(self, "_faiss_index", None)
+        if index is None:
+            raise InvalidParameterError(
+                f"detector {self.name!r} with backend={self.backend!r} has no faiss index: fit it"
+            )
+        return index
 
     def _neighbors(self, query_unit: npt.NDArray[np.floating[Any]]) -> search.IndexArray:
         """(n, k) indices into ``train_features_`` of each query's neighbours, nearest first.
@@ -174,9 +200,7 @@ class _NeighborDetector(Detector):
         query_unit = np.asarray(query_unit, dtype=np.float32)
         index = None
         if self.backend in search.APPROXIMATE_BACKENDS:
-            if getattr(self, "_faiss_index", None) is None:
-                self._faiss_index = search.load_faiss_index(self.index_bytes_)
-            index = self._faiss_index
+            index = self._live_faiss_index()
         return search.faiss_search(
             index,
             self.train_features_,

@@ -621,8 +621,9 @@ def default_n_lists(n_train: int) -> int:
 
 def build_faiss_index(
     train_unit: Float32Array, backend: str, *, n_lists: int | None, hnsw_m: int
-) -> npt.NDArray[np.uint8]:
-    """Build an approximate faiss index (inner product) and return it serialised (no pickle)."""
+) -> Any:
+    """Build an approximate faiss index (inner product); the live index, which holds its own
+    copy of the vectors (serialise it for a file with :func:`serialize_faiss_index`)."""
     import faiss
 
     dims = train_unit.shape[1]
@@ -637,11 +638,18 @@ def build_faiss_index(
     else:
         raise InvalidParameterError(f"backend {backend!r} has no faiss index to build")
     index.add(train_unit)
+    return index
+
+
+def serialize_faiss_index(index: Any) -> npt.NDArray[np.uint8]:
+    """A faiss index as bytes (faiss' own format, no pickle), for a detector file or a copy."""
+    import faiss
+
     return np.asarray(faiss.serialize_index(index), dtype=np.uint8)
 
 
 def load_faiss_index(index_bytes: npt.NDArray[np.uint8]) -> Any:
-    """Deserialise a faiss index written by :func:`build_faiss_index`."""
+    """Deserialise a faiss index written by :func:`serialize_faiss_index`."""
     import faiss
 
     return faiss.deserialize_index(np.ascontiguousarray(index_bytes))
