@@ -123,6 +123,24 @@ def test_concatenated_features_are_the_parts_side_by_side_each_cached_on_its_own
     )
 
 
+@pytest.mark.parametrize("store_dtype", ["float16", "bfloat16"])
+def test_a_half_size_concatenation_keeps_its_parts_dtype(
+    encoders: dict[str, Any],
+    dataset: ArrayDataset,
+    extracted: dict[str, FeatureSet],
+    tmp_path: Path,
+    store_dtype: str,
+) -> None:
+    """``--store-dtype`` parts give a concatenation of that dtype: their values side by side."""
+    options: dict[str, Any] = {"cache_root": tmp_path, "progress": False, "num_workers": 0}
+    half = extract_features(dataset, encoders["concat"], store_dtype=store_dtype, **options)
+    assert half.features.dtype.name == store_dtype
+    expected = np.hstack([extracted[key].features for key in ("lite", "block", "clip")])
+    np.testing.assert_array_equal(
+        half.features.astype(np.float32), expected.astype(half.features.dtype).astype(np.float32)
+    )
+
+
 def test_parts_that_skip_different_images_join_on_the_images_every_part_has(
     encoders: dict[str, Any], extracted: dict[str, FeatureSet]
 ) -> None:

@@ -453,11 +453,11 @@ def concatenate_feature_sets(encoder: ConcatEncoder, parts: Sequence[FeatureSet]
     for part in parts[1:]:
         indices = np.intersect1d(indices, part.indices)
     rows = [np.searchsorted(part.indices, indices) for part in parts]
+    # the parts' storage dtype when they share one (float16/bfloat16 stay half-size)
+    dtypes = {part.features.dtype for part in parts}
+    dtype = dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
     features = np.hstack(
-        [
-            np.asarray(part.features[kept], np.float32)
-            for part, kept in zip(parts, rows, strict=True)
-        ]
+        [np.asarray(part.features[kept], dtype) for part, kept in zip(parts, rows, strict=True)]
     )
     arrays = {"features": features}
     if encoder.logits_part is not None:

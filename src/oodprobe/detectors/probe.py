@@ -507,7 +507,9 @@ def train_linear_probe(
                     gathered[0] = 0
             else:  # random rows: released every 256 (see take_rows)
                 rows = take_rows(features, index_host[start : start + size])
-            chunk.copy_(torch.from_numpy(np.asarray(rows, dtype=np.float32)))
+            with warnings.catch_warnings():  # a read-only mapped block: only read (copied)
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                chunk.copy_(torch.from_numpy(np.asarray(rows, dtype=np.float32)))
         elif index is None:
             chunk.copy_(raw[start : start + size])
         else:
