@@ -1119,14 +1119,22 @@ def _encode_locally(
             writer.start_batch(indices[0] if indices else failed[0][0])
             writer.add_failures(failed)
             if pixels is not None:
-                with autocast:
-                    outputs = encoder(
-                        pixels.to(device, memory_format=torch.channels_last, non_blocking=True)
-                    )
-                writer.add_rows(
-                    indices, {name: outputs[name].float().cpu().numpy() for name in encoder.outputs}
-                )
+                writer.add_rows(indices, encode_pixels(encoder, pixels, device, autocast))
             advance(len(indices) + len(failed))
+
+
+def encode_pixels(
+    encoder: ImageEncoder,
+    pixels: torch.Tensor,
+    device: torch.device,
+    autocast: Any,
+    outputs: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """One batch of pixels through ``encoder`` on ``device`` (channels-last, under ``autocast``):
+    its outputs as float32 arrays. Both engines encode with it (call under inference mode)."""
+    with autocast:
+        encoded = encoder(pixels.to(device, memory_format=torch.channels_last, non_blocking=True))
+    return {name: encoded[name].float().cpu().numpy() for name in outputs or encoder.outputs}
 
 
 def _short_reason(message: str) -> str:

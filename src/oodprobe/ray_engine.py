@@ -280,18 +280,17 @@ class _EncoderActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from oodprobe.features import _output_shape
+        from oodprobe.features import _output_shape, encode_pixels
 
         ok = np.asarray(batch["ok"], dtype=bool)
         result = {name: batch[name] for name in ("index", "ok", "reason", "message")}
         encoded: dict[str, np.ndarray] = {}
         if ok.any():
             pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
-            with torch.inference_mode(), self.autocast:
-                outputs = self.encoder(
-                    pixels.to(self.device, memory_format=torch.channels_last, non_blocking=True)
+            with torch.inference_mode():
+                encoded = encode_pixels(
+                    self.encoder, pixels, self.device, self.autocast, self.outputs
                 )
-            encoded = {name: outputs[name].float().cpu().numpy() for name in self.outputs}
         for name in self.outputs:
             if name in encoded:
                 self.shapes[name] = encoded[name].shape[1:]
