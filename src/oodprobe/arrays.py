@@ -308,6 +308,15 @@ def float64_rows(array: npt.NDArray[Any], rows: slice) -> npt.NDArray[np.float64
     return np.array(block, dtype=np.float64)
 
 
+def bfloat16_as_float32(values: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    """bfloat16 values (``ml_dtypes.bfloat16``, or their uint16 bit patterns) as float32: the
+    same upper 16 bits, exact for every bit pattern (NaN payloads too, which a float cast may
+    change), with one temporary of the block and no "invalid value" warning."""
+    bits = np.ascontiguousarray(values).view(np.uint16).astype(np.uint32)
+    bits <<= 16
+    return bits.view(np.float32)
+
+
 def is_bfloat16(dtype: npt.DTypeLike) -> bool:
     """Whether ``dtype`` is ``ml_dtypes.bfloat16`` (a float numpy does not class as floating)."""
     return np.dtype(dtype).name == "bfloat16"

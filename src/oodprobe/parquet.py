@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from oodprobe import cache
-from oodprobe.arrays import release_pages, row_blocks
+from oodprobe.arrays import bfloat16_as_float32, release_pages, row_blocks
 from oodprobe.errors import CacheError, DataError, InvalidParameterError
 from oodprobe.files import atomic_write
 
@@ -209,7 +209,7 @@ def _arrow_values(block: np.ndarray) -> pa.Array:
     values = block.reshape(len(block), -1)
     width = values.shape[1]
     if cache.dtype_name(values.dtype) == "bfloat16":
-        values = _bfloat16_to_float32(values)
+        values = bfloat16_as_float32(values)
     elif values.dtype != np.float16:
         values = values.astype(np.float32)
     flat = np.ascontiguousarray(values).reshape(-1)
@@ -220,17 +220,9 @@ def _arrow_values(block: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(values_array, width)
 
 
-def _bfloat16_to_float32(values: np.ndarray) -> np.ndarray:
-    """bfloat16 values as the float32 of the same upper 16 bits: exact for every bit pattern
-    (NaN payloads too, which a float cast may change), and no "invalid value" warning."""
-    bits = np.ascontiguousarray(values).view(np.uint16).astype(np.uint32)
-    bits <<= 16  # in place: one temporary of the block, as a float cast makes
-    return bits.view(np.float32)
-
-
 def _float32_to_bfloat16(values: np.ndarray) -> np.ndarray:
-    """The inverse of :func:`_bfloat16_to_float32` where the low 16 bits are zero (every value
-    :func:`export_parquet` writes); other float32 values are rounded to nearest even."""
+    """The inverse of :func:`oodprobe.arrays.bfloat16_as_float32` where the low 16 bits are
+    zero (every value :func:`export_parquet` writes); others are rounded to nearest even."""
     values = np.ascontiguousarray(values, dtype=np.float32)
     bits = values.view(np.uint32)
     if np.any(bits & 0xFFFF):

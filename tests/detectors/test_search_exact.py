@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from oodprobe.arrays import l2_normalize
+from oodprobe.arrays import bfloat16_as_float32, l2_normalize
 from oodprobe.detectors import search
 from oodprobe.detectors.neighbors import DeepKNNDetector, KNNDetector
 from oodprobe.errors import InvalidParameterError
@@ -222,7 +222,7 @@ def test_bf16_rounding_is_torchs_round_to_nearest_even() -> None:
     single = np.concatenate([values.astype(np.float32), ties, np.float32([0, -0.0, 1e-45])])
     expected = torch.from_numpy(single).to(torch.bfloat16).view(torch.int16).numpy()
     np.testing.assert_array_equal(search._bf16_bits(single).view(np.int16), expected)
-    rounded = search._bf16_values(search._bf16_bits(single))
+    rounded = bfloat16_as_float32(search._bf16_bits(single))
     assert np.all(np.abs(rounded - single) <= 2.0**-8 * np.abs(single) + 2.0**-134)
 
 

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from oodprobe.arrays import bfloat16_as_float32
 from oodprobe.errors import InvalidParameterError
 
 if TYPE_CHECKING:
@@ -217,7 +218,7 @@ def prepare_exact(train_unit: npt.ArrayLike, precision: str = "auto") -> ExactIn
             block_bits = _bf16_bits(single)
             if bits is not None:
                 bits[rows] = block_bits
-            rounded = _bf16_values(block_bits).astype(np.float64)
+            rounded = bfloat16_as_float32(block_bits).astype(np.float64)
             product_norm = max(product_norm, _max_row_norm(rounded))
             residual_norm = max(residual_norm, _max_row_norm(block - rounded))
     if resolved == "fp32":
@@ -276,11 +277,6 @@ def _bf16_bits(single: Float32Array) -> npt.NDArray[np.uint16]:
     return ((raw + (np.uint32(0x7FFF) + ((raw >> 16) & 1))) >> 16).astype(np.uint16)
 
 
-def _bf16_values(bits: npt.NDArray[np.uint16]) -> Float32Array:
-    """The float32 values of bfloat16 bit patterns (exact)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
 def _error_bounds(
     index: ExactIndex, query: Float64Array, query_product: torch.Tensor, *, precision: str
 ) -> tuple[Float64Array, float]:
@@ -316,7 +312,7 @@ def _error_bounds(
     query_norm = _row_norms(query)
     if query_product.dtype == torch.bfloat16:
         bits = query_product.view(torch.int16).numpy().view(np.uint16)
-        rounded = _bf16_values(bits).astype(np.float64)
+        rounded = bfloat16_as_float32(bits).astype(np.float64)
     else:
         rounded = query_product.numpy().astype(np.float64)
     rounded_norm = _row_norms(rounded)
