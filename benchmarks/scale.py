@@ -251,6 +251,11 @@ def _find(records: list[dict[str, Any]], case: str, n_rows: int) -> dict[str, An
     return None
 
 
+def _size_label(n: int) -> str:
+    """``1M``, ``5M``, ``200k``: the size a figure was measured at."""
+    return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k"
+
+
 def ratios(
     records: list[dict[str, Any]], directory: Path, million: int, largest: int
 ) -> list[dict[str, Any]]:
@@ -259,6 +264,7 @@ def ratios(
     ``million`` is the small size (1 M by default), ``largest`` the large one (5 M).
     """
     lines: list[dict[str, Any]] = []
+    small, large = _size_label(million), _size_label(largest)
     for name in (*GAUSSIANS, "knn", "linear-probe"):
         streamed = _find(records, name, million)
         for reference_case, label in (
@@ -271,7 +277,7 @@ def ratios(
             )
             if streamed and reference:
                 line = {
-                    "figure": f"{name} 1M: streamed vs {label}",
+                    "figure": f"{name} {small}: streamed vs {label}",
                     "fit_time_ratio": round(reference["fit_seconds"] / streamed["fit_seconds"], 3),
                     "score_time_ratio": round(
                         reference["score_seconds"] / streamed["score_seconds"], 3
@@ -293,7 +299,7 @@ def ratios(
             elif streamed and failed:
                 lines.append(
                     {
-                        "figure": f"{name} 1M: {label}",
+                        "figure": f"{name} {small}: {label}",
                         "status": failed["status"],
                         "streamed_peak_rss_gib": round(streamed["peak_rss_bytes"] / GIB, 3),
                     }
@@ -302,10 +308,10 @@ def ratios(
         if streamed and big and largest != million:
             lines.append(
                 {
-                    "figure": f"{name}: 5M vs 1M streamed",
+                    "figure": f"{name}: {large} vs {small} streamed",
                     "fit_time_ratio": round(big["fit_seconds"] / streamed["fit_seconds"], 3),
                     "peak_rss_ratio": round(big["peak_rss_bytes"] / streamed["peak_rss_bytes"], 3),
-                    "peak_rss_gib_5m": round(big["peak_rss_bytes"] / GIB, 3),
+                    f"peak_rss_gib_{large.lower()}": round(big["peak_rss_bytes"] / GIB, 3),
                     "under_4_gib": big["peak_rss_bytes"] < 4 * GIB,
                 }
             )
